@@ -1,0 +1,27 @@
+"""The Flask app factory: configuration, clients, error handlers and routes."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from api import errors, routes
+from services.config import Config, load_config
+from services.queue import create_celery
+from services.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Config | None = None) -> Flask:
+    config = config or load_config()
+    app = Flask(__name__)
+    app.config.from_mapping(MAX_CONTENT_LENGTH=config.max_body_bytes, JSON_SORT_KEYS=False)
+    app.extensions["runtime"] = Runtime(config)
+    app.extensions["celery"] = create_celery(config)
+    if not config.auth_required:
+        log.warning("API_KEYS is unset: the API is open to anyone who can reach it")
+    errors.register(app)
+    app.register_blueprint(routes.blueprint)
+    return app

@@ -1,0 +1,313 @@
+"""The OpenAPI 3 document of every endpoint, served at ``/openapi.json``.
+
+tests/test_openapi.py validates the document and checks real responses against it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from services.validation import ASPECT_RATIOS, IMAGE_SIZES, INPUT_MIME_TYPES
+
+_STATUSES = ["queued", "running", "succeeded", "failed", "canceled"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+def _json(schema: dict[str, Any], description: str, headers: dict | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_TIME = {"type": "string", "format": "date-time"}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message", "field"],
+                "properties": {
+                    "code": {"type": "string", "description": "machine-readable, e.g. invalid_field"},
+                    "message": {"type": "string"},
+                    "field": _nullable({"type": "string", "description": "JSON path of the offending field"}),
+                },
+            }
+        },
+    },
+    "Part": {
+        "type": "object",
+        "description": "A text part or an inline image (snake_case or camelCase keys).",
+        "properties": {
+            "text": {"type": "string"},
+            "inline_data": _ref("InlineData"),
+            "inlineData": _ref("InlineData"),
+        },
+    },
+    "InlineData": {
+        "type": "object",
+        "properties": {
+            "mime_type": {"type": "string", "enum": sorted(INPUT_MIME_TYPES)},
+            "mimeType": {"type": "string", "enum": sorted(INPUT_MIME_TYPES)},
+            "data": {"type": "string", "format": "byte"},
+        },
+        "required": ["data"],
+    },
+    "GenerationRequest": {
+        "type": "object",
+        "description": "The upstream's own request body plus our top-level options, which are stripped "
+        "before forwarding. Other upstream fields (safetySettings, systemInstruction, ...) pass through.",
+        "required": ["model", "contents", "generationConfig"],
+        "additionalProperties": True,
+        "properties": {
+            "model": {"type": "string", "example": "gemini-2.5-flash-image"},
+            "contents": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["parts"],
+                    "properties": {
+                        "role": {"type": "string"},
+                        "parts": {"type": "array", "minItems": 1, "items": _ref("Part")},
+                    },
+                },
+            },
+            "generationConfig": {
+                "type": "object",
+                "required": ["responseModalities", "imageConfig"],
+                "properties": {
+                    "responseModalities": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": ["TEXT", "IMAGE"]},
+                    },
+                    "imageConfig": {
+                        "type": "object",
+                        "required": ["aspectRatio", "imageSize"],
+                        "properties": {
+                            "aspectRatio": {"type": "string", "enum": list(ASPECT_RATIOS)},
+                            "imageSize": {"type": "string", "enum": list(IMAGE_SIZES)},
+                        },
+                    },
+                },
+            },
+            "metadata": {"type": "object", "description": "Echoed back on the task (small)."},
+            "webhook_url": {"type": "string", "format": "uri"},
+            "webhook_events": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["running", "succeeded", "failed", "canceled"]},
+            },
+        },
+    },
+    "Links": {
+        "type": "object",
+        "required": ["self"],
+        "properties": {"self": {"type": "string", "format": "uri"}},
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["id", "status", "created_at", "links"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "status": {"type": "string", "enum": ["queued"]},
+            "created_at": _TIME,
+            "links": _ref("Links"),
+        },
+    },
+    "Attempt": {
+        "type": "object",
+        "required": ["number", "started_at", "finished_at", "outcome", "upstream_status", "error_code"],
+        "properties": {
+            "number": {"type": "integer", "minimum": 1},
+            "started_at": _TIME,
+            "finished_at": _nullable(_TIME),
+            "outcome": _nullable({"type": "string", "enum": ["succeeded", "failed", "retry", "worker_lost"]}),
+            "upstream_status": _nullable({"type": "integer"}),
+            "error_code": _nullable({"type": "string"}),
+            "duration_ms": _nullable({"type": "integer"}),
+        },
+    },
+    "Output": {
+        "type": "object",
+        "required": ["index", "url", "bucket", "key", "mime_type", "bytes", "width", "height", "sha256"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            "url": {"type": "string", "format": "uri", "description": "presigned GET, signed on every read"},
+            "bucket": {"type": "string"},
+            "key": {"type": "string"},
+            "mime_type": {"type": "string"},
+            "bytes": {"type": "integer"},
+            "width": _nullable({"type": "integer"}),
+            "height": _nullable({"type": "integer"}),
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        },
+    },
+    "TaskError": {
+        "type": "object",
+        "required": ["code", "message", "retryable", "upstream_status"],
+        "properties": {
+            "code": {"type": "string"},
+            "message": {"type": "string"},
+            "retryable": {"type": "boolean"},
+            "upstream_status": _nullable({"type": "integer"}),
+        },
+    },
+    "Task": {
+        "type": "object",
+        "required": [
+            "id",
+            "status",
+            "model",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "attempts",
+            "outputs",
+            "text",
+            "usage",
+            "metadata",
+            "error",
+            "links",
+        ],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "status": {"type": "string", "enum": _STATUSES},
+            "model": {"type": "string"},
+            "created_at": _TIME,
+            "started_at": _nullable(_TIME),
+            "finished_at": _nullable(_TIME),
+            "next_attempt_at": _nullable(_TIME),
+            "attempts": {"type": "array", "items": _ref("Attempt")},
+            "outputs": {"type": "array", "items": _ref("Output")},
+            "text": {"type": "array", "items": {"type": "string"}},
+            "usage": _nullable({"type": "object", "description": "the upstream's usage metadata"}),
+            "metadata": _nullable({"type": "object"}),
+            "error": _nullable(_ref("TaskError")),
+            "links": _ref("Links"),
+        },
+    },
+    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "unavailable"]},
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+}
+
+_TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+_PATHS: dict[str, Any] = {
+    "/v1/images/generations": {
+        "post": {
+            "summary": "Submit a generation job",
+            "operationId": "submitGeneration",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("GenerationRequest")}},
+            },
+            "responses": {
+                "202": _json(
+                    _ref("Accepted"),
+                    "Accepted and queued",
+                    {"Location": {"schema": {"type": "string"}, "description": "the task's URL"}},
+                ),
+                "400": _error("Invalid body or field"),
+                "401": _error("Missing or wrong API key"),
+                "413": _error("Body over the configured limit"),
+                "415": _error("Content-Type is not application/json"),
+                "503": _error("The store or the queue is unavailable; nothing was accepted"),
+            },
+        }
+    },
+    "/v1/tasks/{task_id}": {
+        "get": {
+            "summary": "A task's state, attempts and outputs",
+            "operationId": "getTask",
+            "parameters": [_TASK_ID],
+            "responses": {
+                "200": _json(_ref("Task"), "The task"),
+                "401": _error("Missing or wrong API key"),
+                "404": _error("No such task"),
+                "503": _error("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/tasks/{task_id}/outputs/{index}": {
+        "get": {
+            "summary": "Redirect to a fresh presigned URL of one output",
+            "operationId": "getOutput",
+            "parameters": [
+                _TASK_ID,
+                {"name": "index", "in": "path", "required": True, "schema": {"type": "integer"}},
+            ],
+            "responses": {
+                "302": {"description": "Redirect", "headers": {"Location": {"schema": {"type": "string"}}}},
+                "401": _error("Missing or wrong API key"),
+                "404": _error("No such task or output"),
+            },
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "The process is alive",
+            "operationId": "healthz",
+            "responses": {"200": _json(_ref("Health"), "Alive")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Redis and storage are reachable",
+            "operationId": "readyz",
+            "responses": {
+                "200": _json(_ref("Readiness"), "Ready"),
+                "503": _json(_ref("Readiness"), "A dependency is unreachable"),
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}},
+        }
+    },
+}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "imagegen-queue",
+            "version": "0.1.0",
+            "description": "A reliable asynchronous job queue in front of Gemini image generation.",
+        },
+        "paths": _PATHS,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"bearer": []}],
+    }

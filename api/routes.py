@@ -1,0 +1,118 @@
+"""The endpoints. Each one reads HTTP, calls services, and writes HTTP; no domain logic lives here."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from flask import Blueprint, current_app, jsonify, redirect, request
+
+from api.openapi import openapi_document
+from services.errors import (
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    StoreUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from services.queue import enqueue_generation
+from services.runtime import Runtime
+from services.task_view import task_links, task_view
+from services.validation import Limits, validate_submission
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("api", __name__)
+
+
+def _runtime() -> Runtime:
+    return current_app.extensions["runtime"]
+
+
+@blueprint.before_request
+def authenticate() -> None:
+    config = _runtime().config
+    if not config.auth_required or not request.path.startswith("/v1/"):
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, key) for key in config.api_keys):
+        raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required", field="Authorization")
+
+
+@blueprint.post("/v1/images/generations")
+def submit():
+    rt = _runtime()
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}",
+            field="Content-Type",
+        )
+    raw = request.get_data(cache=False)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    limits = Limits(
+        max_input_images=rt.config.max_input_images,
+        max_inline_image_bytes=rt.config.max_inline_image_bytes,
+        allowed_models=rt.config.allowed_models,
+    )
+    submission = validate_submission(body, limits)
+    payload = json.dumps(submission.upstream_body, separators=(",", ":")).encode()
+    task = rt.store.create(model=submission.model, payload=payload, metadata=submission.metadata)
+    try:
+        enqueue_generation(current_app.extensions["celery"], task["id"])
+    except Exception as exc:
+        log.warning("task %s: enqueue failed (%s); discarding it", task["id"], exc)
+        rt.store.discard(task["id"])
+        raise StoreUnavailable("the queue is unavailable; nothing was accepted, try again") from exc
+    links = task_links(task["id"], request.host_url)
+    response = jsonify(
+        {"id": task["id"], "status": task["status"], "created_at": task["created_at"], "links": links}
+    )
+    response.status_code = 202
+    response.headers["Location"] = links["self"]
+    return response
+
+
+@blueprint.get("/v1/tasks/<task_id>")
+def get_task(task_id: str):
+    rt = _runtime()
+    return jsonify(task_view(rt.store.get(task_id), rt.storage, base_url=request.host_url))
+
+
+@blueprint.get("/v1/tasks/<task_id>/outputs/<int:index>")
+def get_output(task_id: str, index: int):
+    rt = _runtime()
+    outputs = rt.store.get(task_id)["outputs"]
+    if not 0 <= index < len(outputs):
+        raise NotFound(f"task {task_id!r} has no output {index}", field="index")
+    return redirect(rt.storage.presigned_url(outputs[index]["key"]), code=302)
+
+
+@blueprint.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@blueprint.get("/readyz")
+def readyz():
+    rt = _runtime()
+    checks: dict[str, str] = {}
+    for name, ping in (("redis", rt.store.ping), ("storage", rt.storage.ping)):
+        try:
+            ping()
+            checks[name] = "ok"
+        except ServiceError as exc:
+            checks[name] = exc.message
+    ready = all(value == "ok" for value in checks.values())
+    response = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
+    response.status_code = 200 if ready else 503
+    return response
+
+
+@blueprint.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document())

@@ -1,0 +1,186 @@
+"""Start the service's parts as child processes on free ports, and stop them.
+
+Used by ``python -m devstack`` (``make run``), by the tests and by the benchmarks, so that all three run
+the same real components: redis-server, an S3 server (moto), the upstream simulator, Celery workers and
+the API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], object], *, timeout: float, what: str, interval: float = 0.05
+) -> object:
+    """Poll ``predicate`` until it returns something truthy; raise TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - polled again until the deadline
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+        time.sleep(interval)
+
+
+@dataclass
+class Child:
+    """One child process, its name and where its output goes."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path | None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> Child:
+        """Start it in its own process group; output to ``log_path``, or to ours when that is None."""
+        if self.log_path is None:
+            self.process = subprocess.Popen(self.args, env=self.env, start_new_session=True)
+            return self
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, wait, then SIGKILL whatever is left of its process group."""
+        if self.process is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+    def tail(self, lines: int = 40) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def start_redis(data_dir: Path, port: int, *, log_dir: Path, appendfsync: str = "everysec") -> Child:
+    """A redis-server that keeps its data (AOF) in ``data_dir``; the same call restarts it on that data."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        "redis-server", "--port", str(port), "--bind", HOST, "--dir", str(data_dir),
+        "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "",
+        "--maxmemory-policy", "noeviction", "--protected-mode", "no", "--daemonize", "no",
+    ]  # fmt: skip
+    child = Child("redis", args, dict(os.environ), log_dir / "redis.log").start()
+    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=0.5)
+    try:
+        wait_until(client.ping, timeout=15, what=f"redis-server on port {port}")
+    finally:
+        client.close()
+    return child
+
+
+def start_s3(port: int, *, log_dir: Path) -> Child:
+    """moto's S3-compatible server; its data lives in memory and is gone when it stops."""
+    args = [_python(), "-m", "moto.server", "-H", HOST, "-p", str(port)]
+    child = Child("s3", args, dict(os.environ), log_dir / "s3.log").start()
+    wait_until(lambda: _http_ok(f"http://{HOST}:{port}/"), timeout=30, what=f"S3 server on port {port}")
+    return child
+
+
+def start_simulator(port: int, *, log_dir: Path, args: Sequence[str] = ()) -> Child:
+    cmd = [_python(), "-m", "simulator", "--host", HOST, "--port", str(port), *args]
+    child = Child("simulator", cmd, dict(os.environ), log_dir / "simulator.log").start()
+    url = f"http://{HOST}:{port}/_sim/stats"
+    wait_until(lambda: _http_ok(url), timeout=30, what=f"simulator on port {port}")
+    return child
+
+
+def start_worker(
+    env: Mapping[str, str], *, log_dir: Path | None, name: str = "worker", concurrency: int | None = None
+) -> Child:
+    args = [
+        _bin("celery"), "-A", "worker.main", "worker", "--loglevel", "INFO", "-Q", "generation",
+        "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    if concurrency is not None:
+        args += ["--concurrency", str(concurrency)]
+    log_path = log_dir / f"{name}.log" if log_dir else None
+    return Child(name, args, {**os.environ, **env}, log_path).start()
+
+
+def start_api(
+    env: Mapping[str, str], port: int, *, log_dir: Path | None, workers: int = 2, threads: int = 8
+) -> Child:
+    args = [
+        _bin("gunicorn"), "--bind", f"{HOST}:{port}", "--workers", str(workers), "--threads", str(threads),
+        "--access-logfile", "-", "--graceful-timeout", "10", "api:create_app()",
+    ]  # fmt: skip
+    child = Child("api", args, {**os.environ, **env}, log_dir / "api.log" if log_dir else None).start()
+    wait_until(lambda: _http_ok(f"http://{HOST}:{port}/healthz"), timeout=30, what=f"API on port {port}")
+    return child
+
+
+def _http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=1.0).status_code < 500

@@ -1,0 +1,169 @@
+"""Configuration: read from the environment once, into a frozen value.
+
+Every variable is documented in README.md and .env.example. An invalid value raises ``ConfigError``
+naming the variable, so a process stops at start-up instead of failing on the first job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A variable is missing or has a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class Config:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "iq"
+
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None
+    s3_bucket: str = "imagegen-outputs"
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    s3_presign_expires: int = 3600
+
+    upstream_base_url: str = "http://127.0.0.1:8100"
+    upstream_api_key: str | None = None
+    upstream_timeout: float = 300.0
+    upstream_connect_timeout: float = 10.0
+
+    max_attempts: int = 5
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 60.0
+
+    worker_concurrency: int = 50
+    worker_pool: str = "threads"
+    visibility_timeout: int = 3600
+
+    api_keys: frozenset[str] = frozenset()
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_input_images: int = 14
+    max_inline_image_bytes: int = 7 * 1024 * 1024
+    allowed_models: frozenset[str] | None = None
+    store_timeout: float = 2.0
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_keys)
+
+
+def _str(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
+
+
+def _url(value: str) -> str:
+    value = value.strip().rstrip("/")
+    if not value.startswith(("http://", "https://")) or len(value) < 10:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _redis_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be zero or a positive number")
+    return number
+
+
+def _pool(value: str) -> str:
+    if value not in ("threads", "gevent", "prefork", "solo"):
+        raise ValueError("must be one of threads, gevent, prefork, solo")
+    return value
+
+
+def _csv_set(value: str) -> frozenset[str]:
+    return frozenset(item.strip() for item in value.split(",") if item.strip())
+
+
+# variable name -> (field, parser)
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "REDIS_URL": ("redis_url", _redis_url),
+    "KEY_PREFIX": ("key_prefix", _str),
+    "S3_ENDPOINT_URL": ("s3_endpoint_url", _url),
+    "S3_PUBLIC_ENDPOINT_URL": ("s3_public_endpoint_url", _url),
+    "S3_BUCKET": ("s3_bucket", _str),
+    "S3_REGION": ("s3_region", _str),
+    "AWS_ACCESS_KEY_ID": ("aws_access_key_id", _str),
+    "AWS_SECRET_ACCESS_KEY": ("aws_secret_access_key", _str),
+    "S3_PRESIGN_EXPIRES": ("s3_presign_expires", _positive_int),
+    "UPSTREAM_BASE_URL": ("upstream_base_url", _url),
+    "UPSTREAM_API_KEY": ("upstream_api_key", _str),
+    "UPSTREAM_TIMEOUT": ("upstream_timeout", _positive_float),
+    "UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _positive_float),
+    "MAX_ATTEMPTS": ("max_attempts", _positive_int),
+    "RETRY_BASE_DELAY": ("retry_base_delay", _non_negative_float),
+    "RETRY_MAX_DELAY": ("retry_max_delay", _non_negative_float),
+    "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int),
+    "WORKER_POOL": ("worker_pool", _pool),
+    "VISIBILITY_TIMEOUT": ("visibility_timeout", _positive_int),
+    "API_KEYS": ("api_keys", _csv_set),
+    "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
+    "MAX_INPUT_IMAGES": ("max_input_images", _positive_int),
+    "MAX_INLINE_IMAGE_BYTES": ("max_inline_image_bytes", _positive_int),
+    "ALLOWED_MODELS": ("allowed_models", _csv_set),
+    "STORE_TIMEOUT": ("store_timeout", _positive_float),
+}
+
+VARIABLES: tuple[str, ...] = tuple(_VARIABLES)
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from ``env`` (default: the process environment).
+
+    Unset or empty variables keep their defaults; any other value must parse, or ``ConfigError``
+    names the variable and says what it must be.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name, (field_name, parse) in _VARIABLES.items():
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[field_name] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+    config = Config(**values)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if config.retry_max_delay < config.retry_base_delay:
+        raise ConfigError("RETRY_MAX_DELAY must be at least RETRY_BASE_DELAY")
+    if config.visibility_timeout <= config.upstream_timeout + config.upstream_connect_timeout:
+        raise ConfigError(
+            "VISIBILITY_TIMEOUT must be longer than UPSTREAM_TIMEOUT + UPSTREAM_CONNECT_TIMEOUT, "
+            "or a slow job would be redelivered while it still runs"
+        )

@@ -1,0 +1,51 @@
+"""The clients one process needs, built once from the configuration.
+
+The API and the worker each build one ``Runtime`` at start-up; nothing is created at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import redis
+
+from services.config import Config
+from services.storage import Storage
+from services.store import JobStore
+from services.upstream_client import UpstreamClient
+
+
+def redis_client(config: Config) -> redis.Redis:
+    return redis.Redis.from_url(
+        config.redis_url,
+        socket_timeout=config.store_timeout,
+        socket_connect_timeout=config.store_timeout,
+        health_check_interval=30,
+        max_connections=max(64, config.worker_concurrency * 2),
+    )
+
+
+@dataclass
+class Runtime:
+    config: Config
+    redis: redis.Redis = field(init=False)
+    store: JobStore = field(init=False)
+    storage: Storage = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.redis = redis_client(self.config)
+        self.store = JobStore(self.redis, self.config.key_prefix)
+        self.storage = Storage(self.config, max_pool_connections=max(10, self.config.worker_concurrency))
+
+    @functools.cached_property
+    def upstream(self) -> UpstreamClient:
+        return UpstreamClient(self.config)
+
+
+def worker_name() -> str:
+    """Who runs an attempt: host, process and thread, as recorded on the attempt."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"

@@ -1,0 +1,118 @@
+"""Output storage: S3-compatible object storage through boto3.
+
+Objects go to the user's own bucket under deterministic keys (``outputs/{task_id}/{index}.{ext}``), so
+an upload repeated after a crash overwrites the same object instead of leaving strays. Download URLs
+are presigned GETs signed fresh on every read; nothing we hand out depends on an expiring copy.
+botocore's errors are mapped to ``StorageUnavailable`` here and go no further.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from services.config import Config
+from services.errors import StorageUnavailable
+from services.images import ImageInfo
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    bucket: str
+    key: str
+    mime_type: str
+    bytes: int
+    sha256: str
+    width: int | None
+    height: int | None
+
+
+def output_key(task_id: str, index: int, extension: str) -> str:
+    return f"outputs/{task_id}/{index}.{extension}"
+
+
+class Storage:
+    def __init__(self, config: Config, *, max_pool_connections: int = 50) -> None:
+        self.bucket = config.s3_bucket
+        self._expires = config.s3_presign_expires
+        client_config = botocore.config.Config(
+            region_name=config.s3_region,
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=5,
+            read_timeout=60,
+            max_pool_connections=max_pool_connections,
+        )
+        session = boto3.session.Session()
+
+        def client(endpoint_url: str | None):  # noqa: ANN202 - boto3 clients are untyped
+            return session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                aws_access_key_id=config.aws_access_key_id,
+                aws_secret_access_key=config.aws_secret_access_key,
+                config=client_config,
+            )
+
+        self._client = client(config.s3_endpoint_url)
+        # Presigned URLs are signed for the address clients use, which may differ from ours (a
+        # container network): S3_PUBLIC_ENDPOINT_URL. Signing is local; this client sends nothing.
+        self._signer = (
+            client(config.s3_public_endpoint_url) if config.s3_public_endpoint_url else self._client
+        )
+
+    def put_image(self, key: str, data: bytes, info: ImageInfo) -> StoredObject:
+        digest = hashlib.sha256(data).hexdigest()
+        with _mapped_errors("upload"):
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=info.mime_type,
+                Metadata={"sha256": digest},
+            )
+        return StoredObject(
+            bucket=self.bucket,
+            key=key,
+            mime_type=info.mime_type,
+            bytes=len(data),
+            sha256=digest,
+            width=info.width,
+            height=info.height,
+        )
+
+    def presigned_url(self, key: str) -> str:
+        with _mapped_errors("presign"):
+            return self._signer.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self._expires
+            )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (a no-op when it does)."""
+        with _mapped_errors("check the bucket"):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+            self._client.create_bucket(Bucket=self.bucket)
+
+    def ping(self) -> None:
+        with _mapped_errors("reach the bucket"):
+            self._client.head_bucket(Bucket=self.bucket)
+
+
+@contextmanager
+def _mapped_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise StorageUnavailable(f"storage could not {action}: {exc}") from exc

@@ -1,0 +1,28 @@
+"""What clients see of a task: the stored record with fresh download URLs, minus internal fields.
+
+``GET /v1/tasks/{id}`` and webhook payloads both show exactly this.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.storage import Storage
+from services.store import Task
+
+_INTERNAL_ATTEMPT_FIELDS = ("worker",)
+
+
+def task_view(task: Task, storage: Storage, *, base_url: str) -> dict[str, Any]:
+    view = {key: value for key, value in task.items()}
+    view["outputs"] = [{**output, "url": storage.presigned_url(output["key"])} for output in task["outputs"]]
+    view["attempts"] = [
+        {key: value for key, value in attempt.items() if key not in _INTERNAL_ATTEMPT_FIELDS}
+        for attempt in task["attempts"]
+    ]
+    view["links"] = task_links(task["id"], base_url)
+    return view
+
+
+def task_links(task_id: str, base_url: str) -> dict[str, str]:
+    return {"self": f"{base_url.rstrip('/')}/v1/tasks/{task_id}"}

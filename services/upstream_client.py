@@ -1,0 +1,68 @@
+"""The upstream client: one HTTP call to ``{UPSTREAM_BASE_URL}/v1/images/generations``.
+
+It sends the client's request body as it was accepted (our own fields stripped), and returns the parsed
+result or raises an ``UpstreamError``/``ResponseError``. httpx's errors are mapped here: a read timeout is
+``upstream_timeout``, a connection failure ``upstream_unavailable``, both retryable.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from services.config import Config
+from services.errors import UpstreamError
+from services.upstream_response import UpstreamResult, classify_error, parse_success
+
+GENERATIONS_PATH = "/v1/images/generations"
+
+
+class UpstreamClient:
+    def __init__(self, config: Config, *, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "imagegen-queue"}
+        if config.upstream_api_key:
+            headers["Authorization"] = f"Bearer {config.upstream_api_key}"
+        self._client = httpx.Client(
+            base_url=config.upstream_base_url,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=config.upstream_connect_timeout,
+                read=config.upstream_timeout,
+                write=config.upstream_timeout,
+                pool=config.upstream_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=config.worker_concurrency * 2,
+                max_keepalive_connections=config.worker_concurrency,
+            ),
+            transport=transport,
+        )
+
+    def generate(self, body: bytes) -> tuple[int, UpstreamResult]:
+        """Call the upstream once; return its HTTP status and parsed result."""
+        response = self._send("POST", GENERATIONS_PATH, content=body)
+        if response.is_success:
+            return response.status_code, parse_success(response.content)
+        raise classify_error(response.status_code, response.content, response.headers)
+
+    def download(self, url: str) -> bytes:
+        """Fetch an image the upstream returned by URL (OpenAI-style ``data[].url``)."""
+        response = self._send("GET", url)
+        if not response.is_success:
+            raise classify_error(response.status_code, response.content, response.headers)
+        return response.content
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _send(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        try:
+            return self._client.request(method, url, **kwargs)  # type: ignore[arg-type]
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(
+                f"the upstream did not answer in time ({type(exc).__name__})", code="upstream_timeout"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError(
+                f"the upstream could not be reached: {type(exc).__name__}: {exc}",
+                code="upstream_unavailable",
+            ) from exc

@@ -1,0 +1,284 @@
+"""Validation of a client's submission to ``POST /v1/images/generations``.
+
+``validate_submission`` is a pure function over the parsed JSON body: it checks what the upstream requires
+(see ``shared/upstream/README.md``), splits off our own top-level fields (``metadata``, ``webhook_url``,
+``webhook_events``) and returns the rest, unchanged, as the body to forward. Every rejection is an
+``InvalidRequest`` whose ``field`` is the JSON path of the offending value (``contents[0].parts[1]...``).
+Both spellings the Gemini REST API accepts (camelCase and snake_case) are accepted; paths in errors use
+the spelling the client sent. Our fields may be null, meaning absent. Cheap checks run first; each inline
+image is base64-decoded once.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from services.errors import InvalidRequest
+
+ASPECT_RATIOS: tuple[str, ...] = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
+IMAGE_SIZES: tuple[str, ...] = ("1K", "2K", "4K")
+INPUT_MIME_TYPES: tuple[str, ...] = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
+RESPONSE_MODALITIES: tuple[str, ...] = ("TEXT", "IMAGE")
+WEBHOOK_EVENTS: tuple[str, ...] = ("running", "succeeded", "failed", "canceled")
+MAX_WEBHOOK_URL_LENGTH = 2048
+
+_OUR_FIELDS = frozenset({"metadata", "webhook_url", "webhook_events"})
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A valid submission: the body to forward upstream (a shallow copy) and our own fields."""
+
+    upstream_body: dict[str, Any]
+    model: str
+    metadata: dict[str, Any] | None
+    webhook_url: str | None
+    webhook_events: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable limits; ``allowed_models=None`` accepts any model name."""
+
+    max_input_images: int = 14
+    max_inline_image_bytes: int = 7 * 1024 * 1024
+    max_metadata_bytes: int = 4096
+    allowed_models: frozenset[str] | None = None
+
+
+def validate_submission(body: Any, limits: Limits) -> Submission:
+    """Check ``body`` and split it into the upstream body and our fields; raise ``InvalidRequest``."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    model = _check_model(body, limits)
+    _check_generation_config(body)
+    metadata = _check_metadata(body.get("metadata"), limits)
+    webhook_url = _check_webhook_url(body.get("webhook_url"))
+    webhook_events = _check_webhook_events(body.get("webhook_events"), webhook_url)
+    _check_contents(body, limits)
+    return Submission(
+        upstream_body={key: value for key, value in body.items() if key not in _OUR_FIELDS},
+        model=model,
+        metadata=metadata,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
+    )
+
+
+def _invalid(field: str, message: str, code: str = "invalid_field") -> InvalidRequest:
+    return InvalidRequest(message, code=code, field=field)
+
+
+def _show(value: Any) -> str:
+    """A short repr of a client's value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _pick(obj: dict[str, Any], path: str, *names: str, required: bool = True) -> tuple[str, Any]:
+    """Return ``(path, value)`` of the one spelling of a field present in ``obj``.
+
+    ``names`` are the accepted spellings, preferred first; a missing required field is reported under the
+    preferred one, a field given in two spellings is ambiguous.
+    """
+    present = [name for name in names if name in obj]
+    if len(present) > 1:
+        raise _invalid(_join(path, present[1]), f"Give only one of {' or '.join(present)}.")
+    if not present:
+        if required:
+            raise _invalid(_join(path, names[0]), f"{names[0]} is required.", "missing_field")
+        return _join(path, names[0]), None
+    return _join(path, present[0]), obj[present[0]]
+
+
+def _check_model(body: dict[str, Any], limits: Limits) -> str:
+    if "model" not in body:
+        raise _invalid("model", "model is required: the name of a Gemini image model.", "missing_field")
+    model = body["model"]
+    if not isinstance(model, str) or not model.strip():
+        raise _invalid("model", "model must be a non-empty string.")
+    if limits.allowed_models is not None and model not in limits.allowed_models:
+        allowed = ", ".join(sorted(limits.allowed_models))
+        raise _invalid(
+            "model", f"Model {_show(model)} is not supported; use one of: {allowed}.", "unsupported_model"
+        )
+    return model
+
+
+def _check_generation_config(body: dict[str, Any]) -> None:
+    path, config = _pick(body, "", "generationConfig", "generation_config")
+    if not isinstance(config, dict):
+        raise _invalid(path, f"{path} must be an object with responseModalities and imageConfig.")
+
+    modalities_path, modalities = _pick(config, path, "responseModalities", "response_modalities")
+    if not isinstance(modalities, list) or not modalities:
+        raise _invalid(
+            modalities_path, f"{modalities_path} must be a non-empty array, e.g. ['TEXT', 'IMAGE']."
+        )
+    for index, modality in enumerate(modalities):
+        if not isinstance(modality, str) or modality.upper() not in RESPONSE_MODALITIES:
+            raise _invalid(f"{modalities_path}[{index}]", "Each response modality must be TEXT or IMAGE.")
+    if not any(modality.upper() == "IMAGE" for modality in modalities):
+        raise _invalid(modalities_path, f"{modalities_path} must include IMAGE: this API generates images.")
+
+    image_path, image_config = _pick(config, path, "imageConfig", "image_config")
+    if not isinstance(image_config, dict):
+        raise _invalid(image_path, f"{image_path} must be an object with aspectRatio and imageSize.")
+    ratio_path, ratio = _pick(image_config, image_path, "aspectRatio", "aspect_ratio")
+    if ratio not in ASPECT_RATIOS:
+        raise _invalid(
+            ratio_path, f"Unsupported aspect ratio {_show(ratio)}; use one of: {', '.join(ASPECT_RATIOS)}."
+        )
+    size_path, size = _pick(image_config, image_path, "imageSize", "image_size")
+    if size not in IMAGE_SIZES:
+        raise _invalid(
+            size_path, f"Unsupported image size {_show(size)}; use one of: {', '.join(IMAGE_SIZES)}."
+        )
+
+
+def _check_contents(body: dict[str, Any], limits: Limits) -> None:
+    contents = body.get("contents")
+    if contents is None:
+        raise _invalid(
+            "contents", "contents is required: a non-empty array of {role, parts}.", "missing_field"
+        )
+    if not isinstance(contents, list) or not contents:
+        raise _invalid("contents", "contents must be a non-empty array of {role, parts} objects.")
+    images = 0
+    for content_index, content in enumerate(contents):
+        path = f"contents[{content_index}]"
+        if not isinstance(content, dict):
+            raise _invalid(path, f"{path} must be an object with role and parts.")
+        if not isinstance(content.get("role", ""), str):
+            raise _invalid(f"{path}.role", "role must be a string, e.g. 'user'.")
+        parts = content.get("parts")
+        if parts is None:
+            raise _invalid(f"{path}.parts", "parts is required: a non-empty array.", "missing_field")
+        if not isinstance(parts, list) or not parts:
+            raise _invalid(f"{path}.parts", "parts must be a non-empty array of {text} or {inline_data}.")
+        for part_index, part in enumerate(parts):
+            if _check_part(part, f"{path}.parts[{part_index}]", limits):
+                images += 1
+                if images > limits.max_input_images:
+                    raise _invalid(
+                        "contents",
+                        f"Too many input images: at most {limits.max_input_images} per request.",
+                        "too_many_images",
+                    )
+
+
+def _check_part(part: Any, path: str, limits: Limits) -> bool:
+    """Validate one part; return whether it carries an inline image."""
+    if not isinstance(part, dict):
+        raise _invalid(path, f"{path} must be an object: {{text}} or {{inline_data: {{mime_type, data}}}}.")
+    data_path, inline = _pick(part, path, "inline_data", "inlineData", required=False)
+    if "text" in part and inline is not None:
+        raise _invalid(path, "A part holds either text or inline_data, not both.")
+    if "text" in part:
+        if not isinstance(part["text"], str) or not part["text"]:
+            raise _invalid(f"{path}.text", "text must be a non-empty string.")
+        return False
+    if inline is None:
+        raise _invalid(path, "A part must have text or inline_data (an image as {mime_type, data}).")
+    if not isinstance(inline, dict):
+        raise _invalid(data_path, f"{data_path} must be an object with mime_type and data.")
+    _check_mime_type(*_pick(inline, data_path, "mime_type", "mimeType"))
+    _check_image_data(*_pick(inline, data_path, "data"), limits)
+    return True
+
+
+def _check_mime_type(path: str, mime_type: Any) -> None:
+    if mime_type not in INPUT_MIME_TYPES:
+        raise _invalid(
+            path,
+            f"Unsupported image type {_show(mime_type)}; use one of: {', '.join(INPUT_MIME_TYPES)}.",
+            "unsupported_mime_type",
+        )
+
+
+def _check_image_data(path: str, data: Any, limits: Limits) -> None:
+    """Check that ``data`` is padded standard base64 of at most ``max_inline_image_bytes`` bytes."""
+    if not isinstance(data, str):
+        raise _invalid(path, "data must be a string: the image as standard base64.")
+    padding = 2 if data.endswith("==") else 1 if data.endswith("=") else 0
+    size = len(data) // 4 * 3 - padding  # exact for valid base64, a cheap bound before decoding
+    if size > limits.max_inline_image_bytes:
+        raise _invalid(
+            path,
+            f"Inline image is {size} bytes; at most {limits.max_inline_image_bytes} bytes are allowed.",
+            "inline_image_too_large",
+        )
+    try:
+        valid = bool(binascii.a2b_base64(data, strict_mode=True))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise _invalid(
+            path,
+            "data must be non-empty standard base64 (A-Z, a-z, 0-9, +, / with = padding), "
+            "without whitespace or a data: URL prefix.",
+            "invalid_base64",
+        )
+
+
+def _check_metadata(metadata: Any, limits: Limits) -> dict[str, Any] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise _invalid("metadata", "metadata must be a JSON object.")
+    try:
+        encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise _invalid("metadata", "metadata must be plain JSON (no NaN or Infinity).") from exc
+    size = len(encoded.encode())
+    if size > limits.max_metadata_bytes:
+        raise _invalid(
+            "metadata",
+            f"metadata is {size} bytes as compact JSON; at most {limits.max_metadata_bytes} are allowed.",
+            "metadata_too_large",
+        )
+    return metadata
+
+
+def _check_webhook_url(url: Any) -> str | None:
+    if url is None:
+        return None
+    message = (
+        f"webhook_url must be an absolute http(s) URL with a host, at most {MAX_WEBHOOK_URL_LENGTH} chars."
+    )
+    if not isinstance(url, str) or len(url) > MAX_WEBHOOK_URL_LENGTH or not url.isprintable() or " " in url:
+        raise _invalid("webhook_url", message)
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise _invalid("webhook_url", message)
+    return url
+
+
+def _check_webhook_events(events: Any, webhook_url: str | None) -> tuple[str, ...] | None:
+    if events is None:
+        return None
+    if webhook_url is None:
+        raise _invalid("webhook_events", "webhook_events needs webhook_url.")
+    allowed = ", ".join(WEBHOOK_EVENTS)
+    if not isinstance(events, list) or not events:
+        raise _invalid("webhook_events", f"webhook_events must be a non-empty array of: {allowed}.")
+    for index, event in enumerate(events):
+        if event not in WEBHOOK_EVENTS:
+            raise _invalid(
+                f"webhook_events[{index}]", f"Unknown webhook event {_show(event)}; use: {allowed}."
+            )
+    if len(set(events)) != len(events):
+        raise _invalid("webhook_events", "webhook_events must not repeat an event.")
+    return tuple(events)

@@ -1,0 +1,185 @@
+"""The real stack for tests: redis-server, S3 server, simulator and Celery workers as processes on free
+ports, and the API over real HTTP. Each part can be killed and restarted by fault tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from werkzeug.serving import make_server
+
+from api import create_app
+from devstack.processes import (
+    HOST,
+    Child,
+    free_port,
+    start_redis,
+    start_s3,
+    start_simulator,
+    start_worker,
+    wait_until,
+)
+from services.config import Config, load_config
+from services.storage import Storage
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SAMPLES = SHARED / "upstream" / "samples"
+FINAL = {"succeeded", "failed", "canceled"}
+
+# Fast retries and short timeouts, so that the error classes finish in seconds.
+TEST_ENV = {
+    "MAX_ATTEMPTS": "3",
+    "RETRY_BASE_DELAY": "0.05",
+    "RETRY_MAX_DELAY": "0.3",
+    "UPSTREAM_TIMEOUT": "2",
+    "UPSTREAM_CONNECT_TIMEOUT": "2",
+    "VISIBILITY_TIMEOUT": "60",
+    "WORKER_CONCURRENCY": "16",
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "S3_BUCKET": "test-outputs",
+}
+
+
+def seed_body() -> dict[str, Any]:
+    return json.loads((SAMPLES / "request-seed-example.json").read_text())
+
+
+def with_directive(body: dict[str, Any] | None = None, **directive: str) -> dict[str, Any]:
+    """The seed body (or ``body``) with a simulator directive and a fresh key appended to its prompt."""
+    body = copy.deepcopy(body or seed_body())
+    directive.setdefault("key", uuid.uuid4().hex)
+    words = " ".join(f"{name}={value}" for name, value in directive.items())
+    body["contents"][0]["parts"].insert(0, {"text": f"[sim {words}]"})
+    return body
+
+
+def directive_key(body: dict[str, Any]) -> str:
+    """The simulator key that ``with_directive`` put into ``body``."""
+    return body["contents"][0]["parts"][0]["text"].split("key=")[1].split()[0].rstrip("]")
+
+
+class ApiServer:
+    """The Flask app behind a real threaded HTTP server in this process."""
+
+    def __init__(self, config: Config) -> None:
+        self.app = create_app(config)
+        self.port = free_port()
+        self._server = make_server(HOST, self.port, self.app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://{HOST}:{self.port}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(10)
+
+
+@dataclass
+class Stack:
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+    children: dict[str, Child] = field(default_factory=dict)
+    redis_port: int = 0
+    api: ApiServer | None = None
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.env)
+
+    @property
+    def api_url(self) -> str:
+        assert self.api is not None
+        return self.api.url
+
+    @property
+    def simulator_url(self) -> str:
+        return self.env["UPSTREAM_BASE_URL"]
+
+    def start(self, worker_count: int = 1) -> Stack:
+        self.redis_port = free_port()
+        self.start_redis()
+        s3_port, sim_port = free_port(), free_port()
+        self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir)
+        self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir)
+        self.env.update(
+            TEST_ENV,
+            REDIS_URL=f"redis://{HOST}:{self.redis_port}/0",
+            S3_ENDPOINT_URL=f"http://{HOST}:{s3_port}",
+            UPSTREAM_BASE_URL=f"http://{HOST}:{sim_port}",
+        )
+        Storage(self.config).ensure_bucket()
+        for number in range(worker_count):
+            self.start_worker(f"worker{number}")
+        self.api = ApiServer(self.config)
+        return self
+
+    def start_redis(self) -> None:
+        self.children["redis"] = start_redis(self.root / "redis", self.redis_port, log_dir=self.log_dir)
+
+    def start_worker(self, name: str, extra_env: Mapping[str, str] | None = None) -> Child:
+        child = start_worker({**self.env, **(extra_env or {})}, log_dir=self.log_dir, name=name)
+        self.children[name] = child
+        return child
+
+    def stop(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+        for child in reversed(list(self.children.values())):
+            child.stop()
+        self.http.close()
+
+    # client helpers ---------------------------------------------------------------------------------
+    def submit(self, body: Any, **kwargs: Any) -> httpx.Response:
+        return self.http.post(f"{self.api_url}/v1/images/generations", json=body, **kwargs)
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        response = self.http.get(f"{self.api_url}/v1/tasks/{task_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_final(self, task_id: str, timeout: float = 30) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            task = self.task(task_id)
+            return task if task["status"] in FINAL else None
+
+        try:
+            return wait_until(final, timeout=timeout, what=f"task {task_id} to finish")  # type: ignore[return-value]
+        except TimeoutError:
+            raise AssertionError(f"task {task_id} not final: {self.task(task_id)}\n{self.logs()}") from None
+
+    def run(self, body: Any, timeout: float = 30) -> dict[str, Any]:
+        response = self.submit(body)
+        assert response.status_code == 202, response.text
+        return self.wait_final(response.json()["id"], timeout)
+
+    def sim_stats(self) -> dict[str, Any]:
+        return self.http.get(f"{self.simulator_url}/_sim/stats").json()
+
+    def sim_calls(self, key: str) -> int:
+        return self.sim_stats()["by_key"].get(key, 0)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{child.tail(30)}" for name, child in self.children.items())
+
+
+@contextmanager
+def running_stack(root: Path, worker_count: int = 1) -> Iterator[Stack]:
+    stack = Stack(root)
+    try:
+        yield stack.start(worker_count)
+    finally:
+        stack.stop()

@@ -1,0 +1,91 @@
+"""Static checks of docker-compose.yml and the Dockerfile (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+APP_VARIABLES = (
+    "REDIS_URL",
+    "S3_ENDPOINT_URL",
+    "S3_BUCKET",
+    "S3_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "S3_PRESIGN_EXPIRES",
+    "UPSTREAM_BASE_URL",
+    "UPSTREAM_API_KEY",
+    "UPSTREAM_TIMEOUT",
+    "API_KEYS",
+    "WEBHOOK_SIGNING_SECRET",
+)
+
+
+def command(service: str) -> str:
+    value = SERVICES[service]["command"]
+    return value if isinstance(value, str) else " ".join(value)
+
+
+def test_services_exist() -> None:
+    assert {"redis", "minio", "minio-init", "api", "worker"} <= set(SERVICES)
+
+
+def test_redis_is_durable_and_never_evicts() -> None:
+    assert "--appendonly yes" in command("redis")
+    assert "--maxmemory-policy noeviction" in command("redis")
+    assert SERVICES["redis"]["volumes"]
+
+
+@pytest.mark.parametrize("service", sorted(set(SERVICES) - {"minio-init"}))
+def test_long_running_services_have_a_healthcheck(service: str) -> None:
+    assert SERVICES[service]["healthcheck"]["test"]
+
+
+def test_worker_can_scale() -> None:
+    worker = SERVICES["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert "--pool threads" in command("worker") and "-Q generation" in command("worker")
+    assert worker["stop_grace_period"]
+
+
+def test_api_serves_the_app_factory() -> None:
+    assert command("api").startswith("gunicorn") and "api:create_app()" in command("api")
+    assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("service", ["api", "worker"])
+def test_app_services_get_their_environment(service: str) -> None:
+    environment = SERVICES[service]["environment"]
+    assert set(APP_VARIABLES) <= set(environment)
+    assert all(re.fullmatch(rf"\$\{{{name}:-[^}}]*\}}", environment[name]) for name in APP_VARIABLES)
+    assert environment["REDIS_URL"] == "${REDIS_URL:-redis://redis:6379/0}"
+    assert environment["S3_ENDPOINT_URL"] == "${S3_ENDPOINT_URL:-http://minio:9000}"
+
+
+@pytest.mark.parametrize(
+    ("service", "dependency", "condition"),
+    [
+        ("api", "redis", "service_healthy"),
+        ("api", "minio-init", "service_completed_successfully"),
+        ("worker", "redis", "service_healthy"),
+        ("worker", "minio-init", "service_completed_successfully"),
+        ("minio-init", "minio", "service_healthy"),
+    ],
+)
+def test_start_order(service: str, dependency: str, condition: str) -> None:
+    assert SERVICES[service]["depends_on"][dependency]["condition"] == condition
+
+
+def test_dockerfile_installs_the_project_as_non_root() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    assert re.search(r"\bpip install (\.|/src)\s*$", dockerfile, re.M)
+    assert "[test]" not in dockerfile
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")

@@ -1,0 +1,1 @@
+"""Celery workers: translate a Celery message into a call on ``services.jobs``. Imports only services."""
