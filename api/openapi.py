@@ -18,6 +18,9 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """Allow null; an enum must then list null itself (OpenAPI 3.0.3)."""
+    if "enum" in schema:
+        return {**schema, "nullable": True, "enum": [*schema["enum"], None]}
     return {**schema, "nullable": True}
 
 
@@ -36,6 +39,17 @@ def _error(description: str) -> dict[str, Any]:
 
 
 _TIME = {"type": "string", "format": "date-time"}
+
+_TASK_ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["code", "message", "retryable", "upstream_status"],
+    "properties": {
+        "code": {"type": "string"},
+        "message": {"type": "string"},
+        "retryable": {"type": "boolean"},
+        "upstream_status": _nullable({"type": "integer"}),
+    },
+}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -160,16 +174,7 @@ _SCHEMAS: dict[str, Any] = {
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         },
     },
-    "TaskError": {
-        "type": "object",
-        "required": ["code", "message", "retryable", "upstream_status"],
-        "properties": {
-            "code": {"type": "string"},
-            "message": {"type": "string"},
-            "retryable": {"type": "boolean"},
-            "upstream_status": _nullable({"type": "integer"}),
-        },
-    },
+    "TaskError": _TASK_ERROR,
     "Task": {
         "type": "object",
         "required": [
@@ -200,7 +205,7 @@ _SCHEMAS: dict[str, Any] = {
             "text": {"type": "array", "items": {"type": "string"}},
             "usage": _nullable({"type": "object", "description": "the upstream's usage metadata"}),
             "metadata": _nullable({"type": "object"}),
-            "error": _nullable(_ref("TaskError")),
+            "error": _nullable(_TASK_ERROR),
             "links": _ref("Links"),
         },
     },

@@ -12,6 +12,7 @@ from api.openapi import openapi_document
 from services.errors import (
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     ServiceError,
     StoreUnavailable,
     Unauthorized,
@@ -49,7 +50,7 @@ def submit():
             f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}",
             field="Content-Type",
         )
-    raw = request.get_data(cache=False)
+    raw = _read_body(rt.config.max_body_bytes)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -75,6 +76,26 @@ def submit():
     response.status_code = 202
     response.headers["Location"] = links["self"]
     return response
+
+
+def _read_body(limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed ``limit`` (declared or streamed)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+    chunks, size = [], 0
+    stream = request.environ["wsgi.input"]
+    remaining = request.content_length
+    while remaining is None or remaining > 0:
+        chunk = stream.read(min(65536, remaining) if remaining is not None else 65536)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+        if remaining is not None:
+            remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 @blueprint.get("/v1/tasks/<task_id>")

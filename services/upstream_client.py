@@ -30,8 +30,10 @@ class UpstreamClient:
                 write=config.upstream_timeout,
                 pool=config.upstream_timeout,
             ),
+            # As many keep-alive slots as connections: a pool with fewer, shared by many threads, was seen
+            # to fail with "Bad file descriptor" under load.
             limits=httpx.Limits(
-                max_connections=config.worker_concurrency * 2,
+                max_connections=config.worker_concurrency,
                 max_keepalive_connections=config.worker_concurrency,
             ),
             transport=transport,

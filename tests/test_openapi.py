@@ -1,0 +1,82 @@
+"""/openapi.json is a valid OpenAPI 3 document, and the API's real responses match it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate
+from referencing import Registry, Resource
+
+from tests.stack import Stack, seed_body, with_directive
+
+
+@pytest.fixture(scope="module")
+def document(stack: Stack) -> dict[str, Any]:
+    response = stack.http.get(f"{stack.api_url}/openapi.json")
+    assert response.status_code == 200
+    spec = response.json()
+    validate(spec)
+    return spec
+
+
+def check(document: dict[str, Any], path: str, method: str, response: httpx.Response) -> None:
+    """Assert that ``response`` is one the document declares for that operation, with a matching body."""
+    declared = document["paths"][path][method]["responses"]
+    assert str(response.status_code) in declared, (
+        f"{method.upper()} {path}: {response.status_code} not declared"
+    )
+    content = declared[str(response.status_code)].get("content", {})
+    if "application/json" not in content or "schema" not in content["application/json"]:
+        return
+    registry = Registry().with_resource("urn:spec", Resource.opaque(document))
+    schema = {**content["application/json"]["schema"]}
+    if "$ref" in schema:
+        schema = {"$ref": "urn:spec" + schema["$ref"]}
+    OAS30Validator(schema, registry=registry).validate(response.json())
+
+
+def test_every_path_is_served(document: dict[str, Any], stack: Stack) -> None:
+    routes = {rule.rule.replace("<task_id>", "{task_id}") for rule in stack.api.app.url_map.iter_rules()}
+    routes = {
+        route.replace("<int:index>", "{index}") for route in routes if route != "/static/<path:filename>"
+    }
+    assert routes == set(document["paths"])
+
+
+def test_real_responses_match_the_document(document: dict[str, Any], stack: Stack) -> None:
+    api = stack.api_url
+    accepted = stack.submit(seed_body())
+    check(document, "/v1/images/generations", "post", accepted)
+    task_id = accepted.json()["id"]
+    check(document, "/v1/tasks/{task_id}", "get", stack.http.get(f"{api}/v1/tasks/{task_id}"))
+    stack.wait_final(task_id)
+    check(document, "/v1/tasks/{task_id}", "get", stack.http.get(f"{api}/v1/tasks/{task_id}"))
+    check(
+        document,
+        "/v1/tasks/{task_id}/outputs/{index}",
+        "get",
+        stack.http.get(f"{api}/v1/tasks/{task_id}/outputs/0"),
+    )
+
+    failed = stack.run(with_directive(script="503"))
+    check(document, "/v1/tasks/{task_id}", "get", stack.http.get(f"{api}/v1/tasks/{failed['id']}"))
+
+    check(document, "/v1/images/generations", "post", stack.submit({"model": 1}))
+    check(
+        document,
+        "/v1/images/generations",
+        "post",
+        stack.http.post(f"{api}/v1/images/generations", content=b"x"),
+    )
+    check(document, "/v1/tasks/{task_id}", "get", stack.http.get(f"{api}/v1/tasks/missing"))
+    check(
+        document,
+        "/v1/tasks/{task_id}/outputs/{index}",
+        "get",
+        stack.http.get(f"{api}/v1/tasks/{task_id}/outputs/9"),
+    )
+    check(document, "/healthz", "get", stack.http.get(f"{api}/healthz"))
+    check(document, "/readyz", "get", stack.http.get(f"{api}/readyz"))

@@ -1,0 +1,180 @@
+"""End to end: submit → Celery worker → simulator over HTTP → S3 server → poll, on real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+
+import boto3
+import pytest
+from PIL import Image
+
+from services.store import parse_iso
+from tests.stack import Stack, directive_key, seed_body, with_directive
+
+
+def s3_object(stack: Stack, key: str) -> tuple[dict, bytes]:
+    config = stack.config
+    client = boto3.client(
+        "s3",
+        endpoint_url=config.s3_endpoint_url,
+        region_name=config.s3_region,
+        aws_access_key_id=config.aws_access_key_id,
+        aws_secret_access_key=config.aws_secret_access_key,
+    )
+    obj = client.get_object(Bucket=config.s3_bucket, Key=key)
+    return obj, obj["Body"].read()
+
+
+def test_seed_example_succeeds_and_its_object_is_in_s3(stack: Stack) -> None:
+    response = stack.submit(seed_body())
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["status"] == "queued"
+    assert uuid.UUID(accepted["id"]).version == 4
+    assert response.headers["Location"] == accepted["links"]["self"]
+    assert accepted["links"]["self"].endswith(f"/v1/tasks/{accepted['id']}")
+
+    task = stack.wait_final(accepted["id"])
+    assert task["status"] == "succeeded", task
+    assert task["model"] == "gemini-2.5-flash-image-preview"
+    assert task["created_at"] <= task["started_at"] <= task["finished_at"]
+    assert task["error"] is None
+    assert task["usage"] and task["usage"]["totalTokenCount"] > 0
+    assert task["text"], "the simulator's text part is kept"
+    [attempt] = task["attempts"]
+    assert attempt["number"] == 1 and attempt["outcome"] == "succeeded" and attempt["upstream_status"] == 200
+    assert attempt["duration_ms"] >= 0 and "worker" not in attempt
+
+    [output] = task["outputs"]
+    assert output["index"] == 0
+    assert output["key"] == f"outputs/{task['id']}/0.png"
+    assert (output["mime_type"], output["width"], output["height"]) == ("image/png", 1024, 1024)
+
+    obj, data = s3_object(stack, output["key"])
+    assert obj["ContentType"] == "image/png"
+    assert obj["ContentLength"] == output["bytes"] == len(data)
+    assert obj["Metadata"]["sha256"] == output["sha256"] == hashlib.sha256(data).hexdigest()
+    assert Image.open(io.BytesIO(data)).size == (1024, 1024)
+
+    downloaded = stack.http.get(output["url"])
+    assert downloaded.status_code == 200 and downloaded.content == data
+
+
+def test_output_urls_are_signed_fresh_and_redirect(stack: Stack) -> None:
+    task = stack.run(seed_body())
+    redirect = stack.http.get(f"{stack.api_url}/v1/tasks/{task['id']}/outputs/0")
+    assert redirect.status_code == 302
+    assert stack.http.get(redirect.headers["Location"]).status_code == 200
+    missing = stack.http.get(f"{stack.api_url}/v1/tasks/{task['id']}/outputs/7")
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "index"
+
+
+def test_metadata_is_echoed_and_not_forwarded(stack: Stack) -> None:
+    body = {**seed_body(), "metadata": {"user": "u-1", "batch": 7}}
+    task = stack.run(body)
+    assert task["status"] == "succeeded" and task["metadata"] == {"user": "u-1", "batch": 7}
+
+
+@pytest.mark.parametrize(
+    ("shape", "image_format", "mimes"),
+    [
+        ("camel", "png", ["image/png"]),
+        ("snake", "png", ["image/png"]),
+        ("thought", "png", ["image/png"]),
+        ("two", "png", ["image/png", "image/png"]),
+        ("openai", "png", ["image/png"]),
+        ("openai_url", "png", ["image/png"]),
+        ("camel", "jpeg", ["image/jpeg"]),
+        ("mislabeled", "png", ["image/jpeg"]),
+    ],
+)
+def test_every_response_shape(stack: Stack, shape: str, image_format: str, mimes: list[str]) -> None:
+    body = with_directive(shape=shape, format=image_format)
+    body["generationConfig"]["imageConfig"]["aspectRatio"] = "16:9"
+    task = stack.run(body)
+    assert task["status"] == "succeeded", task
+    assert [output["mime_type"] for output in task["outputs"]] == mimes
+    for output in task["outputs"]:
+        assert (output["width"], output["height"]) == (1344, 768)
+        assert output["key"].endswith(".png" if output["mime_type"] == "image/png" else ".jpg")
+        _, data = s3_object(stack, output["key"])
+        assert hashlib.sha256(data).hexdigest() == output["sha256"]
+
+
+def test_three_pro_dimensions_follow_size(stack: Stack) -> None:
+    body = with_directive()
+    body["model"] = "gemini-3-pro-image-preview"
+    body["generationConfig"]["imageConfig"].update(aspectRatio="21:9", imageSize="2K")
+    task = stack.run(body)
+    assert [(o["width"], o["height"]) for o in task["outputs"]] == [(3168, 1344)]
+
+
+@pytest.mark.parametrize(
+    ("script", "outcomes", "first_error"),
+    [
+        ("503,500list,ok", ["retry", "retry", "succeeded"], "upstream_unavailable"),
+        ("429,ok", ["retry", "succeeded"], "upstream_rate_limited"),
+        ("timeout,ok", ["retry", "succeeded"], "upstream_timeout"),
+        ("malformed,ok", ["retry", "succeeded"], "bad_upstream_response"),
+        ("html,empty,ok", ["retry", "retry", "succeeded"], "upstream_unavailable"),
+    ],
+)
+def test_retryable_errors_are_retried_then_succeed(
+    stack: Stack, script: str, outcomes: list[str], first_error: str
+) -> None:
+    body = with_directive(script=script, hang_s="10", retry_delay="0.4s")
+    key = directive_key(body)
+    task = stack.run(body)
+    assert task["status"] == "succeeded", task
+    assert [attempt["outcome"] for attempt in task["attempts"]] == outcomes
+    assert task["attempts"][0]["error_code"] == first_error
+    assert stack.sim_calls(key) == len(outcomes)
+    if script.startswith("429"):
+        first, second = task["attempts"][:2]
+        waited = (parse_iso(second["started_at"]) - parse_iso(first["finished_at"])).total_seconds()
+        assert waited >= 0.4, "the upstream's retryDelay is honoured"
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "upstream_status"),
+    [
+        ("400", "upstream_rejected", 400),
+        ("401", "upstream_auth", 401),
+        ("403", "upstream_auth", 403),
+        ("404", "upstream_not_found", 404),
+        ("429day", "upstream_quota_exhausted", 429),
+        ("safety", "content_blocked", 200),
+        ("blocked", "content_blocked", 200),
+        ("textonly", "no_image", 200),
+    ],
+)
+def test_final_errors_fail_at_once(stack: Stack, script: str, code: str, upstream_status: int) -> None:
+    body = with_directive(script=script)
+    key = directive_key(body)
+    task = stack.run(body)
+    assert task["status"] == "failed", task
+    assert task["error"]["code"] == code
+    assert task["error"]["retryable"] is False
+    assert task["error"]["message"]
+    assert task["outputs"] == []
+    assert [attempt["outcome"] for attempt in task["attempts"]] == ["failed"]
+    if upstream_status != 200:
+        assert task["error"]["upstream_status"] == upstream_status
+    assert stack.sim_calls(key) == 1
+
+
+def test_retryable_errors_exhaust_the_attempts(stack: Stack) -> None:
+    body = with_directive(script="503")
+    key = directive_key(body)
+    task = stack.run(body)
+    assert task["status"] == "failed"
+    assert task["error"] == {
+        "code": "upstream_unavailable",
+        "message": task["error"]["message"],
+        "retryable": True,
+        "upstream_status": 503,
+    }
+    assert [attempt["outcome"] for attempt in task["attempts"]] == ["retry", "retry", "failed"]
+    assert stack.sim_calls(key) == stack.config.max_attempts == 3
