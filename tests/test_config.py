@@ -1,0 +1,58 @@
+"""Configuration: defaults, parsing, and errors that name the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from services.config import ConfigError, load_config
+
+
+def test_defaults_need_no_variable() -> None:
+    config = load_config({})
+    assert config.max_attempts == 5 and config.worker_pool == "threads" and not config.auth_required
+
+
+def test_values_are_parsed() -> None:
+    config = load_config(
+        {"API_KEYS": "a, b,,", "UPSTREAM_TIMEOUT": "12.5", "UPSTREAM_BASE_URL": "http://x.test/"}
+    )
+    assert config.api_keys == frozenset({"a", "b"}) and config.auth_required
+    assert config.upstream_timeout == 12.5
+    assert config.upstream_base_url == "http://x.test"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REDIS_URL", "localhost:6379"),
+        ("UPSTREAM_BASE_URL", "ftp://x"),
+        ("MAX_ATTEMPTS", "0"),
+        ("MAX_ATTEMPTS", "three"),
+        ("UPSTREAM_TIMEOUT", "-1"),
+        ("WORKER_POOL", "eventlet"),
+        ("S3_PRESIGN_EXPIRES", "1.5"),
+    ],
+)
+def test_invalid_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_config({name: value})
+
+
+def test_visibility_timeout_must_outlast_a_call() -> None:
+    with pytest.raises(ConfigError, match="VISIBILITY_TIMEOUT"):
+        load_config({"UPSTREAM_TIMEOUT": "600", "VISIBILITY_TIMEOUT": "300"})
+
+
+def test_devstack_stops_at_start_up_on_an_invalid_variable(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "devstack"],
+        env={"PATH": "/usr/bin:/bin", "MAX_ATTEMPTS": "zero", "DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "MAX_ATTEMPTS" in result.stderr
