@@ -43,6 +43,13 @@ class Config:
     worker_concurrency: int = 50
     worker_pool: str = "threads"
     visibility_timeout: int = 3600
+    task_lease_seconds: float = 30.0
+    sweep_interval: float = 0.2
+
+    upstream_max_concurrency: int = 0
+    upstream_rate_per_minute: float = 0.0
+    upstream_hold_seconds: float = 86400.0
+    upstream_quota_retry_seconds: float = 900.0
 
     api_keys: frozenset[str] = frozenset()
     max_body_bytes: int = 32 * 1024 * 1024
@@ -79,6 +86,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
         raise ValueError("must be a positive integer")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be zero or a positive integer")
     return number
 
 
@@ -127,6 +141,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int),
     "WORKER_POOL": ("worker_pool", _pool),
     "VISIBILITY_TIMEOUT": ("visibility_timeout", _positive_int),
+    "TASK_LEASE_SECONDS": ("task_lease_seconds", _positive_float),
+    "SWEEP_INTERVAL": ("sweep_interval", _positive_float),
+    "UPSTREAM_MAX_CONCURRENCY": ("upstream_max_concurrency", _non_negative_int),
+    "UPSTREAM_RATE_PER_MINUTE": ("upstream_rate_per_minute", _non_negative_float),
+    "UPSTREAM_HOLD_SECONDS": ("upstream_hold_seconds", _positive_float),
+    "UPSTREAM_QUOTA_RETRY_SECONDS": ("upstream_quota_retry_seconds", _positive_float),
     "API_KEYS": ("api_keys", _csv_set),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
     "MAX_INPUT_IMAGES": ("max_input_images", _positive_int),
@@ -162,6 +182,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
 def _check(config: Config) -> None:
     if config.retry_max_delay < config.retry_base_delay:
         raise ConfigError("RETRY_MAX_DELAY must be at least RETRY_BASE_DELAY")
+    if config.task_lease_seconds < 3 * config.sweep_interval:
+        raise ConfigError("TASK_LEASE_SECONDS must be at least three times SWEEP_INTERVAL")
     if config.visibility_timeout <= config.upstream_timeout + config.upstream_connect_timeout:
         raise ConfigError(
             "VISIBILITY_TIMEOUT must be longer than UPSTREAM_TIMEOUT + UPSTREAM_CONNECT_TIMEOUT, "

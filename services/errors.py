@@ -17,6 +17,7 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
     ├── StoreUnavailable              503 store_unavailable      (retryable: Redis is down)
     ├── StorageUnavailable            503 storage_unavailable    (retryable: S3 is down)
     ├── InvalidTransition             409 invalid_transition     (a state change the task's state forbids)
+    ├── LeaseLost                     409 lease_lost             (a worker's lease on its task expired)
     └── JobError                      why one generation job failed; recorded on the task as ``error``
         ├── UpstreamError             the upstream said no, or could not be reached
         │     codes: upstream_rejected (400), upstream_auth (401/403), upstream_not_found (404),
@@ -110,6 +111,13 @@ class StorageUnavailable(ServiceError):
 class InvalidTransition(ServiceError):
     status = 409
     code = "invalid_transition"
+
+
+class LeaseLost(ServiceError):
+    """The caller's lease on a task expired; another worker may run the task now."""
+
+    status = 409
+    code = "lease_lost"
 
 
 class JobError(ServiceError):

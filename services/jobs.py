@@ -1,32 +1,41 @@
-"""Running one generation job: attempt, upstream call, decode, upload, record.
+"""Running one generation job: limiter slot, attempt under a lease, upstream call, decode, upload, record.
 
 ``JobRunner.run`` is what a worker does with a task id. It never raises for a job's own failure: the
-outcome is written to the store, and the return value says whether the caller should run the job again
-later (``Retry``) or is done (``None``). Only ``StoreUnavailable`` escapes: without the store there is
-nothing to record, and the caller must redeliver the message.
+outcome is written to the store (a retry is a due time in the store, enqueued by the sweeper). Only
+``StoreUnavailable`` escapes: without the store nothing can be recorded, and the task is recovered by
+the sweeper once the store is back (its lease expires, or its message is found lost).
+
+No upstream call is paid twice for one job: a task's lease lets one attempt run at a time, and the
+upstream's answer is saved in the store the moment it arrives, so a retry after a storage outage or a
+crash after the call uploads the saved answer instead of calling again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import secrets
+import socket
+import threading
 import time
-from dataclasses import dataclass
 
 from services.config import Config
-from services.errors import JobError, ServiceError, StorageUnavailable, StoreUnavailable
+from services.errors import JobError, LeaseLost, ServiceError, StorageUnavailable, StoreUnavailable
 from services.images import inspect_image
+from services.leases import LeaseKeeper
+from services.limits import Deferred, UpstreamLimiter
 from services.storage import Storage, output_key
-from services.store import JobStore
+from services.store import FREE_ERROR_CODES, JobStore, Lease, Task, attempts_used, parse_iso
 from services.upstream_client import UpstreamClient
-from services.upstream_response import UpstreamResult
+from services.upstream_response import UpstreamResult, parse_success
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Retry:
-    delay: float
+def worker_name() -> str:
+    """Who runs an attempt: host, process and thread, as recorded on the attempt."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 def backoff_delay(attempt: int, config: Config, hint: float | None = None) -> float:
@@ -40,47 +49,85 @@ def backoff_delay(attempt: int, config: Config, hint: float | None = None) -> fl
 
 class JobRunner:
     def __init__(
-        self, config: Config, store: JobStore, storage: Storage, upstream: UpstreamClient, worker: str
+        self,
+        config: Config,
+        store: JobStore,
+        storage: Storage,
+        upstream: UpstreamClient,
+        limiter: UpstreamLimiter,
+        keeper: LeaseKeeper,
     ) -> None:
         self._config = config
         self._store = store
         self._storage = storage
         self._upstream = upstream
-        self._worker = worker
+        self._limiter = limiter
+        self._keeper = keeper
 
-    def run(self, task_id: str) -> Retry | None:
-        task = self._store.begin_attempt(task_id, max_attempts=self._config.max_attempts, worker=self._worker)
-        if task is None:
-            log.info("task %s: nothing to run (final, or out of attempts)", task_id)
-            return None
-        attempt = len(task["attempts"])
-        started = time.monotonic()
+    def run(self, task_id: str) -> None:
+        token = f"{worker_name()}:{secrets.token_hex(6)}"
         try:
-            status, result = self._upstream.generate(self._store.load_payload(task_id))
-            outputs = self._store_outputs(task_id, result)
-        except StoreUnavailable:
-            raise
-        except JobError as error:
-            return self._after_failure(task_id, attempt, error)
-        except StorageUnavailable as exc:
-            error = JobError(exc.message, code=exc.code, retryable=True)
-            return self._after_failure(task_id, attempt, error)
-        except ServiceError as exc:
-            log.exception("task %s: unexpected service error", task_id)
-            return self._after_failure(
-                task_id, attempt, JobError(exc.message, code=exc.code, retryable=False)
-            )
-        except Exception as exc:
-            log.exception("task %s: unexpected error", task_id)
-            error = JobError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
-            return self._after_failure(task_id, attempt, error)
-        self._store.succeed(
-            task_id, outputs=outputs, text=result.texts, usage=result.usage, upstream_status=status
+            self._limiter.acquire(token)
+        except Deferred as deferred:
+            self._store.postpone(task_id, delay=deferred.delay)
+            log.info("task %s: postponed %.1fs by the upstream limiter", task_id, deferred.delay)
+            return
+        try:
+            with self._keeper.keep(f"upstream slot {token}", lambda: self._limiter.renew(token)):
+                self._attempt(task_id)
+        finally:
+            self._limiter.release(token)
+
+    def _attempt(self, task_id: str) -> None:
+        begun = self._store.begin_attempt(
+            task_id,
+            max_attempts=self._config.max_attempts,
+            worker=worker_name(),
+            lease_seconds=self._config.task_lease_seconds,
         )
+        if begun is None:
+            log.info("task %s: nothing to run (final, running elsewhere, or out of attempts)", task_id)
+            return
+        task, lease = begun
+        started = time.monotonic()
+        with self._keeper.keep(f"lease on task {task_id}", lambda: self._store.renew_lease(lease)):
+            try:
+                status, result = self._upstream_result(task_id)
+                outputs = self._store_outputs(task_id, result)
+            except StoreUnavailable:
+                raise
+            except JobError as error:
+                self._after_failure(task, lease, error)
+                return
+            except StorageUnavailable as exc:
+                self._after_failure(task, lease, JobError(exc.message, code=exc.code, retryable=True))
+                return
+            except ServiceError as exc:
+                log.exception("task %s: unexpected service error", task_id)
+                self._after_failure(task, lease, JobError(exc.message, code=exc.code, retryable=False))
+                return
+            except Exception as exc:
+                log.exception("task %s: unexpected error", task_id)
+                error = JobError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+                self._after_failure(task, lease, error)
+                return
+            self._store.succeed(
+                task_id, outputs=outputs, text=result.texts, usage=result.usage, upstream_status=status
+            )
         log.info(
             "task %s: succeeded in %.2fs, %d output(s)", task_id, time.monotonic() - started, len(outputs)
         )
-        return None
+
+    def _upstream_result(self, task_id: str) -> tuple[int, UpstreamResult]:
+        """The upstream's answer: the one saved by an earlier attempt, or a new call's, saved at once."""
+        saved = self._store.load_result(task_id)
+        if saved is not None:
+            log.info("task %s: using the upstream answer saved by an earlier attempt", task_id)
+            return 200, parse_success(saved)
+        status, body = self._upstream.generate(self._store.load_payload(task_id))
+        result = parse_success(body)
+        self._store.save_result(task_id, body)
+        return status, result
 
     def _store_outputs(self, task_id: str, result: UpstreamResult) -> list[dict]:
         outputs = []
@@ -102,14 +149,44 @@ class JobRunner:
             )
         return outputs
 
-    def _after_failure(self, task_id: str, attempt: int, error: JobError) -> Retry | None:
-        if error.retryable and attempt < self._config.max_attempts:
-            delay = backoff_delay(attempt, self._config, error.retry_after)
-            self._store.schedule_retry(task_id, error, delay=delay)
+    def _after_failure(self, task: Task, lease: Lease, error: JobError) -> None:
+        task_id = task["id"]
+        config = self._config
+        try:
+            if error.code in FREE_ERROR_CODES:
+                self._after_refusal(task, lease, error)
+                return
+            used = attempts_used(task)
+            if error.retryable and used < config.max_attempts:
+                delay = backoff_delay(used, config, error.retry_after)
+                self._store.schedule_retry(lease, error, delay=delay)
+                log.warning(
+                    "task %s: attempt %d failed (%s), retry in %.2fs", task_id, used, error.code, delay
+                )
+                return
+            self._store.fail(lease, error)
+            log.warning("task %s: failed (%s): %s", task_id, error.code, error.message)
+        except LeaseLost:
+            log.warning("task %s: lease lost before its failure was recorded; another worker has it", task_id)
+
+    def _after_refusal(self, task: Task, lease: Lease, error: JobError) -> None:
+        """A 429: every worker waits it out (shared cooldown); the task waits too, without using an
+        attempt, until UPSTREAM_HOLD_SECONDS after its creation, then fails with the 429's code."""
+        config = self._config
+        if error.code == "upstream_quota_exhausted":
+            delay = config.upstream_quota_retry_seconds
+        else:
+            delay = backoff_delay(len(task["attempts"]), config, error.retry_after)
+        self._limiter.cool_down(delay)
+        held_until = parse_iso(task["created_at"]).timestamp() + config.upstream_hold_seconds
+        if time.time() + delay > held_until:
+            self._store.fail(lease, error)
             log.warning(
-                "task %s: attempt %d failed (%s), retry in %.2fs", task_id, attempt, error.code, delay
+                "task %s: failed (%s) after holding it %.0fs",
+                task["id"],
+                error.code,
+                config.upstream_hold_seconds,
             )
-            return Retry(delay)
-        self._store.fail(task_id, error)
-        log.warning("task %s: failed (%s): %s", task_id, error.code, error.message)
-        return None
+            return
+        self._store.schedule_retry(lease, error, delay=delay)
+        log.warning("task %s: upstream refused (%s); every worker waits %.2fs", task["id"], error.code, delay)

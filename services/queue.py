@@ -46,6 +46,7 @@ def create_celery(config: Config) -> Celery:
     return app
 
 
-def enqueue_generation(app: Celery, task_id: str, *, countdown: float | None = None) -> None:
-    """Send one generation job; the message carries only the task id."""
-    app.send_task(GENERATE_TASK, args=[task_id], queue=GENERATION_QUEUE, countdown=countdown)
+def enqueue_generation(app: Celery, task_id: str) -> None:
+    """Send one generation job; the message carries only the task id. Retries are not sent with a
+    countdown: they wait in the store until due, and the sweeper sends them (services/sweeper.py)."""
+    app.send_task(GENERATE_TASK, args=[task_id], queue=GENERATION_QUEUE)

@@ -6,14 +6,14 @@ The API and the worker each build one ``Runtime`` at start-up; nothing is create
 from __future__ import annotations
 
 import functools
-import os
-import socket
-import threading
 from dataclasses import dataclass, field
 
 import redis
 
 from services.config import Config
+from services.jobs import JobRunner
+from services.leases import LeaseKeeper
+from services.limits import LimiterSettings, UpstreamLimiter
 from services.storage import Storage
 from services.store import JobStore
 from services.upstream_client import UpstreamClient
@@ -25,7 +25,7 @@ def redis_client(config: Config) -> redis.Redis:
         socket_timeout=config.store_timeout,
         socket_connect_timeout=config.store_timeout,
         health_check_interval=30,
-        max_connections=max(64, config.worker_concurrency * 2),
+        max_connections=max(64, config.worker_concurrency * 4),
     )
 
 
@@ -45,7 +45,21 @@ class Runtime:
     def upstream(self) -> UpstreamClient:
         return UpstreamClient(self.config)
 
+    @functools.cached_property
+    def limiter(self) -> UpstreamLimiter:
+        config = self.config
+        settings = LimiterSettings(
+            max_concurrency=config.upstream_max_concurrency,
+            rate_per_minute=config.upstream_rate_per_minute,
+            hold_seconds=config.task_lease_seconds,
+            max_wait_in_thread=60.0,
+        )
+        return UpstreamLimiter(self.redis, config.key_prefix, settings)
 
-def worker_name() -> str:
-    """Who runs an attempt: host, process and thread, as recorded on the attempt."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    @functools.cached_property
+    def keeper(self) -> LeaseKeeper:
+        return LeaseKeeper(interval=self.config.task_lease_seconds / 3)
+
+    @functools.cached_property
+    def runner(self) -> JobRunner:
+        return JobRunner(self.config, self.store, self.storage, self.upstream, self.limiter, self.keeper)

@@ -2,34 +2,51 @@
 
 A task record is one JSON document under ``{prefix}:task:{id}``; its request payload (the upstream's
 body, possibly megabytes of base64) lives beside it under ``{prefix}:payload:{id}`` so that reading a
-task never drags the payload along, and the Celery message carries only the id. Ids of tasks that are
-not final sit in the set ``{prefix}:active`` (what a reaper scans).
+task never drags the payload along, and the Celery message carries only the id.
 
 Every change goes through ``_change``: read the document, let a pure function compute the next one
-(``TaskStatus`` checks the transition), and write it with a compare-and-set script, retrying if another
-process changed the task in between. No other code writes a task.
+(``_check`` enforces ``ALLOWED_TRANSITIONS``), and write it with one compare-and-set script, retrying if
+another process changed the task in between. No other code writes a task. The same script applies, in
+the same atomic step, what follows from the change (``_consequences``), so that a crash can never split
+a state change from its bookkeeping:
+
+- ``{prefix}:active``    set of the ids of tasks that are not final (what the reaper scans);
+- ``{prefix}:queued``    sorted set: id of a queued task whose message was sent → when (ms); one that
+                          waits too long while the broker's queue is empty lost its message;
+- ``{prefix}:delayed``   sorted set: id of a task waiting for a retry → when it is due (ms); the sweeper
+                          enqueues it then (no Celery countdown, which a dying worker would take along);
+- ``{prefix}:running``   sorted set: id of a running task → its lease's deadline (ms);
+- ``{prefix}:result:{id}`` the upstream's answer, kept from its arrival until the task is final, so that
+                          a retry after a storage failure or a crash never calls (and pays) the upstream
+                          again;
+- ``{prefix}:lease:{id}`` the running attempt's lease, taken atomically with the move to running, so that
+                          two deliveries of one task never call the upstream at the same time;
+- ``{prefix}:wh:event:{event id}`` and ``{prefix}:wh:due``: the webhook outbox, one event per status the
+                          task's webhook asked for, written with the change that caused it.
 
     queued ──► running ──► succeeded
       ▲  │        │  └───► failed
       │  │        └──────► queued (a retry is scheduled)
       │  └───────────────► failed | canceled
-      └── running ───────► running (redelivered: the lost attempt is closed)
+      └── running ───────► running (redelivered after its lease expired: the lost attempt is closed)
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import redis
 
-from services.errors import InvalidTransition, JobError, NotFound, StoreUnavailable
+from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, StoreUnavailable
 
 Task = dict[str, Any]
 
@@ -49,7 +66,9 @@ class TaskStatus(StrEnum):
 FINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED})
 
 ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELED}),
+    TaskStatus.QUEUED: frozenset(
+        {TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELED}
+    ),
     TaskStatus.RUNNING: frozenset(
         {TaskStatus.RUNNING, TaskStatus.QUEUED, TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED}
     ),
@@ -58,21 +77,61 @@ ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.CANCELED: frozenset(),
 }
 
-# KEYS: task key, active set. ARGV: expected document, new document, task id, "1" if the new state is final.
+WEBHOOK_EVENTS = ("running", "succeeded", "failed", "canceled")
+
+# KEYS[1]: the task. ARGV[1]: the document expected there, ARGV[2]: the new one, ARGV[3]: JSON
+# {"absent": [keys that must not exist], "equal": [[key, value], ...], "writes": [[command, args...]]}.
+# Returns 1 when written, 0 when the task changed meanwhile, -1 when a key that must be absent exists,
+# -2 when a key does not hold the value it must.
 _COMPARE_AND_SET = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local extra = cjson.decode(ARGV[3])
+for _, key in ipairs(extra.absent) do
+  if redis.call('EXISTS', key) == 1 then return -1 end
+end
+for _, pair in ipairs(extra.equal) do
+  if redis.call('GET', pair[1]) ~= pair[2] then return -2 end
+end
 redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[3]) end
+for _, command in ipairs(extra.writes) do redis.call(unpack(command)) end
+return 1
+"""
+
+# KEYS[1]: the sorted set to claim from, KEYS[2]: the one to move claimed members to (may be the same).
+# ARGV: claim members scored at most ARGV[1], give them score ARGV[2], at most ARGV[3] of them.
+_CLAIM = """
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(members) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZADD', KEYS[2], ARGV[2], member)
+end
+return members
+"""
+
+# KEYS[1]: a lease, KEYS[2]: the running set. ARGV: holder's token, time to live (ms), new deadline
+# (epoch ms), task id. Returns 1 if the lease was still held (and is extended), else 0.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
 return 1
 """
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _iso(time.time())
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _epoch_ms(value: str) -> int:
+    return round(parse_iso(value).timestamp() * 1000)
 
 
 def new_task_id() -> str:
@@ -80,59 +139,123 @@ def new_task_id() -> str:
     return str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))
 
 
-def _dump(task: Task) -> str:
-    return json.dumps(task, separators=(",", ":"), sort_keys=True)
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A running attempt's claim on its task; ``token`` proves who holds it."""
+
+    task_id: str
+    token: str
+    seconds: float
+
+
+@dataclass
+class _Extra:
+    absent: list[str] = field(default_factory=list)
+    equal: list[list[str]] = field(default_factory=list)
+    writes: list[list[str]] = field(default_factory=list)
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str = "iq") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "iq",
+        *,
+        task_retention: int = 30 * 86400,
+        payload_retention: int = 86400,
+    ) -> None:
         self._redis = client
         self._prefix = prefix
+        self._task_retention = task_retention
+        self._payload_retention = payload_retention
         self._cas = client.register_script(_COMPARE_AND_SET)
+        self._renew = client.register_script(_RENEW_LEASE)
+        self._claim = client.register_script(_CLAIM)
 
     # keys -------------------------------------------------------------------------------------------
-    def _task_key(self, task_id: str) -> str:
-        return f"{self._prefix}:task:{task_id}"
-
-    def _payload_key(self, task_id: str) -> str:
-        return f"{self._prefix}:payload:{task_id}"
-
-    @property
-    def _active_key(self) -> str:
-        return f"{self._prefix}:active"
+    def key(self, *parts: str) -> str:
+        return ":".join((self._prefix, *parts))
 
     # reads ------------------------------------------------------------------------------------------
     def get(self, task_id: str) -> Task:
-        with _mapped_errors():
-            raw = self._redis.get(self._task_key(task_id))
+        with mapped_redis_errors():
+            raw = self._redis.get(self.key("task", task_id))
         if raw is None:
             raise NotFound(f"no task with id {task_id!r}", field="id")
         return json.loads(raw)
 
     def load_payload(self, task_id: str) -> bytes:
-        with _mapped_errors():
-            raw = self._redis.get(self._payload_key(task_id))
+        with mapped_redis_errors():
+            raw = self._redis.get(self.key("payload", task_id))
         if raw is None:
             raise NotFound(f"the payload of task {task_id!r} is missing", field="id")
         return raw
 
     def active_ids(self) -> set[str]:
-        with _mapped_errors():
-            return {member.decode() for member in self._redis.smembers(self._active_key)}
+        with mapped_redis_errors():
+            return {member.decode() for member in self._redis.smembers(self.key("active"))}
+
+    def load_result(self, task_id: str) -> bytes | None:
+        """The upstream's answer saved by an earlier attempt, if the task has one."""
+        with mapped_redis_errors():
+            return self._redis.get(self.key("result", task_id))
+
+    def save_result(self, task_id: str, body: bytes) -> None:
+        with mapped_redis_errors():
+            self._redis.set(self.key("result", task_id), body, ex=self._payload_retention)
+
+    # what the sweeper claims: each member is handed to one caller only -------------------------------
+    def claim_due_retries(self, limit: int = 500) -> list[str]:
+        """Tasks whose retry is due now; they move to ``queued`` and the caller must enqueue them."""
+        now = _now_ms()
+        return self._claim_members("delayed", "queued", now, now, limit)
+
+    def claim_expired_leases(self, lease_seconds: float, limit: int = 500) -> list[str]:
+        """Running tasks whose lease expired (their worker is gone); the caller must enqueue them.
+
+        Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile.
+        """
+        now = _now_ms()
+        return self._claim_members("running", "running", now, now + _ms(lease_seconds), limit)
+
+    def claim_lost_messages(self, older_than: float, limit: int = 500) -> list[str]:
+        """Queued tasks enqueued more than ``older_than`` s ago and not started; to enqueue again.
+
+        Call only when the broker's queue is empty: then such a task's message was lost.
+        """
+        now = _now_ms()
+        return self._claim_members("queued", "queued", now - _ms(older_than), now, limit)
+
+    def _claim_members(self, source: str, target: str, max_score: int, score: int, limit: int) -> list[str]:
+        with mapped_redis_errors():
+            members = self._claim(keys=[self.key(source), self.key(target)], args=[max_score, score, limit])
+        return [member.decode() for member in members]
 
     def ping(self) -> None:
-        with _mapped_errors():
+        with mapped_redis_errors():
             self._redis.ping()
 
     # creation ---------------------------------------------------------------------------------------
-    def create(self, *, model: str, payload: bytes, metadata: dict[str, Any] | None) -> Task:
+    def create(
+        self,
+        *,
+        model: str,
+        payload: bytes,
+        metadata: dict[str, Any] | None,
+        webhook: dict[str, Any] | None = None,
+    ) -> Task:
         """Store a new queued task and its payload atomically; return the record."""
         task_id = new_task_id()
+        now = time.time()
         task: Task = {
             "id": task_id,
             "status": TaskStatus.QUEUED.value,
             "model": model,
-            "created_at": now_iso(),
+            "created_at": _iso(now),
             "started_at": None,
             "finished_at": None,
             "attempts": [],
@@ -142,47 +265,72 @@ class JobStore:
             "metadata": metadata,
             "error": None,
             "next_attempt_at": None,
+            "webhook": webhook,
         }
-        with _mapped_errors():
+        with mapped_redis_errors():
             pipe = self._redis.pipeline(transaction=True)
-            pipe.set(self._payload_key(task_id), payload)
-            pipe.set(self._task_key(task_id), _dump(task))
-            pipe.sadd(self._active_key, task_id)
+            pipe.set(self.key("payload", task_id), payload)
+            pipe.set(self.key("task", task_id), _dump(task))
+            pipe.sadd(self.key("active"), task_id)
+            pipe.zadd(self.key("queued"), {task_id: round(now * 1000)})
             pipe.execute()
         return task
 
     def discard(self, task_id: str) -> None:
         """Remove a task that was never enqueued (its enqueue failed), so that nothing is left behind."""
-        with _mapped_errors():
+        with mapped_redis_errors():
             pipe = self._redis.pipeline(transaction=True)
-            pipe.delete(self._task_key(task_id), self._payload_key(task_id))
-            pipe.srem(self._active_key, task_id)
+            pipe.delete(self.key("task", task_id), self.key("payload", task_id))
+            pipe.srem(self.key("active"), task_id)
+            pipe.zrem(self.key("queued"), task_id)
             pipe.execute()
 
+    # leases -----------------------------------------------------------------------------------------
+    def renew_lease(self, lease: Lease) -> bool:
+        """Extend a lease its holder still has; False when it was lost (expired and maybe taken)."""
+        with mapped_redis_errors():
+            deadline = _now_ms() + _ms(lease.seconds)
+            keys = [self.key("lease", lease.task_id), self.key("running")]
+            return bool(
+                self._renew(keys=keys, args=[lease.token, _ms(lease.seconds), deadline, lease.task_id])
+            )
+
     # transitions ------------------------------------------------------------------------------------
-    def begin_attempt(self, task_id: str, *, max_attempts: int, worker: str) -> Task | None:
-        """Move a task to running with a new attempt; None when there is nothing to run.
+    def begin_attempt(
+        self, task_id: str, *, max_attempts: int, worker: str, lease_seconds: float
+    ) -> tuple[Task, Lease] | None:
+        """Move a task to running with a new attempt and a lease; None when there is nothing to run.
 
-        A final task (a redelivered message) is left alone. A task found ``running`` lost its worker:
-        that attempt is closed as ``worker_lost``. A task that has used all its attempts fails.
+        A final task (a redelivered message) is left alone, and so is a task whose lease another worker
+        holds. A task found ``running`` without a lease lost its worker: that attempt is closed as
+        ``worker_lost``. A task that has used all its attempts fails instead.
         """
+        lease = Lease(task_id, f"{worker}:{secrets.token_hex(8)}", lease_seconds)
 
-        def change(task: Task) -> Task | None:
+        def change(task: Task, extra: _Extra) -> Task | None:
             status = TaskStatus(task["status"])
             if status.is_final:
                 return None
+            lease_key = self.key("lease", task_id)
+            extra.absent.append(lease_key)  # another worker's live attempt: leave the task alone
             now = now_iso()
             _close_open_attempt(task, now, outcome="worker_lost", error_code="worker_lost")
-            if len(task["attempts"]) >= max_attempts:
+            if attempts_used(task) >= max_attempts:
                 last = task["attempts"][-1] if task["attempts"] else {}
-                error = task["error"] or {
+                error = {
                     "code": last.get("error_code") or "attempts_exhausted",
-                    "message": f"gave up after {len(task['attempts'])} attempts",
-                    "retryable": False,
+                    "message": f"gave up after {len(task['attempts'])} attempts; the last ended with "
+                    f"{last.get('error_code') or 'no error code'}",
+                    "retryable": True,
                     "upstream_status": last.get("upstream_status"),
                 }
                 return _finish(task, TaskStatus.FAILED, now, error=error)
             _check(status, TaskStatus.RUNNING)
+            deadline = _now_ms() + _ms(lease_seconds)
+            extra.writes += [
+                ["SET", lease_key, lease.token, "PX", str(_ms(lease_seconds))],
+                ["ZADD", self.key("running"), str(deadline), task_id],
+            ]
             task["status"] = TaskStatus.RUNNING.value
             task["started_at"] = task["started_at"] or now
             task["next_attempt_at"] = None
@@ -201,7 +349,9 @@ class JobStore:
             return task
 
         task = self._change(task_id, change)
-        return task if task is not None and task["status"] == TaskStatus.RUNNING else None
+        if task is None or task["status"] != TaskStatus.RUNNING:
+            return None
+        return task, lease
 
     def succeed(
         self,
@@ -210,9 +360,9 @@ class JobStore:
         outputs: list[dict[str, Any]],
         text: list[str],
         usage: dict[str, Any] | None,
-        upstream_status: int,
+        upstream_status: int | None,
     ) -> Task:
-        def change(task: Task) -> Task:
+        def change(task: Task, extra: _Extra) -> Task:
             _check(TaskStatus(task["status"]), TaskStatus.SUCCEEDED)
             now = now_iso()
             _close_open_attempt(task, now, outcome="succeeded", upstream_status=upstream_status)
@@ -221,23 +371,38 @@ class JobStore:
 
         return self._change_required(task_id, change)
 
-    def schedule_retry(self, task_id: str, error: JobError, *, delay: float) -> Task:
+    def schedule_retry(self, lease: Lease, error: JobError, *, delay: float) -> Task:
         """Close the running attempt as failed-but-retryable and put the task back in the queue."""
 
-        def change(task: Task) -> Task:
+        def change(task: Task, extra: _Extra) -> Task:
+            self._require(lease, extra)
             _check(TaskStatus(task["status"]), TaskStatus.QUEUED)
-            now = now_iso()
+            now = time.time()
             _close_open_attempt(
-                task, now, outcome="retry", error_code=error.code, upstream_status=error.upstream_status
+                task, _iso(now), outcome="retry", error_code=error.code, upstream_status=error.upstream_status
             )
             task["status"] = TaskStatus.QUEUED.value
-            task["next_attempt_at"] = _iso_after(now, delay)
+            task["next_attempt_at"] = _iso(now + delay)
             return task
 
-        return self._change_required(task_id, change)
+        return self._change_required(lease.task_id, change)
 
-    def fail(self, task_id: str, error: JobError) -> Task:
-        def change(task: Task) -> Task:
+    def postpone(self, task_id: str, *, delay: float) -> Task | None:
+        """Retry a queued task after ``delay`` s (the limiter asked to wait); None if it is not queued."""
+
+        def change(task: Task, extra: _Extra) -> Task | None:
+            if task["status"] != TaskStatus.QUEUED:
+                return None
+            task["next_attempt_at"] = _iso(time.time() + delay)
+            return task
+
+        return self._change(task_id, change)
+
+    def fail(self, lease: Lease, error: JobError) -> Task:
+        """Fail the task its holder is running, with ``error``."""
+
+        def change(task: Task, extra: _Extra) -> Task:
+            self._require(lease, extra)
             _check(TaskStatus(task["status"]), TaskStatus.FAILED)
             now = now_iso()
             _close_open_attempt(
@@ -245,27 +410,92 @@ class JobStore:
             )
             return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
 
-        return self._change_required(task_id, change)
+        return self._change_required(lease.task_id, change)
+
+    def _require(self, lease: Lease, extra: _Extra) -> None:
+        extra.equal.append([self.key("lease", lease.task_id), lease.token])
 
     # the one writer ---------------------------------------------------------------------------------
-    def _change_required(self, task_id: str, change: Callable[[Task], Task]) -> Task:
+    def _change_required(self, task_id: str, change: Callable[[Task, _Extra], Task]) -> Task:
         task = self._change(task_id, change)
         assert task is not None
         return task
 
-    def _change(self, task_id: str, change: Callable[[Task], Task | None]) -> Task | None:
-        key = self._task_key(task_id)
-        with _mapped_errors():
+    def _change(self, task_id: str, change: Callable[[Task, _Extra], Task | None]) -> Task | None:
+        key = self.key("task", task_id)
+        with mapped_redis_errors():
             while True:
                 raw = self._redis.get(key)
                 if raw is None:
                     raise NotFound(f"no task with id {task_id!r}", field="id")
-                new = change(json.loads(raw))
+                old = json.loads(raw)
+                extra = _Extra()
+                new = change(json.loads(raw), extra)
                 if new is None:
                     return None
-                final = "1" if TaskStatus(new["status"]).is_final else "0"
-                if self._cas(keys=[key, self._active_key], args=[raw, _dump(new), task_id, final]):
+                self._consequences(old, new, extra)
+                written = self._cas(keys=[key], args=[raw, _dump(new), _dump(extra.__dict__)])
+                if written == 1:
                     return new
+                if written == -1:
+                    return None
+                if written == -2:
+                    raise LeaseLost(f"the lease on task {task_id} was lost; another worker may run it")
+
+    def _consequences(self, old: Task, new: Task, extra: _Extra) -> None:
+        """The bookkeeping that follows from a change, written in the same atomic step."""
+        task_id = new["id"]
+        status = TaskStatus(new["status"])
+        if status.is_final:
+            extra.writes += [
+                ["SREM", self.key("active"), task_id],
+                ["EXPIRE", self.key("task", task_id), str(self._task_retention)],
+                ["EXPIRE", self.key("payload", task_id), str(self._payload_retention)],
+            ]
+        if status == TaskStatus.QUEUED and new["next_attempt_at"]:
+            due = str(_epoch_ms(new["next_attempt_at"]))
+            extra.writes += [
+                ["ZADD", self.key("delayed"), due, task_id],
+                ["ZREM", self.key("queued"), task_id],
+            ]
+        elif status != TaskStatus.QUEUED:
+            extra.writes += [["ZREM", self.key("queued"), task_id], ["ZREM", self.key("delayed"), task_id]]
+        if status.is_final:
+            extra.writes.append(["DEL", self.key("result", task_id)])
+        if status != TaskStatus.RUNNING:
+            extra.writes += [["DEL", self.key("lease", task_id)], ["ZREM", self.key("running"), task_id]]
+        webhook = new.get("webhook")
+        first_time = status != TaskStatus.RUNNING or old["started_at"] is None
+        if webhook and status.value in webhook["events"] and old["status"] != status and first_time:
+            event_id = f"msg_{task_id}_{status.value}"
+            event = {
+                "id": event_id,
+                "task_id": task_id,
+                "type": f"task.{status.value}",
+                "timestamp": now_iso(),
+                "task": new,
+            }
+            extra.writes += [
+                ["SET", self.key("wh", "event", event_id), _dump(event), "NX"],
+                ["ZADD", self.key("wh", "due"), "NX", str(_now_ms()), event_id],
+            ]
+
+
+# Errors that cost the upstream nothing and are waited out instead of using up a task's attempts.
+FREE_ERROR_CODES = frozenset({"upstream_rate_limited", "upstream_quota_exhausted"})
+
+
+def attempts_used(task: Task) -> int:
+    """The attempts that count against MAX_ATTEMPTS: all but those refused for rate or quota."""
+    return sum(1 for attempt in task["attempts"] if attempt["error_code"] not in FREE_ERROR_CODES)
+
+
+def _now_ms() -> int:
+    return round(time.time() * 1000)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _check(current: TaskStatus, target: TaskStatus) -> None:
@@ -298,22 +528,17 @@ def _close_open_attempt(
         outcome=outcome,
         error_code=error_code,
         upstream_status=upstream_status,
-        duration_ms=round((parse_iso(now) - parse_iso(attempt["started_at"])).total_seconds() * 1000),
+        duration_ms=_epoch_ms(now) - _epoch_ms(attempt["started_at"]),
     )
 
 
-def _iso_after(now: str, seconds: float) -> str:
-    moment = parse_iso(now).timestamp() + seconds
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 @contextmanager
-def _mapped_errors() -> Iterator[None]:
+def mapped_redis_errors() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailable(f"the task store (Redis) is unavailable: {exc}") from exc
     except redis.ResponseError as exc:
-        if "MISCONF" in str(exc) or "OOM" in str(exc) or "LOADING" in str(exc) or "READONLY" in str(exc):
+        if any(word in str(exc) for word in ("MISCONF", "OOM", "LOADING", "READONLY")):
             raise StoreUnavailable(f"the task store (Redis) refused the write: {exc}") from exc
         raise

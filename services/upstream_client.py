@@ -1,8 +1,9 @@
 """The upstream client: one HTTP call to ``{UPSTREAM_BASE_URL}/v1/images/generations``.
 
-It sends the client's request body as it was accepted (our own fields stripped), and returns the parsed
-result or raises an ``UpstreamError``/``ResponseError``. httpx's errors are mapped here: a read timeout is
-``upstream_timeout``, a connection failure ``upstream_unavailable``, both retryable.
+It sends the client's request body as it was accepted (our own fields stripped), and returns the raw
+answer of a success (the caller parses it and saves it first) or raises the ``UpstreamError``.
+httpx's errors are mapped here: a read timeout is ``upstream_timeout``, a connection failure
+``upstream_unavailable``, both retryable.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import httpx
 
 from services.config import Config
 from services.errors import UpstreamError
-from services.upstream_response import UpstreamResult, classify_error, parse_success
+from services.upstream_response import classify_error
 
 GENERATIONS_PATH = "/v1/images/generations"
 
@@ -39,11 +40,11 @@ class UpstreamClient:
             transport=transport,
         )
 
-    def generate(self, body: bytes) -> tuple[int, UpstreamResult]:
-        """Call the upstream once; return its HTTP status and parsed result."""
+    def generate(self, body: bytes) -> tuple[int, bytes]:
+        """Call the upstream once; return the HTTP status and body of a success, else raise its error."""
         response = self._send("POST", GENERATIONS_PATH, content=body)
         if response.is_success:
-            return response.status_code, parse_success(response.content)
+            return response.status_code, response.content
         raise classify_error(response.status_code, response.content, response.headers)
 
     def download(self, url: str) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,10 @@ TEST_ENV = {
     "UPSTREAM_TIMEOUT": "2",
     "UPSTREAM_CONNECT_TIMEOUT": "2",
     "VISIBILITY_TIMEOUT": "60",
+    "UPSTREAM_HOLD_SECONDS": "2",
+    "UPSTREAM_QUOTA_RETRY_SECONDS": "0.4",
+    "TASK_LEASE_SECONDS": "3",
+    "SWEEP_INTERVAL": "0.05",
     "WORKER_CONCURRENCY": "16",
     "AWS_ACCESS_KEY_ID": "test",
     "AWS_SECRET_ACCESS_KEY": "test",
@@ -71,6 +76,7 @@ class ApiServer:
     """The Flask app behind a real threaded HTTP server in this process."""
 
     def __init__(self, config: Config) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.app = create_app(config)
         self.port = free_port()
         self._server = make_server(HOST, self.port, self.app, threaded=True)

@@ -144,7 +144,6 @@ def test_retryable_errors_are_retried_then_succeed(
         ("401", "upstream_auth", 401),
         ("403", "upstream_auth", 403),
         ("404", "upstream_not_found", 404),
-        ("429day", "upstream_quota_exhausted", 429),
         ("safety", "content_blocked", 200),
         ("blocked", "content_blocked", 200),
         ("textonly", "no_image", 200),
@@ -178,3 +177,19 @@ def test_retryable_errors_exhaust_the_attempts(stack: Stack) -> None:
     }
     assert [attempt["outcome"] for attempt in task["attempts"]] == ["retry", "retry", "failed"]
     assert stack.sim_calls(key) == stack.config.max_attempts == 3
+
+
+@pytest.mark.parametrize(
+    ("script", "code"), [("429day", "upstream_quota_exhausted"), ("429", "upstream_rate_limited")]
+)
+def test_refusals_hold_the_task_then_fail_at_the_deadline(stack: Stack, script: str, code: str) -> None:
+    """A 429 uses no attempt: the task waits (UPSTREAM_HOLD_SECONDS=2 here) and then fails."""
+    body = with_directive(script=script, retry_delay="0.3s")
+    key = directive_key(body)
+    task = stack.run(body)
+    assert task["status"] == "failed" and task["error"]["code"] == code
+    assert task["error"]["upstream_status"] == 429
+    hold = stack.config.upstream_hold_seconds
+    waited = (parse_iso(task["finished_at"]) - parse_iso(task["created_at"])).total_seconds()
+    assert hold - 1 <= waited <= hold + 2
+    assert stack.sim_calls(key) == len(task["attempts"]) > stack.config.max_attempts, "429s use no attempt"

@@ -1,43 +1,49 @@
-"""The job store on a real Redis: creation, and the transitions it allows and refuses."""
+"""The job store on a real Redis: transitions it allows and refuses, leases, and what the sweeper claims."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from services.errors import InvalidTransition, JobError, NotFound
+from devstack.processes import wait_until
+from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
 from services.store import JobStore, TaskStatus
 from tests.stack import Stack
+
+LEASE = 30.0
 
 
 @pytest.fixture
 def store(stack: Stack) -> Iterator[JobStore]:
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
-    yield JobStore(client, prefix="store-test")
+    yield JobStore(client, prefix=f"store-test-{uuid.uuid4().hex[:8]}")
     client.close()
 
 
-def new_task(store: JobStore) -> str:
-    return store.create(model="m", payload=b"{}", metadata=None)["id"]
+def new_task(store: JobStore, webhook: dict | None = None) -> str:
+    return store.create(model="m", payload=b"{}", metadata=None, webhook=webhook)["id"]
+
+
+def begin(store: JobStore, task_id: str, *, max_attempts: int = 3, lease: float = LEASE):
+    return store.begin_attempt(task_id, max_attempts=max_attempts, worker="w", lease_seconds=lease)
 
 
 def test_a_task_runs_and_succeeds_once(store: JobStore) -> None:
     task_id = new_task(store)
     assert task_id in store.active_ids()
-    running = store.begin_attempt(task_id, max_attempts=3, worker="w")
-    assert running is not None and running["status"] == TaskStatus.RUNNING
+    task, lease = begin(store, task_id)
+    assert task["status"] == TaskStatus.RUNNING
     done = store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
     assert done["status"] == TaskStatus.SUCCEEDED and task_id not in store.active_ids()
     # A redelivered message for a finished task does nothing.
-    assert store.begin_attempt(task_id, max_attempts=3, worker="w") is None
+    assert begin(store, task_id) is None
     assert store.get(task_id) == done
     # And a finished task never goes back.
     with pytest.raises(InvalidTransition):
-        store.schedule_retry(task_id, JobError("x", retryable=True), delay=1)
-    with pytest.raises(InvalidTransition):
-        store.fail(task_id, JobError("x"))
+        store.schedule_retry(lease, JobError("x", retryable=True), delay=1)
 
 
 def test_a_queued_task_cannot_succeed_without_running(store: JobStore) -> None:
@@ -45,39 +51,87 @@ def test_a_queued_task_cannot_succeed_without_running(store: JobStore) -> None:
         store.succeed(new_task(store), outputs=[], text=[], usage=None, upstream_status=200)
 
 
-def test_redelivery_of_a_running_task_closes_the_lost_attempt(store: JobStore) -> None:
+def test_a_live_lease_keeps_a_second_delivery_out(store: JobStore) -> None:
     task_id = new_task(store)
-    store.begin_attempt(task_id, max_attempts=3, worker="dead")
-    again = store.begin_attempt(task_id, max_attempts=3, worker="alive")
-    assert again is not None
-    assert [(a["outcome"], a["error_code"]) for a in again["attempts"]] == [
+    first = begin(store, task_id)
+    assert first is not None
+    assert begin(store, task_id) is None, "one attempt at a time"
+    assert len(store.get(task_id)["attempts"]) == 1
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out(store: JobStore) -> None:
+    task_id = new_task(store)
+    _, old_lease = begin(store, task_id, lease=0.2)
+    assert wait_until(lambda: store.claim_expired_leases(LEASE) == [task_id], timeout=5, what="lease expiry")
+    assert store.claim_expired_leases(LEASE) == [], "claimed by one sweeper only"
+    task, _ = begin(store, task_id)
+    assert [(a["outcome"], a["error_code"]) for a in task["attempts"]] == [
         ("worker_lost", "worker_lost"),
         (None, None),
     ]
+    with pytest.raises(LeaseLost):
+        store.fail(old_lease, JobError("late"))
+    assert not store.renew_lease(old_lease)
 
 
-def test_a_task_out_of_attempts_fails_instead_of_running(store: JobStore) -> None:
+def test_a_task_out_of_attempts_fails_with_worker_lost(store: JobStore) -> None:
     task_id = new_task(store)
-    store.begin_attempt(task_id, max_attempts=1, worker="w")
-    assert store.begin_attempt(task_id, max_attempts=1, worker="w") is None
+    begin(store, task_id, max_attempts=1, lease=0.1)
+    assert wait_until(lambda: store.claim_expired_leases(LEASE), timeout=5, what="lease expiry")
+    assert begin(store, task_id, max_attempts=1) is None
     task = store.get(task_id)
     assert task["status"] == TaskStatus.FAILED and task["error"]["code"] == "worker_lost"
 
 
-def test_retry_puts_the_task_back_in_the_queue(store: JobStore) -> None:
+def test_a_retry_waits_in_the_store_until_due(store: JobStore) -> None:
     task_id = new_task(store)
-    store.begin_attempt(task_id, max_attempts=3, worker="w")
+    _, lease = begin(store, task_id)
     task = store.schedule_retry(
-        task_id, JobError("busy", code="upstream_unavailable", retryable=True), delay=2
+        lease, JobError("busy", code="upstream_unavailable", retryable=True), delay=0.3
     )
     assert (
         task["status"] == TaskStatus.QUEUED and task["next_attempt_at"] > task["attempts"][0]["finished_at"]
     )
-    assert task_id in store.active_ids()
+    assert store.claim_due_retries() == []
+    assert wait_until(lambda: store.claim_due_retries() == [task_id], timeout=5, what="the retry to be due")
+    assert store.claim_due_retries() == []
+
+
+def test_lost_messages_are_claimed_once_they_are_old(store: JobStore) -> None:
+    task_id = new_task(store)
+    assert store.claim_lost_messages(older_than=60) == []
+    assert store.claim_lost_messages(older_than=0) == [task_id]
+    assert store.claim_lost_messages(older_than=1) == [], "re-claimed only after another wait"
+
+
+def test_rate_limited_attempts_are_free(store: JobStore) -> None:
+    task_id = new_task(store)
+    for _ in range(3):
+        _, lease = begin(store, task_id, max_attempts=1)
+        store.schedule_retry(lease, JobError("429", code="upstream_rate_limited", retryable=True), delay=0)
+    assert begin(store, task_id, max_attempts=1) is not None
+
+
+def test_saved_result_lives_until_the_task_is_final(store: JobStore) -> None:
+    task_id = new_task(store)
+    begin(store, task_id)
+    store.save_result(task_id, b"answer")
+    assert store.load_result(task_id) == b"answer"
+    store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
+    assert store.load_result(task_id) is None
+
+
+def test_webhook_events_are_written_with_the_change(store: JobStore) -> None:
+    task_id = new_task(store, webhook={"url": "http://x.test/", "events": ["running", "succeeded"]})
+    begin(store, task_id)
+    store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
+    client = store._redis
+    due = [member.decode() for member in client.zrange(store.key("wh", "due"), 0, -1)]
+    assert due == [f"msg_{task_id}_running", f"msg_{task_id}_succeeded"]
 
 
 def test_unknown_task(store: JobStore) -> None:
     with pytest.raises(NotFound):
         store.get("nope")
     with pytest.raises(NotFound):
-        store.begin_attempt("nope", max_attempts=1, worker="w")
+        begin(store, "nope")

@@ -1,0 +1,62 @@
+"""Keeping leases alive: one heartbeat thread per process renews every lease its jobs hold.
+
+A job holds its task's lease (and its slot in the upstream limiter) for as long as its upstream call is
+in flight. If the process dies, the renewals stop, the lease expires after ``TASK_LEASE_SECONDS``, and a
+reaper hands the task to another worker. A renewal that finds the lease gone is logged: the job's own
+later transitions then fail with ``LeaseLost`` rather than overwrite another worker's attempt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from services.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+Renewal = Callable[[], bool]
+
+
+class LeaseKeeper:
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._renewals: dict[int, tuple[str, Renewal]] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def keep(self, name: str, renew: Renewal) -> Iterator[None]:
+        """Call ``renew`` every interval while the block runs."""
+        number = next(self._ids)
+        with self._lock:
+            self._renewals[number] = (name, renew)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._renewals.pop(number, None)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                renewals = list(self._renewals.items())
+            for number, (name, renew) in renewals:
+                try:
+                    if not renew():
+                        log.warning("%s: lost (expired before it was renewed)", name)
+                        with self._lock:
+                            self._renewals.pop(number, None)
+                except ServiceError as exc:
+                    log.warning("%s: could not renew (%s); will try again", name, exc.message)

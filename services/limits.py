@@ -1,0 +1,151 @@
+"""One upstream, many workers: a global limit on upstream calls, shared by every process on every host.
+
+- A semaphore of ``UPSTREAM_MAX_CONCURRENCY`` slots (0: no cap): a sorted set of holder tokens scored by
+  when their hold expires. A holder renews its slot with its task's lease, so a killed worker's slot
+  frees itself within ``TASK_LEASE_SECONDS``.
+- A shared cooldown: when the upstream answers 429 with a ``retryDelay``, every worker waits it out, not
+  just the one that was told.
+- An optional token bucket of ``UPSTREAM_RATE_PER_MINUTE`` calls a minute (burst: one second's worth,
+  at least one).
+
+All three are checked and the slot taken in one script. A caller told to wait a short time waits in
+its thread; told to wait longer, it gives its task back to be retried later (``Deferred``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import redis
+
+from services.errors import ServiceError
+from services.store import mapped_redis_errors
+
+# KEYS: slots, cooldown, bucket. ARGV: now ms, token, hold ms, max slots (0 = none), rate per minute
+# (0 = none). Returns 0 when the slot was taken, else how many ms to wait before asking again.
+_ACQUIRE = """
+local now = tonumber(ARGV[1])
+local cooldown = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cooldown > now then return cooldown - now end
+local max_slots = tonumber(ARGV[4])
+if max_slots > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= max_slots then
+    return -1
+  end
+end
+local rate = tonumber(ARGV[5])
+if rate > 0 then
+  local capacity = math.max(1, rate / 60)
+  local state = redis.call('HMGET', KEYS[3], 'tokens', 'at')
+  local tokens = tonumber(state[1] or capacity)
+  local at = tonumber(state[2] or now)
+  tokens = math.min(capacity, tokens + (now - at) * rate / 60000)
+  if tokens < 1 then
+    redis.call('HSET', KEYS[3], 'tokens', tokens, 'at', now)
+    return math.ceil((1 - tokens) * 60000 / rate)
+  end
+  redis.call('HSET', KEYS[3], 'tokens', tokens - 1, 'at', now)
+end
+if max_slots > 0 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2]) end
+return 0
+"""
+
+# KEYS: cooldown. ARGV: until (epoch ms). Only ever moves the end of the cooldown later.
+_COOL_DOWN = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local until_ms = tonumber(ARGV[1])
+if until_ms > current then
+  redis.call('SET', KEYS[1], until_ms, 'PXAT', until_ms)
+end
+return 1
+"""
+
+
+class Deferred(ServiceError):
+    """The limiter asks for a long wait: give the task back and retry it after ``delay`` seconds."""
+
+    code = "deferred"
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"the upstream limiter asks to wait {delay:.1f}s")
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class LimiterSettings:
+    max_concurrency: int
+    rate_per_minute: float
+    hold_seconds: float  # how long a slot lasts unless renewed (the task lease)
+    max_wait_in_thread: float  # waits longer than this give the task back instead
+
+
+class UpstreamLimiter:
+    def __init__(self, client: redis.Redis, prefix: str, settings: LimiterSettings) -> None:
+        self._redis = client
+        self._settings = settings
+        self._slots = f"{prefix}:limit:slots"
+        self._cooldown = f"{prefix}:limit:cooldown"
+        self._bucket = f"{prefix}:limit:bucket"
+        self._acquire = client.register_script(_ACQUIRE)
+        self._cool_down = client.register_script(_COOL_DOWN)
+
+    def renew(self, token: str) -> bool:
+        if self._settings.max_concurrency <= 0:
+            return True
+        deadline = _now_ms() + round(self._settings.hold_seconds * 1000)
+        with mapped_redis_errors():
+            return bool(self._redis.zadd(self._slots, {token: deadline}, xx=True, ch=True))
+
+    def release(self, token: str) -> None:
+        if self._settings.max_concurrency > 0:
+            with mapped_redis_errors():
+                self._redis.zrem(self._slots, token)
+
+    def cool_down(self, seconds: float) -> None:
+        """Make every worker wait ``seconds`` before its next call (a 429's retryDelay)."""
+        with mapped_redis_errors():
+            self._cool_down(keys=[self._cooldown], args=[_now_ms() + round(seconds * 1000)])
+
+    def cooldown_remaining(self) -> float:
+        with mapped_redis_errors():
+            until = self._redis.get(self._cooldown)
+        return max(0.0, (int(until) - _now_ms()) / 1000) if until else 0.0
+
+    def in_use(self) -> int:
+        with mapped_redis_errors():
+            return self._redis.zcount(self._slots, _now_ms(), "+inf")
+
+    def acquire(self, token: str) -> None:
+        """Take one upstream slot for ``token``: wait briefly in this thread, or raise ``Deferred``."""
+        settings = self._settings
+        deadline = time.monotonic() + settings.max_wait_in_thread
+        pause = 0.01
+        while True:
+            with mapped_redis_errors():
+                wait_ms = self._acquire(
+                    keys=[self._slots, self._cooldown, self._bucket],
+                    args=[
+                        _now_ms(),
+                        token,
+                        round(settings.hold_seconds * 1000),
+                        settings.max_concurrency,
+                        settings.rate_per_minute,
+                    ],
+                )
+            if wait_ms == 0:
+                return
+            if wait_ms > 0:  # a cooldown or the bucket: we know how long
+                wait = wait_ms / 1000
+            else:  # all slots busy: poll, backing off a little, with jitter against herds
+                pause = min(pause * 1.5, 0.1)
+                wait = random.uniform(pause / 2, pause)
+            if time.monotonic() + wait > deadline:
+                raise Deferred(max(wait, 0.05))
+            time.sleep(wait)
+
+
+def _now_ms() -> int:
+    return round(time.time() * 1000)

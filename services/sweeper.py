@@ -1,0 +1,78 @@
+"""The sweeper: the store, not the broker, decides what must run, and this puts it on the queue.
+
+Every worker process runs one in a thread; any number of copies are safe, because each claim is atomic
+and hands a task to one sweeper only. Each tick it enqueues:
+
+- tasks whose retry is due (retries wait in the store's ``delayed`` set, not in a Celery countdown that
+  a dying worker would take along for the broker's visibility timeout, an hour by default);
+- running tasks whose lease expired: their worker was SIGKILLed or its host vanished. They run again
+  within ``TASK_LEASE_SECONDS`` (the new attempt closes the lost one as ``worker_lost``);
+- queued tasks whose message was lost (an API process killed between storing and enqueueing, a broker
+  that lost its last second of writes): those waiting longer than a lease while the broker's queue is
+  empty. A duplicate message this may make is harmless: the store lets one attempt run at a time and
+  ignores messages for tasks that are running or final.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from services.errors import ServiceError
+from services.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class Sweeper:
+    def __init__(
+        self,
+        store: JobStore,
+        enqueue: Callable[[str], None],
+        broker_backlog: Callable[[], int],
+        *,
+        lease_seconds: float,
+        interval: float,
+    ) -> None:
+        self._store = store
+        self._enqueue = enqueue
+        self._broker_backlog = broker_backlog
+        self._lease_seconds = lease_seconds
+        self._interval = interval
+        self._next_lost_check = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> list[str]:
+        """Claim and enqueue what is due now; return the ids enqueued."""
+        ids = self._store.claim_due_retries()
+        ids += self._store.claim_expired_leases(self._lease_seconds)
+        if time.monotonic() >= self._next_lost_check:
+            self._next_lost_check = time.monotonic() + self._lease_seconds / 3
+            if self._broker_backlog() == 0:
+                ids += self._store.claim_lost_messages(older_than=self._lease_seconds)
+        for task_id in ids:
+            self._enqueue(task_id)
+        if ids:
+            log.info("sweeper enqueued %d task(s)", len(ids))
+        return ids
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.tick()
+            except ServiceError as exc:
+                log.warning("sweeper: %s", exc.message)
+            except Exception:
+                log.exception("sweeper: unexpected error")
