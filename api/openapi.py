@@ -227,6 +227,16 @@ _PATHS: dict[str, Any] = {
         "post": {
             "summary": "Submit a generation job",
             "operationId": "submitGeneration",
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "Up to 255 printable characters, scoped to the API key, kept 24 h: the "
+                    "same key and body return the original task with `Idempotent-Replayed: true`.",
+                    "schema": {"type": "string", "maxLength": 255},
+                }
+            ],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("GenerationRequest")}},
@@ -240,7 +250,9 @@ _PATHS: dict[str, Any] = {
                 "400": _error("Invalid body or field"),
                 "401": _error("Missing or wrong API key"),
                 "413": _error("Body over the configured limit"),
+                "409": _error("A request with this Idempotency-Key is still being handled"),
                 "415": _error("Content-Type is not application/json"),
+                "422": _error("This Idempotency-Key was used with a different body"),
                 "503": _error("The store or the queue is unavailable; nothing was accepted"),
             },
         }

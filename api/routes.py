@@ -13,11 +13,12 @@ from services.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestError,
     ServiceError,
-    StoreUnavailable,
     Unauthorized,
     UnsupportedMediaType,
 )
+from services.idempotency import Claim, Replay
 from services.queue import enqueue_generation
 from services.runtime import Runtime
 from services.task_view import task_links, task_view
@@ -51,6 +52,29 @@ def submit():
             field="Content-Type",
         )
     raw = _read_body(rt.config.max_body_bytes)
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return _accepted(*_accept(rt, raw, None))
+    claim = rt.idempotency.claim(key, scope=request.headers.get("Authorization", ""), body=raw)
+    if isinstance(claim, Replay):
+        response = _accepted(claim.status, claim.body)
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+    try:
+        return _accepted(*_accept(rt, raw, claim))
+    except RequestError:
+        # Rejected before anything was stored: the client may fix the body and reuse the key. (On a
+        # store error the key is kept: the task may exist; the pending record expires on its own.)
+        rt.idempotency.release(claim)
+        raise
+
+
+def _accept(rt: Runtime, raw: bytes, claim: Claim | None) -> tuple[int, dict]:
+    """Validate, store and enqueue one submission; return the status and body of the answer.
+
+    Once the task is stored it is accepted: if the enqueue then fails, the sweeper finds the task
+    (a queued task whose message is missing) and enqueues it.
+    """
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -62,19 +86,28 @@ def submit():
     )
     submission = validate_submission(body, limits)
     payload = json.dumps(submission.upstream_body, separators=(",", ":")).encode()
-    task = rt.store.create(model=submission.model, payload=payload, metadata=submission.metadata)
+
+    def answer(task: dict) -> dict:
+        links = task_links(task["id"], request.host_url)
+        return {"id": task["id"], "status": task["status"], "created_at": task["created_at"], "links": links}
+
+    task = rt.store.create(
+        model=submission.model,
+        payload=payload,
+        metadata=submission.metadata,
+        also_set=(lambda task: claim.done_record(202, answer(task))) if claim else None,
+    )
     try:
         enqueue_generation(current_app.extensions["celery"], task["id"])
     except Exception as exc:
-        log.warning("task %s: enqueue failed (%s); discarding it", task["id"], exc)
-        rt.store.discard(task["id"])
-        raise StoreUnavailable("the queue is unavailable; nothing was accepted, try again") from exc
-    links = task_links(task["id"], request.host_url)
-    response = jsonify(
-        {"id": task["id"], "status": task["status"], "created_at": task["created_at"], "links": links}
-    )
-    response.status_code = 202
-    response.headers["Location"] = links["self"]
+        log.warning("task %s: stored but not enqueued (%s); the sweeper will enqueue it", task["id"], exc)
+    return 202, answer(task)
+
+
+def _accepted(status: int, body: dict):
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Location"] = body["links"]["self"]
     return response
 
 

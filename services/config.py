@@ -57,6 +57,7 @@ class Config:
     max_inline_image_bytes: int = 7 * 1024 * 1024
     allowed_models: frozenset[str] | None = None
     store_timeout: float = 2.0
+    idempotency_ttl: int = 86400
 
     @property
     def auth_required(self) -> bool:
@@ -153,6 +154,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_INLINE_IMAGE_BYTES": ("max_inline_image_bytes", _positive_int),
     "ALLOWED_MODELS": ("allowed_models", _csv_set),
     "STORE_TIMEOUT": ("store_timeout", _positive_float),
+    "IDEMPOTENCY_TTL": ("idempotency_ttl", _positive_int),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_VARIABLES)
@@ -182,6 +184,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
 def _check(config: Config) -> None:
     if config.retry_max_delay < config.retry_base_delay:
         raise ConfigError("RETRY_MAX_DELAY must be at least RETRY_BASE_DELAY")
+    if config.idempotency_ttl < 86400:
+        raise ConfigError("IDEMPOTENCY_TTL must be at least 86400 (24 h)")
     if config.task_lease_seconds < 3 * config.sweep_interval:
         raise ConfigError("TASK_LEASE_SECONDS must be at least three times SWEEP_INTERVAL")
     if config.visibility_timeout <= config.upstream_timeout + config.upstream_connect_timeout:

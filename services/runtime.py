@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import redis
 
 from services.config import Config
+from services.idempotency import IdempotencyStore
 from services.jobs import JobRunner
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
@@ -40,6 +41,10 @@ class Runtime:
         self.redis = redis_client(self.config)
         self.store = JobStore(self.redis, self.config.key_prefix)
         self.storage = Storage(self.config, max_pool_connections=max(10, self.config.worker_concurrency))
+
+    @functools.cached_property
+    def idempotency(self) -> IdempotencyStore:
+        return IdempotencyStore(self.redis, self.config.key_prefix, self.config.idempotency_ttl)
 
     @functools.cached_property
     def upstream(self) -> UpstreamClient:

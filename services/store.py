@@ -247,8 +247,12 @@ class JobStore:
         payload: bytes,
         metadata: dict[str, Any] | None,
         webhook: dict[str, Any] | None = None,
+        also_set: Callable[[Task], tuple[str, str, int]] | None = None,
     ) -> Task:
-        """Store a new queued task and its payload atomically; return the record."""
+        """Store a new queued task and its payload atomically; return the record.
+
+        ``also_set(task)`` may name one more record (key, value, ttl) to write in the same transaction.
+        """
         task_id = new_task_id()
         now = time.time()
         task: Task = {
@@ -273,17 +277,11 @@ class JobStore:
             pipe.set(self.key("task", task_id), _dump(task))
             pipe.sadd(self.key("active"), task_id)
             pipe.zadd(self.key("queued"), {task_id: round(now * 1000)})
+            if also_set is not None:
+                key, value, ttl = also_set(task)
+                pipe.set(key, value, ex=ttl)
             pipe.execute()
         return task
-
-    def discard(self, task_id: str) -> None:
-        """Remove a task that was never enqueued (its enqueue failed), so that nothing is left behind."""
-        with mapped_redis_errors():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.delete(self.key("task", task_id), self.key("payload", task_id))
-            pipe.srem(self.key("active"), task_id)
-            pipe.zrem(self.key("queued"), task_id)
-            pipe.execute()
 
     # leases -----------------------------------------------------------------------------------------
     def renew_lease(self, lease: Lease) -> bool:

@@ -1,0 +1,77 @@
+"""Idempotency-Key: one key, one task; replays, reuse with another body, and concurrent requests."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.stack import Stack, directive_key, seed_body, with_directive
+
+
+def post(stack: Stack, body: dict, key: str, **headers: str) -> httpx.Response:
+    return stack.submit(body, headers={"Idempotency-Key": key, **headers})
+
+
+def test_the_same_key_and_body_return_the_original_task(stack: Stack) -> None:
+    key = uuid.uuid4().hex
+    first = post(stack, seed_body(), key)
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    again = post(stack, seed_body(), key)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json() and again.headers["Location"] == first.headers["Location"]
+    stack.wait_final(first.json()["id"])
+    assert post(stack, seed_body(), key).json()["id"] == first.json()["id"], "also once the task is done"
+
+
+def test_the_same_key_with_another_body_is_422(stack: Stack) -> None:
+    key = uuid.uuid4().hex
+    assert post(stack, seed_body(), key).status_code == 202
+    other = post(stack, {**seed_body(), "metadata": {"x": 1}}, key)
+    assert other.status_code == 422
+    assert other.json()["error"] == {
+        "code": "idempotency_key_reused",
+        "message": other.json()["error"]["message"],
+        "field": "Idempotency-Key",
+    }
+
+
+def test_keys_are_scoped_to_the_api_key(stack: Stack) -> None:
+    key = uuid.uuid4().hex
+    first = post(stack, seed_body(), key)
+    # The stack's API is open; a different Authorization header is a different scope all the same.
+    other_scope = post(stack, seed_body(), key, Authorization="Bearer someone-else")
+    assert other_scope.status_code == 202 and other_scope.json()["id"] != first.json()["id"]
+
+
+def test_a_rejected_request_gives_its_key_back(stack: Stack) -> None:
+    key = uuid.uuid4().hex
+    bad = seed_body()
+    bad["generationConfig"]["imageConfig"]["aspectRatio"] = "7:3"
+    assert post(stack, bad, key).status_code == 400
+    assert post(stack, seed_body(), key).status_code == 202
+
+
+def test_invalid_keys_are_400(stack: Stack) -> None:
+    for key in ("x" * 256, "tab\there"):
+        response = post(stack, seed_body(), key)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+def test_concurrent_requests_with_one_key_create_one_task(stack: Stack) -> None:
+    key = uuid.uuid4().hex
+    body = with_directive(delay_ms="500")
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: post(stack, body, key), range(16)))
+    statuses = {response.status_code for response in responses}
+    assert statuses <= {202, 409}, statuses
+    ids = {response.json()["id"] for response in responses if response.status_code == 202}
+    assert len(ids) == 1
+    for response in responses:
+        if response.status_code == 409:
+            assert response.json()["error"]["code"] == "idempotency_in_progress"
+    task = stack.wait_final(ids.pop())
+    assert task["status"] == "succeeded"
+    assert stack.sim_calls(directive_key(body)) == 1, "the upstream was called once"
