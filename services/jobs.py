@@ -5,9 +5,11 @@ outcome is written to the store (a retry is a due time in the store, enqueued by
 ``StoreUnavailable`` escapes: without the store nothing can be recorded, and the task is recovered by
 the sweeper once the store is back (its lease expires, or its message is found lost).
 
-No upstream call is paid twice for one job: a task's lease lets one attempt run at a time, and the
-upstream's answer is saved in the store the moment it arrives, so a retry after a storage outage or a
-crash after the call uploads the saved answer instead of calling again.
+No upstream call is paid twice for one job: a task's lease lets one attempt run at a time, a final task
+is never run again, and when the outputs cannot be uploaded the upstream's answer is kept in the store,
+so the retry uploads it instead of calling again. (What remains: a worker killed between receiving an
+answer and storing its outputs, an upload's duration, leaves that answer unused; the job is called
+again. Saving every answer first would cost each job a multi-megabyte Redis write to cover that.)
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import threading
 import time
 
 from services.config import Config
-from services.errors import JobError, LeaseLost, ServiceError, StorageUnavailable, StoreUnavailable
+from services.errors import JobError, LeaseLost, NotFound, ServiceError, StorageUnavailable, StoreUnavailable
 from services.images import inspect_image
 from services.leases import LeaseKeeper
 from services.limits import Deferred, UpstreamLimiter
 from services.storage import Storage, output_key
-from services.store import FREE_ERROR_CODES, JobStore, Lease, Task, attempts_used, parse_iso
+from services.store import FREE_ERROR_CODES, Attempt, JobStore, Lease, Task, attempts_used, parse_iso
 from services.upstream_client import UpstreamClient
 from services.upstream_response import UpstreamResult, parse_success
 
@@ -79,21 +81,21 @@ class JobRunner:
             self._limiter.release(token)
 
     def _attempt(self, task_id: str) -> None:
-        begun = self._store.begin_attempt(
+        attempt = self._store.start_attempt(
             task_id,
             max_attempts=self._config.max_attempts,
             worker=worker_name(),
             lease_seconds=self._config.task_lease_seconds,
         )
-        if begun is None:
+        if attempt is None:
             log.info("task %s: nothing to run (final, running elsewhere, or out of attempts)", task_id)
             return
-        task, lease = begun
+        task, lease = attempt.task, attempt.lease
         started = time.monotonic()
         with self._keeper.keep(f"lease on task {task_id}", lambda: self._store.renew_lease(lease)):
             try:
-                status, result = self._upstream_result(task_id)
-                outputs = self._store_outputs(task_id, result)
+                status, body, result = self._upstream_result(attempt)
+                outputs = self._store_outputs_or_save(task_id, body, result)
             except StoreUnavailable:
                 raise
             except JobError as error:
@@ -112,22 +114,38 @@ class JobRunner:
                 self._after_failure(task, lease, error)
                 return
             self._store.succeed(
-                task_id, outputs=outputs, text=result.texts, usage=result.usage, upstream_status=status
+                task_id,
+                outputs=outputs,
+                text=result.texts,
+                usage=result.usage,
+                upstream_status=status,
+                lease=lease,
             )
         log.info(
             "task %s: succeeded in %.2fs, %d output(s)", task_id, time.monotonic() - started, len(outputs)
         )
 
-    def _upstream_result(self, task_id: str) -> tuple[int, UpstreamResult]:
-        """The upstream's answer: the one saved by an earlier attempt, or a new call's, saved at once."""
-        saved = self._store.load_result(task_id)
-        if saved is not None:
+    def _upstream_result(self, attempt: Attempt) -> tuple[int, bytes | None, UpstreamResult]:
+        """The upstream's answer: the one an earlier attempt saved (body None: already saved), or a
+        new call's. (Both were read with the task when the attempt began.)"""
+        task_id = attempt.task["id"]
+        if attempt.saved_result is not None:
             log.info("task %s: using the upstream answer saved by an earlier attempt", task_id)
-            return 200, parse_success(saved)
-        status, body = self._upstream.generate(self._store.load_payload(task_id))
-        result = parse_success(body)
-        self._store.save_result(task_id, body)
-        return status, result
+            return 200, None, parse_success(attempt.saved_result)
+        if attempt.payload is None:
+            raise NotFound(f"the payload of task {task_id!r} is missing", field="id")
+        status, body = self._upstream.generate(attempt.payload)
+        return status, body, parse_success(body)
+
+    def _store_outputs_or_save(self, task_id: str, body: bytes | None, result: UpstreamResult) -> list[dict]:
+        """Upload the outputs; if storage fails, keep the paid-for answer in the store first, so that
+        the retry uploads it instead of calling the upstream again."""
+        try:
+            return self._store_outputs(task_id, result)
+        except StorageUnavailable:
+            if body is not None:
+                self._store.save_result(task_id, body)
+            raise
 
     def _store_outputs(self, task_id: str, result: UpstreamResult) -> list[dict]:
         outputs = []

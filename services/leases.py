@@ -55,8 +55,9 @@ class LeaseKeeper:
             for number, (name, renew) in renewals:
                 try:
                     if not renew():
-                        log.warning("%s: lost (expired before it was renewed)", name)
                         with self._lock:
-                            self._renewals.pop(number, None)
+                            # A job that finished since the copy was taken released it: no loss.
+                            if self._renewals.pop(number, None) is not None:
+                                log.warning("%s: lost (expired before it was renewed)", name)
                 except ServiceError as exc:
                     log.warning("%s: could not renew (%s); will try again", name, exc.message)

@@ -4,8 +4,9 @@ A task record is one JSON document under ``{prefix}:task:{id}``; its request pay
 body, possibly megabytes of base64) lives beside it under ``{prefix}:payload:{id}`` so that reading a
 task never drags the payload along, and the Celery message carries only the id.
 
-Every change goes through ``_change``: read the document, let a pure function compute the next one
-(``_check`` enforces ``ALLOWED_TRANSITIONS``), and write it with one compare-and-set script, retrying if
+Every change goes through ``_write``: read the document (or take the one the caller last wrote: a
+lease carries it), let a pure function compute the next one (``_check`` enforces
+``ALLOWED_TRANSITIONS``), and write it with one compare-and-set script, retrying on a fresh read if
 another process changed the task in between. No other code writes a task. The same script applies, in
 the same atomic step, what follows from the change (``_consequences``), so that a crash can never split
 a state change from its bookkeeping:
@@ -145,11 +146,28 @@ def _dump(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Lease:
-    """A running attempt's claim on its task; ``token`` proves who holds it."""
+    """A running attempt's claim on its task; ``token`` proves who holds it.
+
+    ``document`` is the task's record as the attempt wrote it: the attempt's closing change (succeed,
+    fail, retry) compares against it directly instead of reading the record first, one round trip less;
+    if the record changed meanwhile, the compare-and-set fails and the change is made on a fresh read.
+    """
 
     task_id: str
     token: str
     seconds: float
+    document: str | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A started attempt and what it needs, read in the same round trip as the task: the request
+    payload (None if it is missing) and the upstream answer an earlier attempt saved (usually None)."""
+
+    task: Task
+    lease: Lease
+    payload: bytes | None
+    saved_result: bytes | None
 
 
 @dataclass
@@ -297,7 +315,19 @@ class JobStore:
     def begin_attempt(
         self, task_id: str, *, max_attempts: int, worker: str, lease_seconds: float
     ) -> tuple[Task, Lease] | None:
+        """``start_attempt`` without the payload: (task, lease), or None when there is nothing to run."""
+        attempt = self.start_attempt(
+            task_id, max_attempts=max_attempts, worker=worker, lease_seconds=lease_seconds
+        )
+        return None if attempt is None else (attempt.task, attempt.lease)
+
+    def start_attempt(
+        self, task_id: str, *, max_attempts: int, worker: str, lease_seconds: float
+    ) -> Attempt | None:
         """Move a task to running with a new attempt and a lease; None when there is nothing to run.
+
+        Two round trips: one reads the task, its payload and any saved upstream answer together, one
+        writes the change (compare-and-set).
 
         A final task (a redelivered message) is left alone, and so is a task whose lease another worker
         holds. A task found ``running`` without a lease lost its worker: that attempt is closed as
@@ -346,10 +376,19 @@ class JobStore:
             )
             return task
 
-        task = self._change(task_id, change)
+        with mapped_redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(self.key("task", task_id))
+            pipe.get(self.key("payload", task_id))
+            pipe.get(self.key("result", task_id))
+            raw, payload, saved = pipe.execute()
+        if raw is None:
+            raise NotFound(f"no task with id {task_id!r}", field="id")
+        task, document = self._write(task_id, change, known=raw)
         if task is None or task["status"] != TaskStatus.RUNNING:
             return None
-        return task, lease
+        lease = Lease(lease.task_id, lease.token, lease.seconds, document=document)
+        return Attempt(task, lease, payload, saved)
 
     def succeed(
         self,
@@ -359,7 +398,15 @@ class JobStore:
         text: list[str],
         usage: dict[str, Any] | None,
         upstream_status: int | None,
+        lease: Lease | None = None,
     ) -> Task:
+        """Close the running attempt as succeeded.
+
+        ``lease``: the attempt's, whose document saves reading the record first (one round trip when
+        the record is as the attempt left it). The lease is not required to be still held: an answer
+        already paid for is recorded as long as the task can still succeed.
+        """
+
         def change(task: Task, extra: _Extra) -> Task:
             _check(TaskStatus(task["status"]), TaskStatus.SUCCEEDED)
             now = now_iso()
@@ -367,7 +414,7 @@ class JobStore:
             task.update(outputs=outputs, text=text, usage=usage, error=None)
             return _finish(task, TaskStatus.SUCCEEDED, now)
 
-        return self._change_required(task_id, change)
+        return self._change_required(task_id, change, known=lease.document if lease else None)
 
     def schedule_retry(self, lease: Lease, error: JobError, *, delay: float) -> Task:
         """Close the running attempt as failed-but-retryable and put the task back in the queue."""
@@ -383,7 +430,7 @@ class JobStore:
             task["next_attempt_at"] = _iso(now + delay)
             return task
 
-        return self._change_required(lease.task_id, change)
+        return self._change_required(lease.task_id, change, known=lease.document)
 
     def postpone(self, task_id: str, *, delay: float) -> Task | None:
         """Retry a queued task after ``delay`` s (the limiter asked to wait); None if it is not queued."""
@@ -408,35 +455,52 @@ class JobStore:
             )
             return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
 
-        return self._change_required(lease.task_id, change)
+        return self._change_required(lease.task_id, change, known=lease.document)
 
     def _require(self, lease: Lease, extra: _Extra) -> None:
         extra.equal.append([self.key("lease", lease.task_id), lease.token])
 
     # the one writer ---------------------------------------------------------------------------------
-    def _change_required(self, task_id: str, change: Callable[[Task, _Extra], Task]) -> Task:
-        task = self._change(task_id, change)
+    def _change_required(
+        self, task_id: str, change: Callable[[Task, _Extra], Task], *, known: str | bytes | None = None
+    ) -> Task:
+        task, _ = self._write(task_id, change, known=known)
         assert task is not None
         return task
 
     def _change(self, task_id: str, change: Callable[[Task, _Extra], Task | None]) -> Task | None:
+        return self._write(task_id, change)[0]
+
+    def _write(
+        self,
+        task_id: str,
+        change: Callable[[Task, _Extra], Task | None],
+        *,
+        known: str | bytes | None = None,
+    ) -> tuple[Task | None, str | None]:
+        """Apply ``change`` with compare-and-set; return the new task and its document as written.
+
+        ``known``: the document the caller believes is stored; the first try compares against it
+        without reading (one round trip instead of two), and reads only if it was not current.
+        """
         key = self.key("task", task_id)
         with mapped_redis_errors():
             while True:
-                raw = self._redis.get(key)
+                raw, known = (known, None) if known is not None else (self._redis.get(key), None)
                 if raw is None:
                     raise NotFound(f"no task with id {task_id!r}", field="id")
                 old = json.loads(raw)
                 extra = _Extra()
                 new = change(json.loads(raw), extra)
                 if new is None:
-                    return None
+                    return None, None
                 self._consequences(old, new, extra)
-                written = self._cas(keys=[key], args=[raw, _dump(new), _dump(extra.__dict__)])
+                document = _dump(new)
+                written = self._cas(keys=[key], args=[raw, document, _dump(extra.__dict__)])
                 if written == 1:
-                    return new
+                    return new, document
                 if written == -1:
-                    return None
+                    return None, None
                 if written == -2:
                     raise LeaseLost(f"the lease on task {task_id} was lost; another worker may run it")
 

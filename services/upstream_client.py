@@ -4,9 +4,16 @@ It sends the client's request body as it was accepted (our own fields stripped),
 answer of a success (the caller parses it and saves it first) or raises the ``UpstreamError``.
 httpx's errors are mapped here: a read timeout is ``upstream_timeout``, a connection failure
 ``upstream_unavailable``, both retryable.
+
+Each thread gets its own ``httpx.Client`` (one keep-alive connection, two at most): httpcore's pool scans
+all its connections on every request and every response closed (``_assign_requests_to_connections``,
+quadratic in idle connections), so one pool shared by the worker's 100 threads cost more CPU per call
+than the rest of the call together (bench/README.md, P1a).
 """
 
 from __future__ import annotations
+
+import threading
 
 import httpx
 
@@ -22,23 +29,34 @@ class UpstreamClient:
         headers = {"Content-Type": "application/json", "User-Agent": "imagegen-queue"}
         if config.upstream_api_key:
             headers["Authorization"] = f"Bearer {config.upstream_api_key}"
-        self._client = httpx.Client(
-            base_url=config.upstream_base_url,
-            headers=headers,
-            timeout=httpx.Timeout(
+        self._settings = {
+            "base_url": config.upstream_base_url,
+            "headers": headers,
+            "timeout": httpx.Timeout(
                 connect=config.upstream_connect_timeout,
                 read=config.upstream_timeout,
                 write=config.upstream_timeout,
                 pool=config.upstream_timeout,
             ),
-            # As many keep-alive slots as connections: a pool with fewer, shared by many threads, was seen
-            # to fail with "Bad file descriptor" under load.
-            limits=httpx.Limits(
-                max_connections=config.worker_concurrency,
-                max_keepalive_connections=config.worker_concurrency,
-            ),
-            transport=transport,
-        )
+            "limits": httpx.Limits(max_connections=2, max_keepalive_connections=2),
+            "transport": transport,
+            # one TLS context for all the threads' clients: each would otherwise load the CA bundle
+            # (about 1 MB of memory per thread)
+            "verify": httpx.create_ssl_context(),
+        }
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._lock = threading.Lock()
+
+    @property
+    def _client(self) -> httpx.Client:
+        """This thread's client, made on its first call."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = httpx.Client(**self._settings)  # type: ignore[arg-type]
+            with self._lock:
+                self._clients.append(client)
+        return client
 
     def generate(self, body: bytes) -> tuple[int, bytes]:
         """Call the upstream once; return the HTTP status and body of a success, else raise its error."""
@@ -55,7 +73,10 @@ class UpstreamClient:
         return response.content
 
     def close(self) -> None:
-        self._client.close()
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
     def _send(self, method: str, url: str, **kwargs: object) -> httpx.Response:
         try:

@@ -32,7 +32,7 @@ def test_values_are_parsed() -> None:
         ("MAX_ATTEMPTS", "0"),
         ("MAX_ATTEMPTS", "three"),
         ("UPSTREAM_TIMEOUT", "-1"),
-        ("WORKER_POOL", "eventlet"),
+        ("WORKER_POOL", "gevent"),
         ("S3_PRESIGN_EXPIRES", "1.5"),
     ],
 )

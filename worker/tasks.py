@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Celery, Task, shared_task
@@ -16,15 +17,17 @@ from services.sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 _runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
 _sweeper: Sweeper | None = None
 
 
 def runtime(app: Celery) -> Runtime:
-    """The process's clients, built on first use from the Celery app's configuration."""
+    """The process's clients, built once, on first use, from the Celery app's configuration."""
     global _runtime
-    if _runtime is None:
-        _runtime = Runtime(app.conf.iq_config)
-    return _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(app.conf.iq_config)
+        return _runtime
 
 
 @shared_task(name=GENERATE_TASK, bind=True)
