@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from services.validation import ASPECT_RATIOS, IMAGE_SIZES, INPUT_MIME_TYPES
+from services.validation import ASPECT_RATIOS, IMAGE_SIZES, INPUT_MIME_TYPES, WEBHOOK_EVENTS
 
 _STATUSES = ["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -48,6 +48,17 @@ _TASK_ERROR: dict[str, Any] = {
         "message": {"type": "string"},
         "retryable": {"type": "boolean"},
         "upstream_status": _nullable({"type": "integer"}),
+    },
+}
+
+_WEBHOOK: dict[str, Any] = {
+    "type": "object",
+    "description": "The task's webhook (never the signing secret) and the log of its deliveries.",
+    "required": ["url", "events", "deliveries"],
+    "properties": {
+        "url": {"type": "string", "format": "uri"},
+        "events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
+        "deliveries": {"type": "array", "items": _ref("WebhookDelivery")},
     },
 }
 
@@ -124,10 +135,18 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "metadata": {"type": "object", "description": "Echoed back on the task (small)."},
-            "webhook_url": {"type": "string", "format": "uri"},
+            "webhook_url": {
+                "type": "string",
+                "format": "uri",
+                "maxLength": 2048,
+                "description": "Where signed webhooks are POSTed (Standard Webhooks). https; plain http only "
+                "with WEBHOOK_ALLOW_HTTP; never loopback, private, link-local or metadata addresses unless "
+                "WEBHOOK_ALLOW_PRIVATE.",
+            },
             "webhook_events": {
                 "type": "array",
-                "items": {"type": "string", "enum": ["running", "succeeded", "failed", "canceled"]},
+                "description": "Default: succeeded, failed, canceled.",
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
             },
         },
     },
@@ -206,7 +225,50 @@ _SCHEMAS: dict[str, Any] = {
             "usage": _nullable({"type": "object", "description": "the upstream's usage metadata"}),
             "metadata": _nullable({"type": "object"}),
             "error": _nullable(_TASK_ERROR),
+            "webhook": _nullable(_WEBHOOK),
             "links": _ref("Links"),
+        },
+    },
+    "Webhook": _WEBHOOK,
+    "WebhookDelivery": {
+        "type": "object",
+        "description": "One delivery attempt of one event, oldest first (the last 50 are kept).",
+        "required": [
+            "webhook_id",
+            "event",
+            "attempt",
+            "attempted_at",
+            "status_code",
+            "error",
+            "duration_ms",
+            "outcome",
+            "next_retry_at",
+        ],
+        "properties": {
+            "webhook_id": {"type": "string", "description": "the webhook-id header: same on every retry"},
+            "event": {"type": "string", "enum": [f"task.{event}" for event in WEBHOOK_EVENTS]},
+            "attempt": {"type": "integer", "minimum": 1},
+            "attempted_at": _TIME,
+            "status_code": _nullable({"type": "integer", "description": "the receiver's HTTP status"}),
+            "error": _nullable({"type": "string", "description": "timeout, connection error, refusal"}),
+            "duration_ms": {"type": "integer", "minimum": 0},
+            "outcome": {
+                "type": "string",
+                "enum": ["delivered", "failed", "given_up", "gone", "refused"],
+                "description": "failed: retried at next_retry_at; given_up: the schedule is exhausted; "
+                "gone: the receiver answered 410; refused: the address is not allowed",
+            },
+            "next_retry_at": _nullable(_TIME),
+        },
+    },
+    "Redelivery": {
+        "type": "object",
+        "required": ["task_id", "webhook_id", "event", "status"],
+        "properties": {
+            "task_id": {"type": "string", "format": "uuid"},
+            "webhook_id": {"type": "string"},
+            "event": {"type": "string", "enum": [f"task.{event}" for event in WEBHOOK_EVENTS]},
+            "status": {"type": "string", "enum": ["pending"]},
         },
     },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
@@ -247,7 +309,10 @@ _PATHS: dict[str, Any] = {
                     "Accepted and queued",
                     {"Location": {"schema": {"type": "string"}, "description": "the task's URL"}},
                 ),
-                "400": _error("Invalid body or field"),
+                "400": _error(
+                    "Invalid body or field; `webhooks_not_configured` when a webhook_url is given but the "
+                    "server has no WEBHOOK_SIGNING_SECRET"
+                ),
                 "401": _error("Missing or wrong API key"),
                 "413": _error("Body over the configured limit"),
                 "409": _error("A request with this Idempotency-Key is still being handled"),
@@ -266,6 +331,22 @@ _PATHS: dict[str, Any] = {
                 "200": _json(_ref("Task"), "The task"),
                 "401": _error("Missing or wrong API key"),
                 "404": _error("No such task"),
+                "503": _error("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/tasks/{task_id}/webhook/redeliver": {
+        "post": {
+            "summary": "Send the task's latest webhook event again",
+            "description": "The latest event (the final one, else `running`) is made due now, with the same "
+            "`webhook-id`; a delivery that was given up starts its retry schedule again.",
+            "operationId": "redeliverWebhook",
+            "parameters": [_TASK_ID],
+            "responses": {
+                "202": _json(_ref("Redelivery"), "The event is due now"),
+                "401": _error("Missing or wrong API key"),
+                "404": _error("No such task"),
+                "409": _error("`no_webhook`: the task has no webhook, or no event yet"),
                 "503": _error("The store is unavailable"),
             },
         }

@@ -85,6 +85,7 @@ def _accept(rt: Runtime, raw: bytes, claim: Claim | None) -> tuple[int, dict]:
         allowed_models=rt.config.allowed_models,
     )
     submission = validate_submission(body, limits)
+    webhook = rt.webhooks.subscription(submission.webhook_url, submission.webhook_events)
     payload = json.dumps(submission.upstream_body, separators=(",", ":")).encode()
 
     def answer(task: dict) -> dict:
@@ -95,6 +96,7 @@ def _accept(rt: Runtime, raw: bytes, claim: Claim | None) -> tuple[int, dict]:
         model=submission.model,
         payload=payload,
         metadata=submission.metadata,
+        webhook=webhook,
         also_set=(lambda task: claim.done_record(202, answer(task))) if claim else None,
     )
     try:
@@ -134,7 +136,17 @@ def _read_body(limit: int) -> bytes:
 @blueprint.get("/v1/tasks/<task_id>")
 def get_task(task_id: str):
     rt = _runtime()
-    return jsonify(task_view(rt.store.get(task_id), rt.storage, base_url=request.host_url))
+    task = rt.store.get(task_id)
+    deliveries = rt.webhooks.deliveries(task)
+    return jsonify(task_view(task, rt.storage, base_url=request.host_url, deliveries=deliveries))
+
+
+@blueprint.post("/v1/tasks/<task_id>/webhook/redeliver")
+def redeliver_webhook(task_id: str):
+    rt = _runtime()
+    response = jsonify(rt.webhooks.redeliver(rt.store.get(task_id)))
+    response.status_code = 202
+    return response
 
 
 @blueprint.get("/v1/tasks/<task_id>/outputs/<int:index>")

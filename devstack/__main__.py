@@ -1,7 +1,9 @@
-"""``python -m devstack`` (what ``make run`` runs): the API and a worker, plus whatever is not configured.
+"""``python -m devstack`` (what ``make run`` runs): the API, a generation worker and a webhook worker,
+plus whatever is not configured.
 
 REDIS_URL unset → a redis-server with AOF persistence in ``$DATA_DIR/redis``; S3_ENDPOINT_URL unset → an
-embedded S3 server (moto) whose data is NOT kept; UPSTREAM_BASE_URL unset → the upstream simulator.
+embedded S3 server (moto) whose data is NOT kept; UPSTREAM_BASE_URL unset → the upstream simulator;
+WEBHOOK_SIGNING_SECRET unset → a secret generated once and kept in ``$DATA_DIR/webhook_secret``.
 Ctrl-C stops everything it started.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from devstack.processes import (
     HOST,
     Child,
+    Supervisor,
     free_port,
     start_api,
     start_redis,
@@ -26,6 +29,7 @@ from devstack.processes import (
 )
 from services.config import ConfigError, load_config
 from services.storage import Storage
+from services.webhook_signing import load_or_create_secret
 
 log = logging.getLogger("devstack")
 
@@ -70,21 +74,38 @@ def main() -> int:
             log.info(
                 "upstream simulator at %s (set UPSTREAM_BASE_URL for a real one)", env["UPSTREAM_BASE_URL"]
             )
+        api_port = int(os.environ.get("PORT", "8000"))
+        if not os.environ.get("WEBHOOK_SIGNING_SECRET"):
+            path = data_dir / "webhook_secret"
+            env["WEBHOOK_SIGNING_SECRET"], created = load_or_create_secret(path)
+            log.info(
+                "webhook signing secret %s %s (verify webhooks with it; set WEBHOOK_SIGNING_SECRET to "
+                "use your own)",
+                "generated in" if created else "read from",
+                path,
+            )
+        if not os.environ.get("PUBLIC_BASE_URL"):
+            env["PUBLIC_BASE_URL"] = f"http://{HOST}:{api_port}"
         os.environ.update(env)
         config = load_config()
         Storage(config).ensure_bucket()
-        api_port = int(os.environ.get("PORT", "8000"))
-        children.append(start_worker(env, log_dir=None))
-        children.append(start_api(env, api_port, log_dir=None))
+        embedded = list(children)
+        supervisor = Supervisor()  # workers and the API come back if they exit, as under a process manager
+        children.append(supervisor.watch(start_worker(env, log_dir=None)))
+        children.append(
+            supervisor.watch(start_worker(env, log_dir=None, name="webhook-worker", queues="webhooks"))
+        )
+        children.append(supervisor.watch(start_api(env, api_port, log_dir=None)))
         log.info(
             "imagegen-queue is up: http://%s:%d (logs of the embedded parts in %s)", HOST, api_port, log_dir
         )
         while not stopping:
-            dead = [child.name for child in children if not child.alive()]
+            dead = [child.name for child in embedded if not child.alive()]
             if dead:
-                log.error("%s stopped unexpectedly; shutting down", ", ".join(dead))
+                log.error("embedded %s stopped unexpectedly; shutting down", ", ".join(dead))
                 return 1
             time.sleep(0.5)
+        supervisor.stop()
         return 0
     except ConfigError as exc:
         log.error("configuration error: %s", exc)

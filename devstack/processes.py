@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class Child:
     env: dict[str, str]
     log_path: Path | None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    stopped: bool = field(default=False, init=False)  # stopped on purpose: a supervisor leaves it be
+    restarts: int = field(default=0, init=False)
 
     def start(self) -> Child:
         """Start it in its own process group; output to ``log_path``, or to ours when that is None."""
@@ -83,6 +86,7 @@ class Child:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, wait, then SIGKILL whatever is left of its process group."""
+        self.stopped = True
         if self.process is None:
             return
         self.signal(signal.SIGTERM)
@@ -158,10 +162,16 @@ def start_simulator(port: int, *, log_dir: Path, args: Sequence[str] = ()) -> Ch
 
 
 def start_worker(
-    env: Mapping[str, str], *, log_dir: Path | None, name: str = "worker", concurrency: int | None = None
+    env: Mapping[str, str],
+    *,
+    log_dir: Path | None,
+    name: str = "worker",
+    concurrency: int | None = None,
+    queues: str = "generation",
 ) -> Child:
+    """A Celery worker consuming ``queues`` (comma-separated: ``generation``, ``webhooks``)."""
     args = [
-        _bin("celery"), "-A", "worker.main", "worker", "--loglevel", "INFO", "-Q", "generation",
+        _bin("celery"), "-A", "worker.main", "worker", "--loglevel", "INFO", "-Q", queues,
         "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     if concurrency is not None:
@@ -184,3 +194,37 @@ def start_api(
 
 def _http_ok(url: str) -> bool:
     return httpx.get(url, timeout=1.0).status_code < 500
+
+
+class Supervisor:
+    """Restarts supervised children that exit when nobody stopped them, as a process manager would.
+
+    Celery workers exit on some broker connection losses (kombu raises while restoring unacknowledged
+    messages: "Unrecoverable error"); in production the container's restart policy brings them back,
+    here this does. Nothing is lost meanwhile: the store, not the broker, holds every task's state.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self._children: list[Child] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def watch(self, child: Child) -> Child:
+        self._children.append(child)
+        return child
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for child in list(self._children):
+                if not child.stopped and not child.alive():
+                    child.restarts += 1
+                    print(
+                        f"supervisor: {child.name} exited; restarting it (restart {child.restarts})",
+                        flush=True,
+                    )
+                    child.start()

@@ -6,9 +6,11 @@ naming the variable, so a process stops at start-up instead of failing on the fi
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -16,6 +18,13 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A variable is missing or has a value we cannot use."""
+
+
+# Seconds to wait before each delivery attempt of a webhook: the Standard Webhooks schedule (immediately,
+# 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h: ten attempts over about three days).
+DEFAULT_WEBHOOK_RETRY_SCHEDULE: tuple[float, ...] = (
+    0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,16 @@ class Config:
     allowed_models: frozenset[str] | None = None
     store_timeout: float = 2.0
     idempotency_ttl: int = 86400
+
+    # webhooks (services/webhooks.py); the secret is never shown in a repr
+    webhook_signing_secret: str | None = field(default=None, repr=False)
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    webhook_timeout: float = 15.0
+    webhook_lease_seconds: float = 60.0
+    webhook_dispatch_interval: float = 0.05
+    webhook_allow_private: bool = False
+    webhook_allow_http: bool = False
+    public_base_url: str = "http://127.0.0.1:8000"
 
     @property
     def auth_required(self) -> bool:
@@ -112,13 +131,47 @@ def _non_negative_float(value: str) -> float:
 
 
 def _pool(value: str) -> str:
-    if value not in ("threads", "gevent", "prefork", "solo"):
-        raise ValueError("must be one of threads, gevent, prefork, solo")
+    # gevent is not offered: it needs `-P gevent` on the command line to patch sockets (a worker given
+    # it by configuration alone hangs), and it measured slower than threads here (bench/README.md).
+    if value not in ("threads", "prefork", "solo"):
+        raise ValueError("must be one of threads, prefork, solo")
     return value
 
 
 def _csv_set(value: str) -> frozenset[str]:
     return frozenset(item.strip() for item in value.split(",") if item.strip())
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _webhook_secret(value: str) -> str:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of 24 to 64 random bytes."""
+    value = value.strip()
+    if not value.startswith("whsec_"):
+        raise ValueError("must start with whsec_ (whsec_ + base64 of 24 to 64 random bytes)")
+    try:
+        key = base64.b64decode(value[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be whsec_ + valid base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"must hold 24 to 64 bytes after whsec_, not {len(key)}")
+    return value
+
+
+def _schedule(value: str) -> tuple[float, ...]:
+    delays = tuple(float(item) for item in value.split(","))
+    if any(not 0 <= delay < float("inf") for delay in delays):
+        raise ValueError("must be comma-separated seconds, each zero or more")
+    if delays[0] != 0:
+        raise ValueError("must start with 0: the first attempt is made at once")
+    return delays
 
 
 # variable name -> (field, parser)
@@ -155,6 +208,14 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ALLOWED_MODELS": ("allowed_models", _csv_set),
     "STORE_TIMEOUT": ("store_timeout", _positive_float),
     "IDEMPOTENCY_TTL": ("idempotency_ttl", _positive_int),
+    "WEBHOOK_SIGNING_SECRET": ("webhook_signing_secret", _webhook_secret),
+    "WEBHOOK_RETRY_SCHEDULE": ("webhook_retry_schedule", _schedule),
+    "WEBHOOK_TIMEOUT": ("webhook_timeout", _positive_float),
+    "WEBHOOK_LEASE_SECONDS": ("webhook_lease_seconds", _positive_float),
+    "WEBHOOK_DISPATCH_INTERVAL": ("webhook_dispatch_interval", _positive_float),
+    "WEBHOOK_ALLOW_PRIVATE": ("webhook_allow_private", _bool),
+    "WEBHOOK_ALLOW_HTTP": ("webhook_allow_http", _bool),
+    "PUBLIC_BASE_URL": ("public_base_url", _url),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_VARIABLES)
@@ -192,4 +253,9 @@ def _check(config: Config) -> None:
         raise ConfigError(
             "VISIBILITY_TIMEOUT must be longer than UPSTREAM_TIMEOUT + UPSTREAM_CONNECT_TIMEOUT, "
             "or a slow job would be redelivered while it still runs"
+        )
+    if config.webhook_lease_seconds <= 2 * config.webhook_timeout:
+        raise ConfigError(
+            "WEBHOOK_LEASE_SECONDS must be more than twice WEBHOOK_TIMEOUT (connect + read), "
+            "or a slow delivery would be sent again while it still runs"
         )

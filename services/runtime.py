@@ -18,6 +18,7 @@ from services.limits import LimiterSettings, UpstreamLimiter
 from services.storage import Storage
 from services.store import JobStore
 from services.upstream_client import UpstreamClient
+from services.webhooks import WebhookService
 
 
 def redis_client(config: Config) -> redis.Redis:
@@ -68,3 +69,7 @@ class Runtime:
     @functools.cached_property
     def runner(self) -> JobRunner:
         return JobRunner(self.config, self.store, self.storage, self.upstream, self.limiter, self.keeper)
+
+    @functools.cached_property
+    def webhooks(self) -> WebhookService:
+        return WebhookService(self.config, self.store, self.storage, self.redis)

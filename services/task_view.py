@@ -13,8 +13,15 @@ from services.store import Task
 _INTERNAL_ATTEMPT_FIELDS = ("worker",)
 
 
-def task_view(task: Task, storage: Storage, *, base_url: str) -> dict[str, Any]:
+def task_view(
+    task: Task, storage: Storage, *, base_url: str, deliveries: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """``deliveries``: the task's webhook delivery log, shown under ``webhook`` (url, events, deliveries)."""
     view = {key: value for key, value in task.items()}
+    webhook = task.get("webhook")
+    view["webhook"] = None
+    if webhook:
+        view["webhook"] = {"url": webhook["url"], "events": webhook["events"], "deliveries": deliveries or []}
     view["outputs"] = [{**output, "url": storage.presigned_url(output["key"])} for output in task["outputs"]]
     view["attempts"] = [
         {key: value for key, value in attempt.items() if key not in _INTERNAL_ATTEMPT_FIELDS}

@@ -4,7 +4,18 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import report
 from tests.stack import Stack, running_stack
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stack(workers=N, VAR=value): options of a fault test's own stack")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if report.ROWS:
+        terminalreporter.section("fault report")
+        terminalreporter.write_line(report.table())
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from api import create_app
 from devstack.processes import (
     HOST,
     Child,
+    Supervisor,
     free_port,
     start_redis,
     start_s3,
@@ -30,6 +31,7 @@ from devstack.processes import (
 )
 from services.config import Config, load_config
 from services.storage import Storage
+from services.webhook_signing import generate_secret
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLES = SHARED / "upstream" / "samples"
@@ -51,6 +53,12 @@ TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "test",
     "AWS_SECRET_ACCESS_KEY": "test",
     "S3_BUCKET": "test-outputs",
+    # webhooks: receivers on 127.0.0.1 over http, three quick attempts, a lease of seconds
+    "WEBHOOK_ALLOW_PRIVATE": "true",
+    "WEBHOOK_ALLOW_HTTP": "true",
+    "WEBHOOK_RETRY_SCHEDULE": "0,0.2,0.4",
+    "WEBHOOK_TIMEOUT": "2",
+    "WEBHOOK_LEASE_SECONDS": "5",
 }
 
 
@@ -92,11 +100,13 @@ class ApiServer:
 @dataclass
 class Stack:
     root: Path
+    overrides: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     children: dict[str, Child] = field(default_factory=dict)
     redis_port: int = 0
     api: ApiServer | None = None
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     @property
     def log_dir(self) -> Path:
@@ -126,22 +136,29 @@ class Stack:
             REDIS_URL=f"redis://{HOST}:{self.redis_port}/0",
             S3_ENDPOINT_URL=f"http://{HOST}:{s3_port}",
             UPSTREAM_BASE_URL=f"http://{HOST}:{sim_port}",
+            WEBHOOK_SIGNING_SECRET=generate_secret(),
         )
+        self.env.update(self.overrides)
         Storage(self.config).ensure_bucket()
         for number in range(worker_count):
             self.start_worker(f"worker{number}")
+        self.start_worker("webhook-worker", queues="webhooks")
         self.api = ApiServer(self.config)
         return self
 
     def start_redis(self) -> None:
         self.children["redis"] = start_redis(self.root / "redis", self.redis_port, log_dir=self.log_dir)
 
-    def start_worker(self, name: str, extra_env: Mapping[str, str] | None = None) -> Child:
-        child = start_worker({**self.env, **(extra_env or {})}, log_dir=self.log_dir, name=name)
+    def start_worker(
+        self, name: str, extra_env: Mapping[str, str] | None = None, *, queues: str = "generation"
+    ) -> Child:
+        env = {**self.env, **(extra_env or {})}
+        child = self.supervisor.watch(start_worker(env, log_dir=self.log_dir, name=name, queues=queues))
         self.children[name] = child
         return child
 
     def stop(self) -> None:
+        self.supervisor.stop()
         if self.api is not None:
             self.api.stop()
         for child in reversed(list(self.children.values())):
@@ -183,8 +200,8 @@ class Stack:
 
 
 @contextmanager
-def running_stack(root: Path, worker_count: int = 1) -> Iterator[Stack]:
-    stack = Stack(root)
+def running_stack(root: Path, worker_count: int = 1, **overrides: str) -> Iterator[Stack]:
+    stack = Stack(root, overrides)
     try:
         yield stack.start(worker_count)
     finally:

@@ -24,6 +24,8 @@ APP_VARIABLES = (
     "UPSTREAM_TIMEOUT",
     "API_KEYS",
     "WEBHOOK_SIGNING_SECRET",
+    "WEBHOOK_TIMEOUT",
+    "PUBLIC_BASE_URL",
 )
 
 
@@ -33,7 +35,7 @@ def command(service: str) -> str:
 
 
 def test_services_exist() -> None:
-    assert {"redis", "minio", "minio-init", "api", "worker"} <= set(SERVICES)
+    assert {"redis", "minio", "minio-init", "api", "worker", "webhook-worker"} <= set(SERVICES)
 
 
 def test_redis_is_durable_and_never_evicts() -> None:
@@ -50,8 +52,15 @@ def test_long_running_services_have_a_healthcheck(service: str) -> None:
 def test_worker_can_scale() -> None:
     worker = SERVICES["worker"]
     assert "container_name" not in worker and "ports" not in worker
-    assert "--pool threads" in command("worker") and "-Q generation" in command("worker")
+    assert "-Q generation" in command("worker")
+    assert "--pool" not in command("worker"), "the pool comes from WORKER_POOL, not a fixed flag"
+    assert worker["environment"]["WORKER_POOL"] == "${WORKER_POOL:-threads}"
     assert worker["stop_grace_period"]
+
+
+def test_webhooks_have_their_own_worker() -> None:
+    assert "-Q webhooks" in command("webhook-worker") and "generation" not in command("webhook-worker")
+    assert "webhooks" not in command("worker")
 
 
 def test_api_serves_the_app_factory() -> None:
@@ -59,7 +68,7 @@ def test_api_serves_the_app_factory() -> None:
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
 
 
-@pytest.mark.parametrize("service", ["api", "worker"])
+@pytest.mark.parametrize("service", ["api", "worker", "webhook-worker"])
 def test_app_services_get_their_environment(service: str) -> None:
     environment = SERVICES[service]["environment"]
     assert set(APP_VARIABLES) <= set(environment)
@@ -75,6 +84,7 @@ def test_app_services_get_their_environment(service: str) -> None:
         ("api", "minio-init", "service_completed_successfully"),
         ("worker", "redis", "service_healthy"),
         ("worker", "minio-init", "service_completed_successfully"),
+        ("webhook-worker", "redis", "service_healthy"),
         ("minio-init", "minio", "service_healthy"),
     ],
 )

@@ -10,6 +10,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 from referencing import Registry, Resource
 
+from devstack.processes import free_port, wait_until
 from tests.stack import Stack, seed_body, with_directive
 
 
@@ -80,3 +81,22 @@ def test_real_responses_match_the_document(document: dict[str, Any], stack: Stac
     )
     check(document, "/healthz", "get", stack.http.get(f"{api}/healthz"))
     check(document, "/readyz", "get", stack.http.get(f"{api}/readyz"))
+
+
+def test_webhook_responses_match_the_document(document: dict[str, Any], stack: Stack) -> None:
+    api = stack.api_url
+    path = "/v1/tasks/{task_id}/webhook/redeliver"
+    down = f"http://127.0.0.1:{free_port()}/hooks"  # nothing listens: failed attempts, then given up
+    task_id = stack.submit({**seed_body(), "webhook_url": down, "webhook_events": ["running", "failed"]})
+    task_id = task_id.json()["id"]
+    wait_until(
+        lambda: len(stack.task(task_id)["webhook"]["deliveries"]) >= 3, timeout=20, what="delivery attempts"
+    )
+    check(document, "/v1/tasks/{task_id}", "get", stack.http.get(f"{api}/v1/tasks/{task_id}"))
+    check(document, path, "post", stack.http.post(f"{api}/v1/tasks/{task_id}/webhook/redeliver"))
+    plain = stack.run(seed_body())["id"]
+    check(document, path, "post", stack.http.post(f"{api}/v1/tasks/{plain}/webhook/redeliver"))
+    check(document, path, "post", stack.http.post(f"{api}/v1/tasks/missing/webhook/redeliver"))
+    refused = stack.submit({**seed_body(), "webhook_url": "https://169.254.169.254/latest"})
+    assert refused.status_code == 400
+    check(document, "/v1/images/generations", "post", refused)

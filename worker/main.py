@@ -10,4 +10,4 @@ from services.queue import create_celery
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 app = create_celery(load_config())
-app.conf.imports = ("worker.tasks",)
+app.conf.imports = ("worker.tasks", "worker.webhooks")
