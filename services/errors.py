@@ -12,6 +12,8 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
     │   │                                  too_many_images, inline_image_too_large, metadata_too_large)
     │   ├── Unauthorized              401 unauthorized
     │   ├── NotFound                  404 not_found
+    │   ├── IdempotencyConflict       409 idempotency_in_progress (the same key is being handled)
+    │   ├── IdempotencyKeyReused      422 idempotency_key_reused  (the same key with another body)
     │   ├── UnsupportedMediaType      415 unsupported_media_type
     │   └── PayloadTooLarge           413 payload_too_large
     ├── StoreUnavailable              503 store_unavailable      (retryable: Redis is down)
@@ -84,6 +86,16 @@ class Unauthorized(RequestError):
 class NotFound(RequestError):
     status = 404
     code = "not_found"
+
+
+class IdempotencyConflict(RequestError):
+    status = 409
+    code = "idempotency_in_progress"
+
+
+class IdempotencyKeyReused(RequestError):
+    status = 422
+    code = "idempotency_key_reused"
 
 
 class UnsupportedMediaType(RequestError):

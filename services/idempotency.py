@@ -23,21 +23,11 @@ from typing import Any
 
 import redis
 
-from services.errors import InvalidRequest, ServiceError
+from services.errors import IdempotencyConflict, IdempotencyKeyReused, InvalidRequest
 from services.store import mapped_redis_errors
 
 PENDING_SECONDS = 60
 MAX_KEY_LENGTH = 255
-
-
-class IdempotencyConflict(ServiceError):
-    status = 409
-    code = "idempotency_in_progress"
-
-
-class IdempotencyKeyReused(ServiceError):
-    status = 422
-    code = "idempotency_key_reused"
 
 
 @dataclass(frozen=True)

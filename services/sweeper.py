@@ -16,14 +16,15 @@ and hands a task to one sweeper only. Each tick it enqueues:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
-from services.errors import ServiceError
+from services.periodic import Periodic
 from services.store import JobStore
 
 log = logging.getLogger(__name__)
+
+CLAIM_BATCH = 500  # per kind and tick; a tick that fills a batch is followed by another at once
 
 
 class Sweeper:
@@ -42,17 +43,16 @@ class Sweeper:
         self._lease_seconds = lease_seconds
         self._interval = interval
         self._next_lost_check = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("sweeper", interval, lambda: len(self.tick()) >= CLAIM_BATCH)
 
     def tick(self) -> list[str]:
         """Claim and enqueue what is due now; return the ids enqueued."""
-        ids = self._store.claim_due_retries()
-        ids += self._store.claim_expired_leases(self._lease_seconds)
+        ids = self._store.claim_due_retries(CLAIM_BATCH)
+        ids += self._store.claim_expired_leases(self._lease_seconds, CLAIM_BATCH)
         if time.monotonic() >= self._next_lost_check:
             self._next_lost_check = time.monotonic() + self._lease_seconds / 3
             if self._broker_backlog() == 0:
-                ids += self._store.claim_lost_messages(older_than=self._lease_seconds)
+                ids += self._store.claim_lost_messages(older_than=self._lease_seconds, limit=CLAIM_BATCH)
         for task_id in ids:
             self._enqueue(task_id)
         if ids:
@@ -60,19 +60,7 @@ class Sweeper:
         return ids
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.tick()
-            except ServiceError as exc:
-                log.warning("sweeper: %s", exc.message)
-            except Exception:
-                log.exception("sweeper: unexpected error")
+        self._periodic.stop()

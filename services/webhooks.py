@@ -51,6 +51,7 @@ import redis
 from services.config import Config
 from services.errors import InvalidRequest, ServiceError
 from services.netguard import AddressNotAllowed, Resolver, check_webhook_url, deadline, guarded_transport
+from services.periodic import Periodic
 from services.storage import Storage
 from services.store import JobStore, Task, mapped_redis_errors, now_iso
 from services.task_view import task_view
@@ -479,8 +480,7 @@ class WebhookDispatcher:
         self._interval = interval
         self._batch = batch
         self._max_backlog = max_backlog
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("webhook-dispatcher", interval, lambda: self.tick() >= batch)
 
     def tick(self) -> int:
         with mapped_redis_errors():
@@ -496,27 +496,10 @@ class WebhookDispatcher:
         return len(claimed)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        wait = self._interval
-        while not self._stop.wait(wait):
-            wait = self._interval
-            try:
-                if self.tick() >= self._batch:
-                    wait = 0
-            except ServiceError as exc:
-                log.warning("webhook dispatcher: %s", exc.message)
-                wait = max(self._interval, 1.0)  # Redis is down: do not log 20 times a second
-            except Exception:
-                log.exception("webhook dispatcher: unexpected error")
-                wait = max(self._interval, 1.0)
+        self._periodic.stop()
 
 
 def parse_retry_after(value: str | None) -> float | None:
