@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from services.config import ConfigError, load_config
+from services.config import VARIABLES, ConfigError, load_config
 
 
 def test_defaults_need_no_variable() -> None:
@@ -56,3 +57,12 @@ def test_devstack_stops_at_start_up_on_an_invalid_variable(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert "MAX_ATTEMPTS" in result.stderr
+
+
+def test_every_variable_is_documented() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    example = (root / ".env.example").read_text()
+    for name in VARIABLES:
+        assert f"`{name}`" in readme, f"{name} is not in README.md's configuration table"
+        assert f"# {name}=" in example, f"{name} is not in .env.example"
