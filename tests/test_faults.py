@@ -349,3 +349,29 @@ def test_nothing_is_left_in_the_store_of_a_finished_run(fault_stack: Stack) -> N
         members = client.smembers(key) if name == "active" else client.zrange(key, 0, -1)
         assert not members, f"{key} still holds {members}"
     assert not client.keys("iq:lease:*") and not client.keys("iq:result:*")
+
+
+@pytest.mark.stack(UPSTREAM_RATE_PER_MINUTE="120")
+def test_the_token_bucket_spaces_calls_across_workers(fault_stack: Stack) -> None:
+    """120 calls a minute with a burst of two: 8 calls cannot start within less than 3 s."""
+    stack = fault_stack
+    ids = submit_many(stack, slow_bodies(8, 50))
+    tasks, lost, stuck = settle(stack, ids)
+    assert (lost, stuck) == (0, 0)
+    assert_all_succeeded(tasks)
+    starts = sorted(call["started"] for call in stack.http.get(f"{stack.simulator_url}/_sim/calls").json())
+    span = starts[-1] - starts[0]
+    assert span >= (8 - 2) * 0.5 - 0.1, f"8 calls started within {span:.2f}s"
+    gaps = [later - earlier for earlier, later in zip(starts[1:], starts[2:], strict=False)]
+    assert min(gaps) >= 0.4, f"calls after the burst came {min(gaps):.2f}s apart"
+    record(
+        FaultRow(
+            "token bucket 120/min, 8 tasks on 2 workers",
+            len(ids),
+            len(ids),
+            lost,
+            stuck,
+            0,
+            f"8 calls over {span:.1f}s",
+        )
+    )
