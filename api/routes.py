@@ -19,7 +19,7 @@ from services.errors import (
     UnsupportedMediaType,
 )
 from services.idempotency import Claim, Replay
-from services.queue import enqueue_generation
+from services.queue import generation_message
 from services.runtime import Runtime
 from services.task_view import task_links, task_view
 from services.validation import Limits, validate_submission
@@ -72,8 +72,9 @@ def submit():
 def _accept(rt: Runtime, raw: bytes, claim: Claim | None) -> tuple[int, dict]:
     """Validate, store and enqueue one submission; return the status and body of the answer.
 
-    Once the task is stored it is accepted: if the enqueue then fails, the sweeper finds the task
-    (a queued task whose message is missing) and enqueues it.
+    The task, its payload and its broker message are written in one transaction (one round trip):
+    stored means enqueued. (A message the broker loses later is found by the sweeper: a queued task
+    whose message is missing.)
     """
     try:
         body = json.loads(raw)
@@ -98,11 +99,8 @@ def _accept(rt: Runtime, raw: bytes, claim: Claim | None) -> tuple[int, dict]:
         metadata=submission.metadata,
         webhook=webhook,
         also_set=(lambda task: claim.done_record(202, answer(task))) if claim else None,
+        message=generation_message,
     )
-    try:
-        enqueue_generation(current_app.extensions["celery"], task["id"])
-    except Exception as exc:
-        log.warning("task %s: stored but not enqueued (%s); the sweeper will enqueue it", task["id"], exc)
     return 202, answer(task)
 
 

@@ -51,6 +51,7 @@ class Config:
 
     worker_concurrency: int = 50
     worker_pool: str = "threads"
+    worker_prefetch_multiplier: int = 1
     visibility_timeout: int = 3600
     task_lease_seconds: float = 30.0
     sweep_interval: float = 0.2
@@ -194,6 +195,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RETRY_MAX_DELAY": ("retry_max_delay", _non_negative_float),
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int),
     "WORKER_POOL": ("worker_pool", _pool),
+    "WORKER_PREFETCH_MULTIPLIER": ("worker_prefetch_multiplier", _positive_int),
     "VISIBILITY_TIMEOUT": ("visibility_timeout", _positive_int),
     "TASK_LEASE_SECONDS": ("task_lease_seconds", _positive_float),
     "SWEEP_INTERVAL": ("sweep_interval", _positive_float),

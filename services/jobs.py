@@ -6,10 +6,11 @@ outcome is written to the store (a retry is a due time in the store, enqueued by
 the sweeper once the store is back (its lease expires, or its message is found lost).
 
 No upstream call is paid twice for one job: a task's lease lets one attempt run at a time, a final task
-is never run again, and when the outputs cannot be uploaded the upstream's answer is kept in the store,
-so the retry uploads it instead of calling again. (What remains: a worker killed between receiving an
-answer and storing its outputs, an upload's duration, leaves that answer unused; the job is called
-again. Saving every answer first would cost each job a multi-megabyte Redis write to cover that.)
+is never run again, and when the outputs cannot be uploaded the upstream's answer (re-encoded from what
+was parsed: ``encode_result``) is kept in the store, so the retry uploads it instead of calling again.
+(What remains: a worker killed between receiving an answer and storing its outputs, an upload's
+duration, leaves that answer unused; the job is called again. Saving every answer first would cost
+each job a multi-megabyte Redis write to cover that.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from services.limits import Deferred, UpstreamLimiter
 from services.storage import Storage, output_key
 from services.store import FREE_ERROR_CODES, Attempt, JobStore, Lease, Task, attempts_used, parse_iso
 from services.upstream_client import UpstreamClient
-from services.upstream_response import UpstreamResult, parse_success
+from services.upstream_response import UpstreamResult, encode_result, parse_success
 
 log = logging.getLogger(__name__)
 
@@ -92,25 +93,31 @@ class JobRunner:
             return
         task, lease = attempt.task, attempt.lease
         started = time.monotonic()
-        with self._keeper.keep(f"lease on task {task_id}", lambda: self._store.renew_lease(lease)):
+        closing = threading.Event()  # set before the attempt's closing write, which deletes the lease
+
+        def renew() -> bool:
+            # A renewal that finds the lease gone once the closing write may have run lost nothing.
+            return self._store.renew_lease(lease) or closing.is_set()
+
+        with self._keeper.keep(f"lease on task {task_id}", renew):
+            error: JobError | None = None
             try:
-                status, body, result = self._upstream_result(attempt)
-                outputs = self._store_outputs_or_save(task_id, body, result)
+                status, saved, result = self._upstream_result(attempt)
+                outputs = self._store_outputs_or_save(task_id, saved, result)
             except StoreUnavailable:
                 raise
-            except JobError as error:
-                self._after_failure(task, lease, error)
-                return
+            except JobError as exc:
+                error = exc
             except StorageUnavailable as exc:
-                self._after_failure(task, lease, JobError(exc.message, code=exc.code, retryable=True))
-                return
+                error = JobError(exc.message, code=exc.code, retryable=True)
             except ServiceError as exc:
                 log.exception("task %s: unexpected service error", task_id)
-                self._after_failure(task, lease, JobError(exc.message, code=exc.code, retryable=False))
-                return
+                error = JobError(exc.message, code=exc.code, retryable=False)
             except Exception as exc:
                 log.exception("task %s: unexpected error", task_id)
                 error = JobError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+            closing.set()
+            if error is not None:
                 self._after_failure(task, lease, error)
                 return
             self._store.succeed(
@@ -125,26 +132,30 @@ class JobRunner:
             "task %s: succeeded in %.2fs, %d output(s)", task_id, time.monotonic() - started, len(outputs)
         )
 
-    def _upstream_result(self, attempt: Attempt) -> tuple[int, bytes | None, UpstreamResult]:
-        """The upstream's answer: the one an earlier attempt saved (body None: already saved), or a
-        new call's. (Both were read with the task when the attempt began.)"""
+    def _upstream_result(self, attempt: Attempt) -> tuple[int, bool, UpstreamResult]:
+        """The upstream's answer, and whether it is saved in the store already: the one an earlier
+        attempt saved, or a new call's (both were read with the task when the attempt began).
+
+        The raw body is not kept past parsing: only the decoded images are, so that a big answer is in
+        memory once, not twice, while it is uploaded (bench/README.md, P4).
+        """
         task_id = attempt.task["id"]
         if attempt.saved_result is not None:
             log.info("task %s: using the upstream answer saved by an earlier attempt", task_id)
-            return 200, None, parse_success(attempt.saved_result)
+            return 200, True, parse_success(attempt.saved_result)
         if attempt.payload is None:
             raise NotFound(f"the payload of task {task_id!r} is missing", field="id")
         status, body = self._upstream.generate(attempt.payload)
-        return status, body, parse_success(body)
+        return status, False, parse_success(body)
 
-    def _store_outputs_or_save(self, task_id: str, body: bytes | None, result: UpstreamResult) -> list[dict]:
+    def _store_outputs_or_save(self, task_id: str, saved: bool, result: UpstreamResult) -> list[dict]:
         """Upload the outputs; if storage fails, keep the paid-for answer in the store first, so that
         the retry uploads it instead of calling the upstream again."""
         try:
             return self._store_outputs(task_id, result)
         except StorageUnavailable:
-            if body is not None:
-                self._store.save_result(task_id, body)
+            if not saved:
+                self._store.save_result(task_id, encode_result(result))
             raise
 
     def _store_outputs(self, task_id: str, result: UpstreamResult) -> list[dict]:

@@ -5,17 +5,26 @@ whose worker dies is given back (``reject_on_worker_lost``), and Redis hands an 
 another worker only after ``visibility_timeout`` seconds, which config checks is longer than the longest
 upstream call.
 
-Each worker process reserves two messages per slot (``prefetch_multiplier=2``): one running, one
-waiting in the thread pool's own queue. With one per slot, every job's successor had to be fetched
-after it finished (ack, then the consumer's next loop tick, then one BRPOP per message, all in the
-consumer thread competing for the GIL with the busy slots), and a wave of jobs finishing together
-was refilled in bursts over up to 0.5 s (bench/README.md, P1a: 1.22× ideal against 1.13×). A worker
-that is killed strands its waiting messages until the visibility timeout, or until the sweeper finds
-their tasks still queued once the broker's queue is empty (services/sweeper.py); none is lost.
+Each worker process reserves one message per slot (``WORKER_PREFETCH_MULTIPLIER=1``, as the no-loss
+configuration asks): with the threads pool every reserved message is running, so a killed worker strands
+no waiting message. 2 keeps a successor waiting in the pool for each slot, so a wave of jobs finishing
+together is refilled at once instead of one BRPOP at a time (bench/README.md, P1a: 1.22× ideal against
+1.13× at N=400); the price is that a killed worker strands its waiting messages until the visibility
+timeout, or until the sweeper finds their tasks still queued once the broker's queue is empty
+(services/sweeper.py; none is lost, they are late), and that a small burst can wait in one busy worker
+while another has free slots.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
+import os
+import socket
+import uuid
+
+import redis
 from celery import Celery
 
 from services.config import Config
@@ -34,7 +43,7 @@ def create_celery(config: Config) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=2,
+        worker_prefetch_multiplier=config.worker_prefetch_multiplier,
         task_ignore_result=True,
         task_default_queue=GENERATION_QUEUE,
         task_routes={
@@ -61,10 +70,77 @@ def create_celery(config: Config) -> Celery:
     return app
 
 
-def enqueue_generation(app: Celery, task_id: str) -> None:
-    """Send one generation job; the message carries only the task id. Retries are not sent with a
-    countdown: they wait in the store until due, and the sweeper sends them (services/sweeper.py)."""
-    app.send_task(GENERATE_TASK, args=[task_id], queue=GENERATION_QUEUE)
+def generation_message(task_id: str) -> tuple[str, bytes]:
+    """The broker message of one generation job, as (Redis list, message): what ``enqueue_generation``
+    would publish, built directly so that the API can push it in the same transaction that stores the
+    task (``JobStore.create``), one round trip for both.
+
+    Celery's publish path (``send_task``: message headers, kombu's producer, a new Redis client object
+    per message, the queue's declaration) was a third of the API's CPU per submission
+    (bench/README.md, P2). The format is Celery's task protocol 2 in kombu's Redis transport envelope;
+    ``tests/test_queue.py`` checks it against a message published by Celery itself.
+    """
+    message_id = str(uuid.uuid4())
+    body = json.dumps([[task_id], {}, _EMBED], separators=(", ", ": ")).encode()
+    envelope = {
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            **_HEADERS,
+            "id": message_id,
+            "root_id": message_id,
+            "argsrepr": repr([task_id]),
+            "origin": _origin(),
+        },
+        "properties": {
+            "correlation_id": message_id,
+            "reply_to": _REPLY_TO,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": GENERATION_QUEUE},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return GENERATION_QUEUE, json.dumps(envelope).encode()
+
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_HEADERS = {
+    "lang": "py",
+    "task": GENERATE_TASK,
+    "shadow": None,
+    "eta": None,
+    "expires": None,
+    "group": None,
+    "group_index": None,
+    "retries": 0,
+    "timelimit": [None, None],
+    "parent_id": None,
+    "kwargsrepr": "{}",
+    "ignore_result": None,
+    "replaced_task_nesting": 0,
+    "stamped_headers": None,
+    "stamps": {},
+}
+_REPLY_TO = str(uuid.uuid4())
+
+
+def _origin() -> str:
+    return _origin_of(os.getpid())
+
+
+@functools.cache
+def _origin_of(pid: int) -> str:
+    return f"gen{pid}@{socket.gethostname()}"
+
+
+def enqueue_generation(client: redis.Redis, task_id: str) -> None:
+    """Send one generation job: the same message the API pushes with the task (``generation_message``),
+    so there is one way to enqueue. Retries are not sent with a countdown: they wait in the store until
+    due, and the sweeper sends them (services/sweeper.py)."""
+    client.lpush(*generation_message(task_id))
 
 
 def enqueue_webhook(app: Celery, event_id: str, claim: str) -> None:

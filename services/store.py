@@ -17,9 +17,10 @@ a state change from its bookkeeping:
 - ``{prefix}:delayed``   sorted set: id of a task waiting for a retry → when it is due (ms); the sweeper
                           enqueues it then (no Celery countdown, which a dying worker would take along);
 - ``{prefix}:running``   sorted set: id of a running task → its lease's deadline (ms);
-- ``{prefix}:result:{id}`` the upstream's answer, kept from its arrival until the task is final, so that
-                          a retry after a storage failure or a crash never calls (and pays) the upstream
-                          again;
+- ``{prefix}:result:{id}`` the upstream's answer, saved when its outputs could not be uploaded and kept
+                          until the task is final, so that the retry after a storage failure never calls
+                          (and pays) the upstream again (``JobRunner``; read with the task when an
+                          attempt starts);
 - ``{prefix}:lease:{id}`` the running attempt's lease, taken atomically with the move to running, so that
                           two deliveries of one task never call the upstream at the same time;
 - ``{prefix}:wh:event:{event id}`` and ``{prefix}:wh:due``: the webhook outbox, one event per status the
@@ -109,6 +110,26 @@ end
 return members
 """
 
+# KEYS[1]: the running set. ARGV: now (ms), the score claimed members get (ms), limit, the lease key prefix.
+# A member whose lease key is still there is not claimed: its score in the set ran ahead of the key's
+# expiry (the deadline is computed just before the renewal sets the key's TTL), so it moves to when
+# the key expires. Claimed, its next attempt would find the lease still held and drop the task for
+# another whole lease.
+_CLAIM_EXPIRED = """
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local claimed = {}
+for _, member in ipairs(members) do
+  local ttl = redis.call('PTTL', ARGV[4] .. member)
+  if ttl > 0 then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + ttl, member)
+  else
+    redis.call('ZADD', KEYS[1], ARGV[2], member)
+    claimed[#claimed + 1] = member
+  end
+end
+return claimed
+"""
+
 # KEYS[1]: a lease, KEYS[2]: the running set. ARGV: holder's token, time to live (ms), new deadline
 # (epoch ms), task id. Returns 1 if the lease was still held (and is extended), else 0.
 _RENEW_LEASE = """
@@ -193,6 +214,7 @@ class JobStore:
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._renew = client.register_script(_RENEW_LEASE)
         self._claim = client.register_script(_CLAIM)
+        self._claim_expired = client.register_script(_CLAIM_EXPIRED)
 
     # keys -------------------------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -235,10 +257,14 @@ class JobStore:
     def claim_expired_leases(self, lease_seconds: float, limit: int = 500) -> list[str]:
         """Running tasks whose lease expired (their worker is gone); the caller must enqueue them.
 
-        Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile.
+        Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile. One whose
+        lease key has not expired yet is left for when it has (``_CLAIM_EXPIRED``).
         """
         now = _now_ms()
-        return self._claim_members("running", "running", now, now + _ms(lease_seconds), limit)
+        args = [now, now + _ms(lease_seconds), limit, self.key("lease", "")]
+        with mapped_redis_errors():
+            members = self._claim_expired(keys=[self.key("running")], args=args)
+        return [member.decode() for member in members]
 
     def claim_lost_messages(self, older_than: float, limit: int = 500) -> list[str]:
         """Queued tasks enqueued more than ``older_than`` s ago and not started; to enqueue again.
@@ -266,10 +292,13 @@ class JobStore:
         metadata: dict[str, Any] | None,
         webhook: dict[str, Any] | None = None,
         also_set: Callable[[Task], tuple[str, str, int]] | None = None,
+        message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> Task:
         """Store a new queued task and its payload atomically; return the record.
 
-        ``also_set(task)`` may name one more record (key, value, ttl) to write in the same transaction.
+        ``also_set(task)`` may name one more record (key, value, ttl) to write in the same transaction;
+        ``message(task_id)`` a (list, message) to push onto a list in it: the job's broker message, so
+        that a task is never stored without being enqueued, nor enqueued without being stored.
         """
         task_id = new_task_id()
         now = time.time()
@@ -298,6 +327,8 @@ class JobStore:
             if also_set is not None:
                 key, value, ttl = also_set(task)
                 pipe.set(key, value, ex=ttl)
+            if message is not None:
+                pipe.lpush(*message(task_id))
             pipe.execute()
         return task
 

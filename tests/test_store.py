@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -135,3 +136,17 @@ def test_unknown_task(store: JobStore) -> None:
         store.get("nope")
     with pytest.raises(NotFound):
         begin(store, "nope")
+
+
+def test_a_lease_whose_key_outlives_its_deadline_is_claimed_when_the_key_expires(store: JobStore) -> None:
+    task_id = new_task(store)
+    begin(store, task_id)
+    client = store._redis
+    client.zadd(store.key("running"), {task_id: 0})  # the deadline in the set ran ahead of the key
+    client.pexpire(store.key("lease", task_id), 300)
+    assert store.claim_expired_leases(LEASE) == [], "its lease is still held"
+    assert 0 < client.zscore(store.key("running"), task_id) - time.time() * 1000 <= 301
+    claimed = wait_until(lambda: store.claim_expired_leases(LEASE) == [task_id], timeout=5, what="expiry")
+    assert claimed
+    task, _ = begin(store, task_id)
+    assert [a["outcome"] for a in task["attempts"]] == ["worker_lost", None]

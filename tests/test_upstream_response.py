@@ -580,3 +580,108 @@ def test_other_error_object_forms(body: bytes) -> None:
 def test_error_object_without_message_falls_back_to_the_body() -> None:
     error = classify_error(500, b'{"error": {"code": 500}}', {})
     assert error.message == 'HTTP 500 with an unexpected JSON body: {"error": {"code": 500}}'
+
+
+# long base64 values are decoded from the body's bytes (services/upstream_response.py, _loads) -----------
+
+
+def big_png(size: int = 200_000) -> bytes:
+    """PNG-looking bytes of about ``size``: the signature, an IHDR of 64×32, then filler."""
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (64).to_bytes(4, "big") + (32).to_bytes(4, "big")
+    return header + b"\x08\x02\x00\x00\x00" + os.urandom(size)
+
+
+@pytest.mark.parametrize("container", [bytes, bytearray])
+@pytest.mark.parametrize(
+    "render",
+    [
+        lambda b64: {"candidates": [{"content": {"parts": [
+            {"text": 'see "data": "x" \\ here'}, {"inlineData": {"mimeType": "image/png", "data": b64}}]},
+            "finishReason": "STOP"}], "usageMetadata": {"totalTokenCount": 3}},
+        lambda b64: {"candidates": [{"content": {"parts": [
+            {"inline_data": {"mime_type": "image/png", "data": b64}}, {"text": "after"}]}}]},
+        lambda b64: {"created": 1, "data": [{"b64_json": b64, "revised_prompt": "a fox"}]},
+    ],
+    ids=["camel", "snake", "openai"],
+)  # fmt: skip
+@pytest.mark.parametrize("indent", [None, 2])
+def test_long_base64_values_decode_like_json_loads(render: Any, indent: int | None, container: type) -> None:
+    image = big_png()
+    body = container(json.dumps(render(base64.b64encode(image).decode()), indent=indent).encode())
+    result = parse_success(body)
+    assert [part.data for part in result.images] == [image]
+    assert result.texts and result.texts[0] in ('see "data": "x" \\ here', "after", "a fox")
+
+
+def test_long_values_with_escapes_or_under_other_keys_are_parsed_as_usual() -> None:
+    image = big_png()
+    b64 = base64.b64encode(image).decode()
+    escaped = json.dumps({"created": 1, "data": [{"b64_json": b64}]}).replace("/", "\\/")
+    assert parse_success(escaped.encode()).images[0].data == image
+    text = "x" * 50_000
+    body = gemini({"text": text}, {"inlineData": {"mimeType": "image/png", "data": b64}}, extra=b64)
+    result = parse_success(body)
+    assert result.texts == [text[:]] and result.images[0].data == image
+
+
+def test_two_long_images_and_invalid_base64() -> None:
+    first, second = big_png(), big_png(30_000)
+    body = gemini(
+        {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(first).decode()}},
+        {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(second).decode()}},
+    )
+    assert [p.data for p in parse_success(body).images] == [first, second]
+    bad = gemini({"inlineData": {"mimeType": "image/png", "data": "!" * 40_000}})
+    with pytest.raises(ResponseError) as caught:
+        parse_success(bad)
+    assert caught.value.code == "bad_upstream_response"
+
+
+def test_encode_result_reads_back_the_same() -> None:
+    from services.upstream_response import encode_result
+
+    image = big_png(20_000)
+    inline = UpstreamResult(
+        images=[ImagePart(data=image, url=None, declared_mime="image/png")],
+        texts=["here"],
+        usage={"totalTokenCount": 7},
+        finish_reason="STOP",
+        model_version="m1",
+    )
+    again = parse_success(encode_result(inline))
+    assert (again.images, again.texts, again.usage) == (inline.images, inline.texts, inline.usage)
+    linked = UpstreamResult(
+        images=[ImagePart(data=None, url="https://x/1.png", declared_mime=None)],
+        texts=["a fox"],
+        usage={"total_tokens": 2},
+        finish_reason=None,
+        model_version=None,
+    )
+    again = parse_success(encode_result(linked))
+    assert (again.images, again.texts, again.usage) == (linked.images, linked.texts, linked.usage)
+
+
+def test_long_base64_is_left_in_the_body_not_copied() -> None:
+    from services.upstream_response import _loads
+
+    image = big_png()
+    body = bytearray(
+        gemini({"inlineData": {"mimeType": "image/png", "data": base64.b64encode(image).decode()}})
+    )
+    value = _loads(body)["candidates"][0]["content"]["parts"][0]["inlineData"]["data"]
+    assert isinstance(value, memoryview) and value.obj is body
+    assert _loads(b'{"data": "short"}' + b" " * 20_000) == {"data": "short"}
+
+
+def test_without_pybase64_binascii_decodes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.upstream_response as module
+
+    image = big_png()
+    body = gemini({"inlineData": {"mimeType": "image/png", "data": base64.b64encode(image).decode()}})
+    fast = parse_success(body).images[0].data
+    monkeypatch.setattr(module, "_pybase64", None)
+    assert parse_success(body).images[0].data == fast == image
+    assert (
+        parse_success(gemini({"inlineData": {"mimeType": "image/png", "data": PNG_B64}})).images[0].data
+        == PNG
+    )

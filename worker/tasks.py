@@ -46,7 +46,7 @@ def start_sweeper(sender: Any, **_: Any) -> None:
     rt = runtime(app)
     _sweeper = Sweeper(
         rt.store,
-        lambda task_id: enqueue_generation(app, task_id),
+        lambda task_id: enqueue_generation(rt.redis, task_id),
         lambda: rt.redis.llen(GENERATION_QUEUE),
         lease_seconds=rt.config.task_lease_seconds,
         interval=rt.config.sweep_interval,
