@@ -172,7 +172,9 @@ _SCHEMAS: dict[str, Any] = {
             "number": {"type": "integer", "minimum": 1},
             "started_at": _TIME,
             "finished_at": _nullable(_TIME),
-            "outcome": _nullable({"type": "string", "enum": ["succeeded", "failed", "retry", "worker_lost"]}),
+            "outcome": _nullable(
+                {"type": "string", "enum": ["succeeded", "failed", "retry", "worker_lost", "canceled"]}
+            ),
             "upstream_status": _nullable({"type": "integer"}),
             "error_code": _nullable({"type": "string"}),
             "duration_ms": _nullable({"type": "integer"}),
@@ -331,6 +333,22 @@ _PATHS: dict[str, Any] = {
                 "200": _json(_ref("Task"), "The task"),
                 "401": _error("Missing or wrong API key"),
                 "404": _error("No such task"),
+                "503": _error("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/tasks/{task_id}/cancel": {
+        "post": {
+            "summary": "Cancel a queued or running task",
+            "description": "A running attempt's call may still be in flight; its result is discarded. A "
+            "`task.canceled` webhook is sent if the task asked for that event.",
+            "operationId": "cancelTask",
+            "parameters": [_TASK_ID],
+            "responses": {
+                "200": _json(_ref("Task"), "The task, now canceled"),
+                "401": _error("Missing or wrong API key"),
+                "404": _error("No such task"),
+                "409": _error("The task is already final (invalid_transition)"),
                 "503": _error("The store is unavailable"),
             },
         }

@@ -139,6 +139,15 @@ def get_task(task_id: str):
     return jsonify(task_view(task, rt.storage, base_url=request.host_url, deliveries=deliveries))
 
 
+@blueprint.post("/v1/tasks/<task_id>/cancel")
+def cancel_task(task_id: str):
+    rt = _runtime()
+    task = rt.store.cancel(task_id)
+    return jsonify(
+        task_view(task, rt.storage, base_url=request.host_url, deliveries=rt.webhooks.deliveries(task))
+    )
+
+
 @blueprint.post("/v1/tasks/<task_id>/webhook/redeliver")
 def redeliver_webhook(task_id: str):
     rt = _runtime()

@@ -24,7 +24,15 @@ import threading
 import time
 
 from services.config import Config
-from services.errors import JobError, LeaseLost, NotFound, ServiceError, StorageUnavailable, StoreUnavailable
+from services.errors import (
+    InvalidTransition,
+    JobError,
+    LeaseLost,
+    NotFound,
+    ServiceError,
+    StorageUnavailable,
+    StoreUnavailable,
+)
 from services.images import inspect_image
 from services.leases import LeaseKeeper
 from services.limits import Deferred, UpstreamLimiter
@@ -120,14 +128,18 @@ class JobRunner:
             if error is not None:
                 self._after_failure(task, lease, error)
                 return
-            self._store.succeed(
-                task_id,
-                outputs=outputs,
-                text=result.texts,
-                usage=result.usage,
-                upstream_status=status,
-                lease=lease,
-            )
+            try:
+                self._store.succeed(
+                    task_id,
+                    outputs=outputs,
+                    text=result.texts,
+                    usage=result.usage,
+                    upstream_status=status,
+                    lease=lease,
+                )
+            except InvalidTransition:
+                log.info("task %s: finished meanwhile (canceled); its result is dropped", task_id)
+                return
         log.info(
             "task %s: succeeded in %.2fs, %d output(s)", task_id, time.monotonic() - started, len(outputs)
         )
@@ -195,8 +207,8 @@ class JobRunner:
                 return
             self._store.fail(lease, error)
             log.warning("task %s: failed (%s): %s", task_id, error.code, error.message)
-        except LeaseLost:
-            log.warning("task %s: lease lost before its failure was recorded; another worker has it", task_id)
+        except (LeaseLost, InvalidTransition):
+            log.warning("task %s: taken over or canceled before its failure was recorded", task_id)
 
     def _after_refusal(self, task: Task, lease: Lease, error: JobError) -> None:
         """A 429: every worker waits it out (shared cooldown); the task waits too, without using an

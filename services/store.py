@@ -488,6 +488,22 @@ class JobStore:
 
         return self._change_required(lease.task_id, change, known=lease.document)
 
+    def cancel(self, task_id: str) -> Task:
+        """Cancel a queued or running task; a final one raises ``InvalidTransition`` (409).
+
+        A running attempt is closed as ``canceled`` and its lease dropped: the worker's call may still be
+        in flight, but its result is discarded (the task can no longer succeed, and the worker's other
+        transitions need the lease).
+        """
+
+        def change(task: Task, extra: _Extra) -> Task:
+            _check(TaskStatus(task["status"]), TaskStatus.CANCELED)
+            now = now_iso()
+            _close_open_attempt(task, now, outcome="canceled")
+            return _finish(task, TaskStatus.CANCELED, now)
+
+        return self._change_required(task_id, change)
+
     def _require(self, lease: Lease, extra: _Extra) -> None:
         extra.equal.append([self.key("lease", lease.task_id), lease.token])
 

@@ -79,6 +79,11 @@ def test_real_responses_match_the_document(document: dict[str, Any], stack: Stac
         "get",
         stack.http.get(f"{api}/v1/tasks/{task_id}/outputs/9"),
     )
+    check(document, "/v1/tasks/{task_id}/cancel", "post", stack.http.post(f"{api}/v1/tasks/{task_id}/cancel"))
+    canceled = stack.submit(with_directive(delay_ms="1000")).json()["id"]
+    check(
+        document, "/v1/tasks/{task_id}/cancel", "post", stack.http.post(f"{api}/v1/tasks/{canceled}/cancel")
+    )
     check(document, "/healthz", "get", stack.http.get(f"{api}/healthz"))
     check(document, "/readyz", "get", stack.http.get(f"{api}/readyz"))
 

@@ -10,6 +10,7 @@ import boto3
 import pytest
 from PIL import Image
 
+from devstack.processes import wait_until
 from services.store import parse_iso
 from tests.stack import Stack, directive_key, seed_body, with_directive
 
@@ -193,3 +194,20 @@ def test_refusals_hold_the_task_then_fail_at_the_deadline(stack: Stack, script: 
     waited = (parse_iso(task["finished_at"]) - parse_iso(task["created_at"])).total_seconds()
     assert hold - 1 <= waited <= hold + 2
     assert stack.sim_calls(key) == len(task["attempts"]) > stack.config.max_attempts, "429s use no attempt"
+
+
+def test_cancel_a_running_task_drops_its_late_result(stack: Stack) -> None:
+    body = with_directive(delay_ms="1500")
+    task_id = stack.submit(body).json()["id"]
+    wait_until(lambda: stack.task(task_id)["status"] == "running", timeout=10, what="the task to run")
+    response = stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "canceled"
+    # The upstream call was in flight; once it has answered, the task is still canceled, with no outputs.
+    wait_until(lambda: stack.sim_stats()["by_key"].get(directive_key(body)) == 1, timeout=10, what="the call")
+    wait_until(lambda: stack.sim_stats()["in_flight"] == 0, timeout=10, what="the call to end")
+    task = stack.task(task_id)
+    assert task["status"] == "canceled" and task["outputs"] == [] and task["finished_at"]
+    again = stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_transition"
+    missing = stack.http.post(f"{stack.api_url}/v1/tasks/nope/cancel")
+    assert missing.status_code == 404

@@ -150,3 +150,22 @@ def test_a_lease_whose_key_outlives_its_deadline_is_claimed_when_the_key_expires
     assert claimed
     task, _ = begin(store, task_id)
     assert [a["outcome"] for a in task["attempts"]] == ["worker_lost", None]
+
+
+def test_cancel_a_queued_or_running_task_but_not_a_final_one(store: JobStore) -> None:
+    queued = new_task(store, webhook={"url": "http://x.test/", "events": ["canceled"]})
+    assert store.cancel(queued)["status"] == TaskStatus.CANCELED
+    assert queued not in store.active_ids() and begin(store, queued) is None, "its message does nothing"
+    due = [member.decode() for member in store._redis.zrange(store.key("wh", "due"), 0, -1)]
+    assert f"msg_{queued}_canceled" in due
+
+    running = new_task(store)
+    _, lease = begin(store, running)
+    canceled = store.cancel(running)
+    assert [a["outcome"] for a in canceled["attempts"]] == ["canceled"]
+    with pytest.raises((LeaseLost, InvalidTransition)):
+        store.fail(lease, JobError("late"))
+    with pytest.raises(InvalidTransition):
+        store.succeed(running, outputs=[], text=[], usage=None, upstream_status=200)
+    with pytest.raises(InvalidTransition):
+        store.cancel(running)

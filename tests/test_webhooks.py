@@ -533,3 +533,14 @@ def test_webhook_configuration() -> None:
             load_config({name: value})
     with pytest.raises(ConfigError, match="WEBHOOK_LEASE_SECONDS"):
         load_config({"WEBHOOK_TIMEOUT": "30", "WEBHOOK_LEASE_SECONDS": "60"})
+
+
+def test_a_canceled_task_sends_its_canceled_event(stack: Stack, receiver: Receiver) -> None:
+    path = new_path()
+    task_id = submit(stack, receiver.url(path), ["canceled"], body=with_directive(delay_ms="1500"))
+    wait_until(lambda: stack.task(task_id)["status"] == "running", timeout=10, what="the task to run")
+    assert stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel").status_code == 200
+    (request,) = receiver.wait_for(path, 1)
+    assert_verified([request])
+    assert request.webhook_id == f"msg_{task_id}_canceled"
+    assert request.payload["type"] == "task.canceled" and request.payload["data"]["status"] == "canceled"
