@@ -24,6 +24,7 @@ Targets: GET p99 < 100 ms, webhook p99 < 250 ms. A warm-up of one job per genera
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import threading
 import time
@@ -31,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import add_common_arguments, finish, header, new_data, say
+from bench.common import add_common_arguments, finish, header, new_data, profile_dir, profiled, say
 from bench.harness import (
     bench_stack,
     fmt,
@@ -158,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
                 for n, key in enumerate(keys)
             ]
             deadline = time.time() + 120 + 10 * args.jobs * latency_s / args.concurrency
+            profiling = contextlib.ExitStack()
+            if args.profile:
+                workers = {"gen": generation.pid, "hooks": hooks.pid}
+                profiling.enter_context(profiled(workers, profile_dir("p3", "workers")))
             submitted = submit_jobs(stack.api_url, bodies)
             probes = [
                 Probe(stack.api_url, submitted.ids[n], latency_s, args.poll_ms / 1000, deadline)
@@ -168,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
                 target=watch_starts, args=(stack.api_url, probes, args.watch_rate, deadline), daemon=True
             )
             watcher.start()
-            _, final = wait_all_final(stack.api_url, submitted.ids, timeout=deadline - time.time())
+            with profiling:
+                _, final = wait_all_final(stack.api_url, submitted.ids, timeout=deadline - time.time())
             expected = {f"msg_{task_id}_succeeded" for task_id in submitted.ids}
             try:
                 wait_until(lambda: expected <= set(receiver.arrivals), timeout=60, what="every webhook")

@@ -3,11 +3,14 @@
 Objects go to the user's own bucket under deterministic keys (``outputs/{task_id}/{index}.{ext}``), so
 an upload repeated after a crash overwrites the same object instead of leaving strays. Download URLs
 are presigned GETs signed fresh on every read; nothing we hand out depends on an expiring copy.
+Each upload carries the image's SHA-256 as its S3 checksum (the server verifies the body against it)
+and in the object's metadata (``sha256``, hex).
 botocore's errors are mapped to ``StorageUnavailable`` here and go no further.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +47,9 @@ class Storage:
         client_config = botocore.config.Config(
             region_name=config.s3_region,
             signature_version="s3v4",
-            s3={"addressing_style": "path"},
+            # The body's integrity is carried by the SHA-256 checksum we send (below), which the server
+            # verifies; signing the payload too would hash every image a second time (over http).
+            s3={"addressing_style": "path", "payload_signing_enabled": False},
             retries={"mode": "standard", "max_attempts": 5},
             connect_timeout=5,
             read_timeout=60,
@@ -69,21 +74,22 @@ class Storage:
         )
 
     def put_image(self, key: str, data: bytes, info: ImageInfo) -> StoredObject:
-        digest = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data)
         with _mapped_errors("upload"):
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=data,
                 ContentType=info.mime_type,
-                Metadata={"sha256": digest},
+                Metadata={"sha256": digest.hexdigest()},
+                ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
             )
         return StoredObject(
             bucket=self.bucket,
             key=key,
             mime_type=info.mime_type,
             bytes=len(data),
-            sha256=digest,
+            sha256=digest.hexdigest(),
             width=info.width,
             height=info.height,
         )

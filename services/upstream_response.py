@@ -220,38 +220,20 @@ def _loads(body: bytes | bytearray) -> Any:
     """``json.loads(body)``, except that long base64 values (see ``_BASE64_KEYS``) come back as
     memoryviews of the body (ASCII, never unescaped: a value with a backslash is parsed as usual).
 
-    Each ``"data"`` or ``"b64_json"`` key is found with ``find`` (in C, no copy); a long value after it
-    is replaced by a short placeholder in the text given to ``json.loads``, and swapped back for a view
-    of the body by the ``object_hook``. A quote inside a JSON string is always escaped, so an unescaped
-    ``"data"`` followed by a colon is a key; anything else is left to ``json.loads``.
+    A long value of a ``"data"`` or ``"b64_json"`` key (``_long_values``) is replaced by a short
+    placeholder in the text given to ``json.loads``, and swapped back for a view of the body by the
+    ``object_hook``.
     """
     if len(body) < _LONG_VALUE:
         return json.loads(body)
-    cuts: list[tuple[int, int]] = []  # content spans of long values
-    for name in _BASE64_KEYS:
-        key = f'"{name}"'.encode()
-        position = 0
-        while (found := body.find(key, position)) >= 0:
-            position = found + len(key)
-            if _escaped(body, found):
-                continue
-            colon = _skip_whitespace(body, position)
-            if colon >= len(body) or body[colon] != 0x3A:  # ':'
-                continue
-            quote = _skip_whitespace(body, colon + 1)
-            if quote >= len(body) or body[quote] != 0x22:  # '"'
-                continue
-            end = body.find(b'"', quote + 1)
-            if end - quote - 1 >= _LONG_VALUE and body.find(b"\\", quote + 1, end) < 0:
-                cuts.append((quote + 1, end))
-                position = end + 1
+    cuts = _long_values(body)
     if not cuts:
         return json.loads(body)
     view = memoryview(body)
     pieces: list[bytes] = []
     views: dict[str, memoryview] = {}
     copied_to = 0
-    for start, end in sorted(cuts):
+    for start, end in cuts:
         placeholder = f"\x00iq-long-value:{len(views)}"  # what json.loads gives back for it
         views[placeholder] = view[start:end]
         pieces += [bytes(view[copied_to:start]), json.dumps(placeholder)[1:-1].encode()]
@@ -266,6 +248,44 @@ def _loads(body: bytes | bytearray) -> Any:
         return obj
 
     return json.loads(b"".join(pieces), object_hook=restore)
+
+
+def _long_values(body: bytes | bytearray) -> list[tuple[int, int]]:
+    """Content spans of the long, escape-free string values of ``_BASE64_KEYS``, in order.
+
+    The body is walked string by string: a string ends at its first unescaped quote, found with
+    ``find`` (memchr, no copy), so a 2 MB value costs one pass; searching for each key's text instead
+    scanned the whole body once per key. A string followed by a colon is a key (a quote inside a
+    string is always escaped); anything malformed is left to ``json.loads``.
+    """
+    keys = {name.encode() for name in _BASE64_KEYS}
+    cuts: list[tuple[int, int]] = []
+    position = 0
+    while (start := body.find(b'"', position)) >= 0:
+        end = _string_end(body, start + 1)
+        if end < 0:
+            break
+        position = end + 1
+        colon = _skip_whitespace(body, position)
+        if colon >= len(body) or body[colon] != 0x3A or bytes(body[start + 1 : end]) not in keys:  # ':'
+            continue
+        quote = _skip_whitespace(body, colon + 1)
+        if quote >= len(body) or body[quote] != 0x22:  # '"': the value is not a string
+            continue
+        value_end = _string_end(body, quote + 1)
+        if value_end < 0:
+            break
+        if value_end - quote - 1 >= _LONG_VALUE and body.find(b"\\", quote + 1, value_end) < 0:
+            cuts.append((quote + 1, value_end))
+        position = value_end + 1
+    return cuts
+
+
+def _string_end(body: bytes | bytearray, index: int) -> int:
+    """The index of the quote that ends the string whose content starts at ``index`` (-1: none)."""
+    while (end := body.find(b'"', index)) >= 0 and _escaped(body, end):
+        index = end + 1
+    return end
 
 
 def _skip_whitespace(body: bytes | bytearray, index: int) -> int:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import uuid
+from typing import Any
 
 import boto3
 import pytest
 from PIL import Image
 
 from devstack.processes import wait_until
+from services.images import inspect_image
+from services.storage import Storage
 from services.store import parse_iso
 from tests.stack import Stack, directive_key, seed_body, with_directive
 
@@ -61,6 +65,31 @@ def test_seed_example_succeeds_and_its_object_is_in_s3(stack: Stack) -> None:
 
     downloaded = stack.http.get(output["url"])
     assert downloaded.status_code == 200 and downloaded.content == data
+
+
+def test_uploads_carry_their_sha256_as_the_s3_checksum(stack: Stack) -> None:
+    """The server can verify every body against our digest; the payload is not hashed a second time to
+    sign it (``UNSIGNED-PAYLOAD``: the checksum header is signed instead)."""
+    storage = Storage(stack.config)
+    sent: list[dict[str, str]] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        sent.append(
+            {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        )
+
+    storage._client.meta.events.register("before-send.s3.PutObject", capture)
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 2)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    stored = storage.put_image(f"tests/{uuid.uuid4()}.png", data, inspect_image(data))
+    digest = hashlib.sha256(data)
+    assert sent[0]["x-amz-checksum-sha256"] == base64.b64encode(digest.digest()).decode()
+    assert sent[0]["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert "x-amz-checksum-sha256" in sent[0]["authorization"]  # a signed header
+    obj, body = s3_object(stack, stored.key)
+    assert body == data and obj["Metadata"]["sha256"] == stored.sha256 == digest.hexdigest()
+    assert (stored.mime_type, stored.width, stored.height) == ("image/png", 3, 2)
 
 
 def test_output_urls_are_signed_fresh_and_redirect(stack: Stack) -> None:

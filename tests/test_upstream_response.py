@@ -673,6 +673,31 @@ def test_long_base64_is_left_in_the_body_not_copied() -> None:
     assert _loads(b'{"data": "short"}' + b" " * 20_000) == {"data": "short"}
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{"note": "data", "data": "LONG"}',
+        '{"a": "\\"data\\": \\"", "data" : "LONG", "b": "\\\\"}',
+        '{"data": 5, "list": ["data", "b64_json"], "b64_json":\n"LONG"}',
+        '{"data": {"data": "LONG"}, "b64_json": "LONG", "text": "LONG"}',
+        '{"data": "LONG\\/x"}',
+    ],
+)
+def test_long_values_are_found_only_where_json_loads_finds_them(template: str) -> None:
+    from services.upstream_response import _loads
+
+    body = template.replace("LONG", "QUFB" * 5_000).encode()
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, memoryview):
+            return bytes(value).decode()
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return [plain(item) for item in value] if isinstance(value, list) else value
+
+    assert plain(_loads(body)) == json.loads(body)
+
+
 def test_without_pybase64_binascii_decodes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     import services.upstream_response as module
 
