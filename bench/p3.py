@@ -87,6 +87,7 @@ class Probe(threading.Thread):
         self.deadline = deadline
         self.started: float | None = None
         self.seen_at: float | None = None
+        self.sent_at: float | None = None  # when the GET that saw ``succeeded`` was sent
         self.late = False
         self.polls = 0
 
@@ -97,9 +98,11 @@ class Probe(threading.Thread):
         with httpx.Client(base_url=self.api_url, timeout=10) as client:
             while time.time() < self.deadline:
                 self.polls += 1
+                sent_at = time.time()
                 task = client.get(f"/v1/tasks/{self.task_id}").json()
                 if task["status"] == "succeeded":
                     self.seen_at = time.time()
+                    self.sent_at = sent_at
                     self.late = first
                     return
                 first = False
@@ -191,8 +194,10 @@ def run(args: argparse.Namespace) -> int:
         receiver.stop()
 
     finished_by_key = {c["key"]: c["finished"] for c in calls if c.get("key") in set(keys)}
-    store_ms, webhook_ms, get_ms, probe_store_ms = [], [], [], []
-    per_job: list[list[float]] = []  # [upstream finished (epoch s), store ms]
+    store_ms, webhook_ms, get_ms, probe_store_ms, probe_request_ms = [], [], [], [], []
+    per_job: list[
+        list[float]
+    ] = []  # [upstream finished (epoch s), store ms]; per probe: [store, GET, its request] ms
     probe_of = {p.task_id: p for p in probes}
     for key, task_id in zip(keys, submitted.ids, strict=False):
         task, upstream_done = final.get(task_id), finished_by_key.get(key)
@@ -207,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         if probe is not None and probe.seen_at is not None and not probe.late:
             get_ms.append(1000 * (probe.seen_at - upstream_done))
             probe_store_ms.append(store_ms[-1])
+            probe_request_ms.append(1000 * (probe.seen_at - probe.sent_at))
 
     def spread(values: list[float]) -> dict[str, Any]:
         return {
@@ -231,6 +237,11 @@ def run(args: argparse.Namespace) -> int:
         "unverified_signatures": receiver.unverified,
         "targets_ms": {"get_p99": 100, "webhook_p99": 250},
         "per_job": sorted(per_job),
+        "get_request": spread(probe_request_ms),
+        "per_probe": [
+            [round(v, 1) for v in values]
+            for values in zip(probe_store_ms, get_ms, probe_request_ms, strict=True)
+        ],
     }
     finish(data, render, args)
     r = data["results"]
