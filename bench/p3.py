@@ -264,6 +264,7 @@ def render(data: dict[str, Any]) -> str:
                 ["succeeded written (task finished_at)", *_row(r["store"]), "–"],
                 ["the same, probes only", *_row(r["get_probes_store"]), "–"],
                 ["succeeded seen by a GET (probes)", *_row(r["get"]), "p99 < 100"],
+                ["  of which the request that saw it", *_row(r["get_request"]), "–"],
                 ["webhook received", *_row(r["webhook"]), "p99 < 250"],
             ],
         ),
