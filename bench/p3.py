@@ -195,9 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     finished_by_key = {c["key"]: c["finished"] for c in calls if c.get("key") in set(keys)}
     store_ms, webhook_ms, get_ms, probe_store_ms, probe_request_ms = [], [], [], [], []
-    per_job: list[
-        list[float]
-    ] = []  # [upstream finished (epoch s), store ms]; per probe: [store, GET, its request] ms
+    # per job: [upstream finished (epoch s), store ms]; per probe (below): [store, GET, its request] ms
+    per_job: list[list[float]] = []
     probe_of = {p.task_id: p for p in probes}
     for key, task_id in zip(keys, submitted.ids, strict=False):
         task, upstream_done = final.get(task_id), finished_by_key.get(key)

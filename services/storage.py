@@ -75,13 +75,14 @@ class Storage:
 
     def put_image(self, key: str, data: bytes, info: ImageInfo) -> StoredObject:
         digest = hashlib.sha256(data)
+        hex_digest = digest.hexdigest()
         with _mapped_errors("upload"):
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=data,
                 ContentType=info.mime_type,
-                Metadata={"sha256": digest.hexdigest()},
+                Metadata={"sha256": hex_digest},
                 ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
             )
         return StoredObject(
@@ -89,7 +90,7 @@ class Storage:
             key=key,
             mime_type=info.mime_type,
             bytes=len(data),
-            sha256=digest.hexdigest(),
+            sha256=hex_digest,
             width=info.width,
             height=info.height,
         )
