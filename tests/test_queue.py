@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from devstack.processes import start_worker, wait_until
 from services.config import load_config
 from services.queue import GENERATE_TASK, GENERATION_QUEUE, create_celery, generation_message
 from tests.stack import Stack
@@ -59,3 +60,15 @@ def test_generation_message_matches_what_celery_publishes(spare_db: tuple[str, r
     again = _decoded(generation_message("task-1")[1])
     assert again["headers"]["id"] != mine["headers"]["id"]
     assert again["properties"]["delivery_tag"] != mine["properties"]["delivery_tag"]
+
+
+def test_a_worker_sizes_its_clients_for_the_pool_it_runs(stack: Stack) -> None:
+    """``--concurrency`` on the command line wins over ``WORKER_CONCURRENCY`` (16 in the stack): the S3
+    and Redis connection pools are sized for the threads that really run."""
+    env = {**stack.env, "WORKER_CONCURRENCY": "16"}
+    worker = start_worker(env, log_dir=stack.log_dir, name="sized", concurrency=70, queues="sized-idle")
+    try:
+        wait_until(lambda: "clients sized for a pool of" in worker.tail(200), timeout=30, what="the worker")
+        assert "clients sized for a pool of 70" in worker.tail(200)
+    finally:
+        worker.stop()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any
 
 from celery import Celery, Task, shared_task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 
 from services.errors import StoreUnavailable
 from services.queue import GENERATE_TASK, GENERATION_QUEUE, enqueue_generation
@@ -19,6 +20,15 @@ log = logging.getLogger(__name__)
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 _sweeper: Sweeper | None = None
+_pool_size: int | None = None
+
+
+@celeryd_after_setup.connect
+def note_pool_size(sender: Any, instance: Any, **_: Any) -> None:
+    """The pool's real size, before any task runs: ``--concurrency`` on the command line wins over
+    ``WORKER_CONCURRENCY``, and the connection pools (S3, Redis) are sized for that many threads."""
+    global _pool_size
+    _pool_size = instance.concurrency
 
 
 def runtime(app: Celery) -> Runtime:
@@ -26,7 +36,11 @@ def runtime(app: Celery) -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = Runtime(app.conf.iq_config)
+            config = app.conf.iq_config
+            if _pool_size is not None and _pool_size != config.worker_concurrency:
+                config = dataclasses.replace(config, worker_concurrency=_pool_size)
+            _runtime = Runtime(config)
+            log.info("clients sized for a pool of %d", config.worker_concurrency)
         return _runtime
 
 
