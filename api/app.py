@@ -8,7 +8,6 @@ from flask import Flask
 
 from api import errors, routes
 from services.config import Config, load_config
-from services.queue import create_celery
 from services.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -19,7 +18,6 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(MAX_CONTENT_LENGTH=config.max_body_bytes, JSON_SORT_KEYS=False)
     app.extensions["runtime"] = Runtime(config)
-    app.extensions["celery"] = create_celery(config)
     if not config.auth_required:
         log.warning("API_KEYS is unset: the API is open to anyone who can reach it")
     errors.register(app)

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 
 from flask import Blueprint, current_app, jsonify, redirect, request
 
 from api.openapi import openapi_document
-from services.errors import (
-    InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
-    RequestError,
-    ServiceError,
-    Unauthorized,
-    UnsupportedMediaType,
-)
-from services.idempotency import Claim, Replay
-from services.queue import generation_message
+from services.errors import NotFound, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
+from services.records import TaskRecord
 from services.runtime import Runtime
-from services.task_view import task_links, task_view
-from services.validation import Limits, validate_submission
+from services.task_view import task_view
 
 log = logging.getLogger(__name__)
 
@@ -51,63 +40,16 @@ def submit():
             f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}",
             field="Content-Type",
         )
-    raw = _read_body(rt.config.max_body_bytes)
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return _accepted(*_accept(rt, raw, None))
-    claim = rt.idempotency.claim(key, scope=request.headers.get("Authorization", ""), body=raw)
-    if isinstance(claim, Replay):
-        response = _accepted(claim.status, claim.body)
+    accepted = rt.submissions.submit(
+        _read_body(rt.config.max_body_bytes),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        scope=request.headers.get("Authorization", ""),
+    )
+    response = jsonify(accepted.body)
+    response.status_code = accepted.status
+    response.headers["Location"] = accepted.location
+    if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-        return response
-    try:
-        return _accepted(*_accept(rt, raw, claim))
-    except RequestError:
-        # Rejected before anything was stored: the client may fix the body and reuse the key. (On a
-        # store error the key is kept: the task may exist; the pending record expires on its own.)
-        rt.idempotency.release(claim)
-        raise
-
-
-def _accept(rt: Runtime, raw: bytes, claim: Claim | None) -> tuple[int, dict]:
-    """Validate, store and enqueue one submission; return the status and body of the answer.
-
-    The task, its payload and its broker message are written in one transaction (one round trip):
-    stored means enqueued. (A message the broker loses later is found by the sweeper: a queued task
-    whose message is missing.)
-    """
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    limits = Limits(
-        max_input_images=rt.config.max_input_images,
-        max_inline_image_bytes=rt.config.max_inline_image_bytes,
-        allowed_models=rt.config.allowed_models,
-    )
-    submission = validate_submission(body, limits)
-    webhook = rt.webhooks.subscription(submission.webhook_url, submission.webhook_events)
-    payload = json.dumps(submission.upstream_body, separators=(",", ":")).encode()
-
-    def answer(task: dict) -> dict:
-        links = task_links(task["id"], request.host_url)
-        return {"id": task["id"], "status": task["status"], "created_at": task["created_at"], "links": links}
-
-    task = rt.store.create(
-        model=submission.model,
-        payload=payload,
-        metadata=submission.metadata,
-        webhook=webhook,
-        also_set=(lambda task: claim.done_record(202, answer(task))) if claim else None,
-        message=generation_message,
-    )
-    return 202, answer(task)
-
-
-def _accepted(status: int, body: dict):
-    response = jsonify(body)
-    response.status_code = status
-    response.headers["Location"] = body["links"]["self"]
     return response
 
 
@@ -133,19 +75,18 @@ def _read_body(limit: int) -> bytes:
 
 @blueprint.get("/v1/tasks/<task_id>")
 def get_task(task_id: str):
-    rt = _runtime()
-    task = rt.store.get(task_id)
-    deliveries = rt.webhooks.deliveries(task)
-    return jsonify(task_view(task, rt.storage, base_url=request.host_url, deliveries=deliveries))
+    return _task_response(_runtime().store.get(task_id))
 
 
 @blueprint.post("/v1/tasks/<task_id>/cancel")
 def cancel_task(task_id: str):
+    return _task_response(_runtime().store.cancel(task_id))
+
+
+def _task_response(task: TaskRecord):
     rt = _runtime()
-    task = rt.store.cancel(task_id)
-    return jsonify(
-        task_view(task, rt.storage, base_url=request.host_url, deliveries=rt.webhooks.deliveries(task))
-    )
+    deliveries = rt.webhooks.deliveries(task)
+    return jsonify(task_view(task, rt.storage, base_url=rt.config.public_base_url, deliveries=deliveries))
 
 
 @blueprint.post("/v1/tasks/<task_id>/webhook/redeliver")

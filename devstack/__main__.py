@@ -27,7 +27,8 @@ from devstack.processes import (
     start_simulator,
     start_worker,
 )
-from services.config import ConfigError, load_config
+from services.config import load_config
+from services.errors import ConfigError
 from services.storage import Storage
 from services.webhook_signing import load_or_create_secret
 

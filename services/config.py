@@ -13,11 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from services.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A variable is missing or has a value we cannot use."""
 
 
 # Seconds to wait before each delivery attempt of a webhook: the Standard Webhooks schedule (immediately,

@@ -6,12 +6,17 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
 (``raise StoreUnavailable(...) from exc``) and never leak further.
 
     ServiceError                      500 internal_error
+    ├── ConfigError                   500 invalid_config         (a variable has a value we cannot use)
     ├── RequestError                  4xx: the client's request is wrong; nothing is stored
     │   ├── InvalidRequest            400 (invalid_json, invalid_body, missing_field, invalid_field,
-    │   │                                  invalid_base64, unsupported_mime_type, unsupported_model,
-    │   │                                  too_many_images, inline_image_too_large, metadata_too_large)
+    │   │   │                              invalid_base64, unsupported_mime_type, unsupported_model,
+    │   │   │                              too_many_images, inline_image_too_large, metadata_too_large,
+    │   │   │                              invalid_idempotency_key)
+    │   │   ├── WebhooksNotConfigured 400 webhooks_not_configured (WEBHOOK_SIGNING_SECRET is unset)
+    │   │   └── AddressNotAllowed     400 address_not_allowed    (a webhook host we never connect to)
     │   ├── Unauthorized              401 unauthorized
     │   ├── NotFound                  404 not_found
+    │   ├── NoWebhook                 409 no_webhook             (nothing to redeliver)
     │   ├── IdempotencyConflict       409 idempotency_in_progress (the same key is being handled)
     │   ├── IdempotencyKeyReused      422 idempotency_key_reused  (the same key with another body)
     │   ├── UnsupportedMediaType      415 unsupported_media_type
@@ -20,18 +25,28 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
     ├── StorageUnavailable            503 storage_unavailable    (retryable: S3 is down)
     ├── InvalidTransition             409 invalid_transition     (a state change the task's state forbids)
     ├── LeaseLost                     409 lease_lost             (a worker's lease on its task expired)
+    ├── Deferred                      503 deferred               (the upstream limiter asks to wait: the
+    │                                                             task is given back, never shown)
     └── JobError                      why one generation job failed; recorded on the task as ``error``
+        │     codes of its own: worker_lost (its worker died, MAX_ATTEMPTS times), attempts_exhausted,
+        │            storage_unavailable, internal_error
         ├── UpstreamError             the upstream said no, or could not be reached
         │     codes: upstream_rejected (400), upstream_auth (401/403), upstream_not_found (404),
         │            upstream_rate_limited (429), upstream_quota_exhausted (429 per day),
-        │            upstream_unavailable (5xx, timeouts, connection errors)
+        │            upstream_unavailable (5xx, connection errors), upstream_timeout
         └── ResponseError             HTTP 200 but no usable image
               codes: content_blocked, no_image, bad_upstream_response
+
+The HTTP-level refusals Flask makes itself (405 method_not_allowed, 400 bad_request) are shaped the same
+way by ``api/errors.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.records import ErrorRecord
 
 
 class ServiceError(Exception):
@@ -68,6 +83,12 @@ class ServiceError(Exception):
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, field={self.field!r})"
 
 
+class ConfigError(ServiceError):
+    """A variable is missing or has a value we cannot use; the message names it."""
+
+    code = "invalid_config"
+
+
 class RequestError(ServiceError):
     status = 400
     code = "invalid_request"
@@ -78,6 +99,23 @@ class InvalidRequest(RequestError):
     code = "invalid_field"
 
 
+class WebhooksNotConfigured(InvalidRequest):
+    code = "webhooks_not_configured"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "webhooks are not configured on this server (WEBHOOK_SIGNING_SECRET is unset): "
+            "nothing would be signed",
+            field="webhook_url",
+        )
+
+
+class AddressNotAllowed(InvalidRequest):
+    """A webhook's host is, or resolves to, an address we do not deliver to."""
+
+    code = "address_not_allowed"
+
+
 class Unauthorized(RequestError):
     status = 401
     code = "unauthorized"
@@ -86,6 +124,13 @@ class Unauthorized(RequestError):
 class NotFound(RequestError):
     status = 404
     code = "not_found"
+
+
+class NoWebhook(RequestError):
+    """A redeliver asked of a task that has no webhook, or no event yet."""
+
+    status = 409
+    code = "no_webhook"
 
 
 class IdempotencyConflict(RequestError):
@@ -132,6 +177,18 @@ class LeaseLost(ServiceError):
     code = "lease_lost"
 
 
+class Deferred(ServiceError):
+    """The upstream limiter asks for a long wait: give the task back and retry it after ``delay`` s."""
+
+    status = 503
+    code = "deferred"
+    retryable = True
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"the upstream limiter asks to wait {delay:.1f}s")
+        self.delay = delay
+
+
 class JobError(ServiceError):
     """Why one job (or one attempt of it) failed. ``retry_after`` is a hint in seconds, if any."""
 
@@ -150,7 +207,7 @@ class JobError(ServiceError):
         self.upstream_status = upstream_status
         self.retry_after = retry_after
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> ErrorRecord:
         """The ``error`` object stored on a failed task."""
         return {
             "code": self.code,

@@ -1,6 +1,6 @@
 """Idempotent submission: one ``Idempotency-Key`` (per API key), one task, however often it is sent.
 
-A key moves through two records under ``{prefix}:idem:{scope}:{sha256(key)}``:
+A key moves through two records (``services/keys.py``):
 
 - ``pending`` (SET NX, short-lived): a request with this key is being handled. A concurrent request with
   the same key gets 409 ``idempotency_in_progress``. If the API process dies before creating a task,
@@ -24,7 +24,9 @@ from typing import Any
 import redis
 
 from services.errors import IdempotencyConflict, IdempotencyKeyReused, InvalidRequest
-from services.store import mapped_redis_errors
+from services.keys import Keys
+from services.redis_errors import mapped_redis_errors
+from services.serialization import dumps
 
 PENDING_SECONDS = 60
 MAX_KEY_LENGTH = 255
@@ -48,13 +50,13 @@ class Claim:
 
     def done_record(self, status: int, body: dict[str, Any]) -> tuple[str, str, int]:
         record = {"state": "done", "body_hash": self.body_hash, "status": status, "body": body}
-        return self.redis_key, json.dumps(record, separators=(",", ":")), self.ttl
+        return self.redis_key, dumps(record), self.ttl
 
 
 class IdempotencyStore:
-    def __init__(self, client: redis.Redis, prefix: str, ttl: int) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, ttl: int) -> None:
         self._redis = client
-        self._prefix = prefix
+        self._keys = keys
         self._ttl = ttl
 
     def claim(self, key: str, *, scope: str, body: bytes) -> Claim | Replay:
@@ -67,9 +69,9 @@ class IdempotencyStore:
             )
         digest = hashlib.sha256(key.encode()).hexdigest()
         scope_digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
-        redis_key = f"{self._prefix}:idem:{scope_digest}:{digest}"
+        redis_key = self._keys.idempotency(scope_digest, digest)
         body_hash = hashlib.sha256(body).hexdigest()
-        pending = json.dumps({"state": "pending", "body_hash": body_hash})
+        pending = dumps({"state": "pending", "body_hash": body_hash})
         with mapped_redis_errors():
             if self._redis.set(redis_key, pending, nx=True, ex=PENDING_SECONDS):
                 return Claim(redis_key, body_hash, self._ttl)

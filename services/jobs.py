@@ -23,8 +23,10 @@ import socket
 import threading
 import time
 
+from services.clock import parse_iso
 from services.config import Config
 from services.errors import (
+    Deferred,
     InvalidTransition,
     JobError,
     LeaseLost,
@@ -35,9 +37,10 @@ from services.errors import (
 )
 from services.images import inspect_image
 from services.leases import LeaseKeeper
-from services.limits import Deferred, UpstreamLimiter
+from services.limits import UpstreamLimiter
+from services.records import OutputRecord, TaskRecord
 from services.storage import Storage, output_key
-from services.store import FREE_ERROR_CODES, Attempt, JobStore, Lease, Task, attempts_used, parse_iso
+from services.store import Attempt, GiveUp, JobStore, Lease
 from services.upstream_client import UpstreamClient
 from services.upstream_response import UpstreamResult, encode_result, parse_success
 
@@ -47,6 +50,36 @@ log = logging.getLogger(__name__)
 def worker_name() -> str:
     """Who runs an attempt: host, process and thread, as recorded on the attempt."""
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+# Errors that cost the upstream nothing and are waited out instead of using up a task's attempts.
+FREE_ERROR_CODES = frozenset({"upstream_rate_limited", "upstream_quota_exhausted"})
+
+
+def attempts_used(task: TaskRecord) -> int:
+    """The attempts that count against MAX_ATTEMPTS: all but those refused for rate or quota."""
+    return sum(1 for attempt in task["attempts"] if attempt["error_code"] not in FREE_ERROR_CODES)
+
+
+def out_of_attempts(max_attempts: int) -> GiveUp:
+    """The policy the store applies as an attempt is about to start: a task that has used
+    ``max_attempts`` fails with its last attempt's error instead (``retryable``: it might succeed if
+    submitted again)."""
+
+    def give_up(task: TaskRecord) -> JobError | None:
+        if attempts_used(task) < max_attempts:
+            return None
+        last = task["attempts"][-1] if task["attempts"] else None
+        code = (last["error_code"] if last else None) or "attempts_exhausted"
+        return JobError(
+            f"gave up after {len(task['attempts'])} attempts; the last ended with "
+            f"{(last['error_code'] if last else None) or 'no error code'}",
+            code=code,
+            retryable=True,
+            upstream_status=last["upstream_status"] if last else None,
+        )
+
+    return give_up
 
 
 def backoff_delay(attempt: int, config: Config, hint: float | None = None) -> float:
@@ -92,9 +125,9 @@ class JobRunner:
     def _attempt(self, task_id: str) -> None:
         attempt = self._store.start_attempt(
             task_id,
-            max_attempts=self._config.max_attempts,
             worker=worker_name(),
             lease_seconds=self._config.task_lease_seconds,
+            give_up=out_of_attempts(self._config.max_attempts),
         )
         if attempt is None:
             log.info("task %s: nothing to run (final, running elsewhere, or out of attempts)", task_id)
@@ -160,7 +193,7 @@ class JobRunner:
         status, body = self._upstream.generate(attempt.payload)
         return status, False, parse_success(body)
 
-    def _store_outputs_or_save(self, task_id: str, saved: bool, result: UpstreamResult) -> list[dict]:
+    def _store_outputs_or_save(self, task_id: str, saved: bool, result: UpstreamResult) -> list[OutputRecord]:
         """Upload the outputs; if storage fails, keep the paid-for answer in the store first, so that
         the retry uploads it instead of calling the upstream again."""
         try:
@@ -170,8 +203,8 @@ class JobRunner:
                 self._store.save_result(task_id, encode_result(result))
             raise
 
-    def _store_outputs(self, task_id: str, result: UpstreamResult) -> list[dict]:
-        outputs = []
+    def _store_outputs(self, task_id: str, result: UpstreamResult) -> list[OutputRecord]:
+        outputs: list[OutputRecord] = []
         for index, part in enumerate(result.images):
             data = part.data if part.data is not None else self._upstream.download(part.url or "")
             info = inspect_image(data)
@@ -190,7 +223,7 @@ class JobRunner:
             )
         return outputs
 
-    def _after_failure(self, task: Task, lease: Lease, error: JobError) -> None:
+    def _after_failure(self, task: TaskRecord, lease: Lease, error: JobError) -> None:
         task_id = task["id"]
         config = self._config
         try:
@@ -210,7 +243,7 @@ class JobRunner:
         except (LeaseLost, InvalidTransition):
             log.warning("task %s: taken over or canceled before its failure was recorded", task_id)
 
-    def _after_refusal(self, task: Task, lease: Lease, error: JobError) -> None:
+    def _after_refusal(self, task: TaskRecord, lease: Lease, error: JobError) -> None:
         """A 429: every worker waits it out (shared cooldown); the task waits too, without using an
         attempt, until UPSTREAM_HOLD_SECONDS after its creation, then fails with the 429's code."""
         config = self._config

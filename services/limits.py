@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import redis
 
-from services.errors import ServiceError
-from services.store import mapped_redis_errors
+from services import clock
+from services.errors import Deferred
+from services.keys import Keys
+from services.redis_errors import mapped_redis_errors
 
 # KEYS: slots, cooldown, bucket. ARGV: now ms, token, hold ms, max slots (0 = none), rate per minute
 # (0 = none). Returns 0 when the slot was taken, else how many ms to wait before asking again.
@@ -64,16 +66,6 @@ return 1
 """
 
 
-class Deferred(ServiceError):
-    """The limiter asks for a long wait: give the task back and retry it after ``delay`` seconds."""
-
-    code = "deferred"
-
-    def __init__(self, delay: float) -> None:
-        super().__init__(f"the upstream limiter asks to wait {delay:.1f}s")
-        self.delay = delay
-
-
 @dataclass(frozen=True)
 class LimiterSettings:
     max_concurrency: int
@@ -83,19 +75,19 @@ class LimiterSettings:
 
 
 class UpstreamLimiter:
-    def __init__(self, client: redis.Redis, prefix: str, settings: LimiterSettings) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, settings: LimiterSettings) -> None:
         self._redis = client
         self._settings = settings
-        self._slots = f"{prefix}:limit:slots"
-        self._cooldown = f"{prefix}:limit:cooldown"
-        self._bucket = f"{prefix}:limit:bucket"
+        self._slots = keys.limiter_slots
+        self._cooldown = keys.limiter_cooldown
+        self._bucket = keys.limiter_bucket
         self._acquire = client.register_script(_ACQUIRE)
         self._cool_down = client.register_script(_COOL_DOWN)
 
     def renew(self, token: str) -> bool:
         if self._settings.max_concurrency <= 0:
             return True
-        deadline = _now_ms() + round(self._settings.hold_seconds * 1000)
+        deadline = clock.now_ms() + clock.ms(self._settings.hold_seconds)
         with mapped_redis_errors():
             return bool(self._redis.zadd(self._slots, {token: deadline}, xx=True, ch=True))
 
@@ -107,16 +99,7 @@ class UpstreamLimiter:
     def cool_down(self, seconds: float) -> None:
         """Make every worker wait ``seconds`` before its next call (a 429's retryDelay)."""
         with mapped_redis_errors():
-            self._cool_down(keys=[self._cooldown], args=[_now_ms() + round(seconds * 1000)])
-
-    def cooldown_remaining(self) -> float:
-        with mapped_redis_errors():
-            until = self._redis.get(self._cooldown)
-        return max(0.0, (int(until) - _now_ms()) / 1000) if until else 0.0
-
-    def in_use(self) -> int:
-        with mapped_redis_errors():
-            return self._redis.zcount(self._slots, _now_ms(), "+inf")
+            self._cool_down(keys=[self._cooldown], args=[clock.now_ms() + clock.ms(seconds)])
 
     def acquire(self, token: str) -> None:
         """Take one upstream slot for ``token``: wait briefly in this thread, or raise ``Deferred``."""
@@ -128,9 +111,9 @@ class UpstreamLimiter:
                 wait_ms = self._acquire(
                     keys=[self._slots, self._cooldown, self._bucket],
                     args=[
-                        _now_ms(),
+                        clock.now_ms(),
                         token,
-                        round(settings.hold_seconds * 1000),
+                        clock.ms(settings.hold_seconds),
                         settings.max_concurrency,
                         settings.rate_per_minute,
                     ],
@@ -145,7 +128,3 @@ class UpstreamLimiter:
             if time.monotonic() + wait > deadline:
                 raise Deferred(max(wait, 0.05))
             time.sleep(wait)
-
-
-def _now_ms() -> int:
-    return round(time.time() * 1000)

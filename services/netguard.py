@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from services.errors import InvalidRequest, ServiceError
+from services.errors import AddressNotAllowed, InvalidRequest
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[..., list[tuple[Any, ...]]]
@@ -46,13 +46,6 @@ METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
     ipaddress.ip_address(address) for address in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class AddressNotAllowed(ServiceError):
-    """A webhook's host is, or resolves to, an address we do not deliver to."""
-
-    status = 400
-    code = "address_not_allowed"
 
 
 def forbidden_reason(address: IPAddress, *, allow_private: bool = False) -> str | None:

@@ -1,30 +1,16 @@
 """The job store: task records and request payloads in Redis, and every state change of a task.
 
-A task record is one JSON document under ``{prefix}:task:{id}``; its request payload (the upstream's
-body, possibly megabytes of base64) lives beside it under ``{prefix}:payload:{id}`` so that reading a
-task never drags the payload along, and the Celery message carries only the id.
+The keys and what they hold are drawn in ``services/keys.py``; the records' shapes are in
+``services/records.py``.
 
 Every change goes through ``_write``: read the document (or take the one the caller last wrote: a
 lease carries it), let a pure function compute the next one (``_check`` enforces
 ``ALLOWED_TRANSITIONS``), and write it with one compare-and-set script, retrying on a fresh read if
 another process changed the task in between. No other code writes a task. The same script applies, in
-the same atomic step, what follows from the change (``_consequences``), so that a crash can never split
-a state change from its bookkeeping:
-
-- ``{prefix}:active``    set of the ids of tasks that are not final (what the reaper scans);
-- ``{prefix}:queued``    sorted set: id of a queued task whose message was sent → when (ms); one that
-                          waits too long while the broker's queue is empty lost its message;
-- ``{prefix}:delayed``   sorted set: id of a task waiting for a retry → when it is due (ms); the sweeper
-                          enqueues it then (no Celery countdown, which a dying worker would take along);
-- ``{prefix}:running``   sorted set: id of a running task → its lease's deadline (ms);
-- ``{prefix}:result:{id}`` the upstream's answer, saved when its outputs could not be uploaded and kept
-                          until the task is final, so that the retry after a storage failure never calls
-                          (and pays) the upstream again (``JobRunner``; read with the task when an
-                          attempt starts);
-- ``{prefix}:lease:{id}`` the running attempt's lease, taken atomically with the move to running, so that
-                          two deliveries of one task never call the upstream at the same time;
-- ``{prefix}:wh:event:{event id}`` and ``{prefix}:wh:due``: the webhook outbox, one event per status the
-                          task's webhook asked for, written with the change that caused it.
+the same atomic step, what follows from the change (``_consequences``): the bookkeeping sets (active,
+queued, delayed, running), the lease, the saved answer, the retention of a final task, and the webhook
+event the change causes (its format is the outbox's: ``services/webhooks/outbox.py``), so that a crash
+can never split a state change from its bookkeeping.
 
     queued ──► running ──► succeeded
       ▲  │        │  └───► failed
@@ -39,18 +25,20 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import redis
 
-from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, StoreUnavailable
-
-Task = dict[str, Any]
+from services import clock
+from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
+from services.keys import Keys
+from services.records import AttemptRecord, ErrorRecord, OutputRecord, TaskRecord, WebhookSubscription
+from services.redis_errors import mapped_redis_errors
+from services.serialization import dumps
+from services.webhooks.outbox import event_for_change
 
 
 class TaskStatus(StrEnum):
@@ -79,23 +67,21 @@ ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.CANCELED: frozenset(),
 }
 
-WEBHOOK_EVENTS = ("running", "succeeded", "failed", "canceled")
-
-# KEYS[1]: the task. ARGV[1]: the document expected there, ARGV[2]: the new one, ARGV[3]: JSON
-# {"absent": [keys that must not exist], "equal": [[key, value], ...], "writes": [[command, args...]]}.
-# Returns 1 when written, 0 when the task changed meanwhile, -1 when a key that must be absent exists,
-# -2 when a key does not hold the value it must.
+# KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
+# there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "equal": [[key index, value]],
+# "writes": [[command, key index, args...]]}, indexes into KEYS. Returns 1 when written, 0 when the task
+# changed meanwhile, -1 when a key that must be absent exists, -2 when a key does not hold its value.
 _COMPARE_AND_SET = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local extra = cjson.decode(ARGV[3])
-for _, key in ipairs(extra.absent) do
-  if redis.call('EXISTS', key) == 1 then return -1 end
+for _, index in ipairs(extra.absent) do
+  if redis.call('EXISTS', KEYS[index]) == 1 then return -1 end
 end
 for _, pair in ipairs(extra.equal) do
-  if redis.call('GET', pair[1]) ~= pair[2] then return -2 end
+  if redis.call('GET', KEYS[pair[1]]) ~= pair[2] then return -2 end
 end
 redis.call('SET', KEYS[1], ARGV[2])
-for _, command in ipairs(extra.writes) do redis.call(unpack(command)) end
+for _, write in ipairs(extra.writes) do redis.call(write[1], KEYS[write[2]], unpack(write, 3)) end
 return 1
 """
 
@@ -110,21 +96,26 @@ end
 return members
 """
 
-# KEYS[1]: the running set. ARGV: now (ms), the score claimed members get (ms), limit, the lease key prefix.
-# A member whose lease key is still there is not claimed: its score in the set ran ahead of the key's
-# expiry (the deadline is computed just before the renewal sets the key's TTL), so it moves to when
-# the key expires. Claimed, its next attempt would find the lease still held and drop the task for
-# another whole lease.
+# KEYS[1]: the running set, KEYS[2..]: the lease key of each candidate, ARGV[3..] the candidates (in
+# the same order). ARGV[1]: now (ms), ARGV[2]: the score claimed members get (ms). A candidate is
+# claimed if its deadline is still past and its lease key is gone. One whose key is still there is not:
+# its score ran ahead of the key's expiry (the deadline is computed just before the renewal sets the
+# key's TTL), so it moves to when the key expires; claimed, its next attempt would find the lease still
+# held and drop the task for another whole lease.
 _CLAIM_EXPIRED = """
-local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local now = tonumber(ARGV[1])
 local claimed = {}
-for _, member in ipairs(members) do
-  local ttl = redis.call('PTTL', ARGV[4] .. member)
-  if ttl > 0 then
-    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + ttl, member)
-  else
-    redis.call('ZADD', KEYS[1], ARGV[2], member)
-    claimed[#claimed + 1] = member
+for index = 3, #ARGV do
+  local member = ARGV[index]
+  local score = redis.call('ZSCORE', KEYS[1], member)
+  if score and tonumber(score) <= now then
+    local ttl = redis.call('PTTL', KEYS[index - 1])
+    if ttl > 0 then
+      redis.call('ZADD', KEYS[1], now + ttl, member)
+    else
+      redis.call('ZADD', KEYS[1], ARGV[2], member)
+      claimed[#claimed + 1] = member
+    end
   end
 end
 return claimed
@@ -140,29 +131,9 @@ return 1
 """
 
 
-def now_iso() -> str:
-    return _iso(time.time())
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_iso(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _epoch_ms(value: str) -> int:
-    return round(parse_iso(value).timestamp() * 1000)
-
-
 def new_task_id() -> str:
     """An unguessable id: a random UUID4 (122 random bits)."""
     return str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -185,17 +156,45 @@ class Attempt:
     """A started attempt and what it needs, read in the same round trip as the task: the request
     payload (None if it is missing) and the upstream answer an earlier attempt saved (usually None)."""
 
-    task: Task
+    task: TaskRecord
     lease: Lease
     payload: bytes | None
     saved_result: bytes | None
 
 
-@dataclass
-class _Extra:
-    absent: list[str] = field(default_factory=list)
-    equal: list[list[str]] = field(default_factory=list)
-    writes: list[list[str]] = field(default_factory=list)
+# Decides, when an attempt is about to start, that the task must fail instead (the job runner's policy:
+# its attempts are used up); None lets it run.
+GiveUp = Callable[[TaskRecord], JobError | None]
+
+
+class _Change:
+    """What a change writes besides the record, every key it touches declared (``_COMPARE_AND_SET``)."""
+
+    def __init__(self, task_key: str) -> None:
+        self.keys = [task_key]
+        self.absent: list[int] = []
+        self.equal: list[tuple[int, str]] = []
+        self.writes: list[list[str | int]] = []
+
+    def _index(self, key: str) -> int:
+        if key not in self.keys:
+            self.keys.append(key)
+        return self.keys.index(key) + 1  # Lua counts from 1
+
+    def require_absent(self, key: str) -> None:
+        self.absent.append(self._index(key))
+
+    def require_value(self, key: str, value: str) -> None:
+        self.equal.append((self._index(key), value))
+
+    def write(self, command: str, key: str, *args: str | int) -> None:
+        self.writes.append([command, self._index(key), *(str(arg) for arg in args)])
+
+    def encoded(self) -> str:
+        return dumps({"absent": self.absent, "equal": self.equal, "writes": self.writes})
+
+
+Transition = Callable[[TaskRecord, _Change], TaskRecord | None]
 
 
 class JobStore:
@@ -208,7 +207,7 @@ class JobStore:
         payload_retention: int = 86400,
     ) -> None:
         self._redis = client
-        self._prefix = prefix
+        self.keys = Keys(prefix)
         self._task_retention = task_retention
         self._payload_retention = payload_retention
         self._cas = client.register_script(_COMPARE_AND_SET)
@@ -216,54 +215,45 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._claim_expired = client.register_script(_CLAIM_EXPIRED)
 
-    # keys -------------------------------------------------------------------------------------------
-    def key(self, *parts: str) -> str:
-        return ":".join((self._prefix, *parts))
-
     # reads ------------------------------------------------------------------------------------------
-    def get(self, task_id: str) -> Task:
+    def get(self, task_id: str) -> TaskRecord:
         with mapped_redis_errors():
-            raw = self._redis.get(self.key("task", task_id))
+            raw = self._redis.get(self.keys.task(task_id))
         if raw is None:
             raise NotFound(f"no task with id {task_id!r}", field="id")
-        return json.loads(raw)
-
-    def load_payload(self, task_id: str) -> bytes:
-        with mapped_redis_errors():
-            raw = self._redis.get(self.key("payload", task_id))
-        if raw is None:
-            raise NotFound(f"the payload of task {task_id!r} is missing", field="id")
-        return raw
-
-    def active_ids(self) -> set[str]:
-        with mapped_redis_errors():
-            return {member.decode() for member in self._redis.smembers(self.key("active"))}
-
-    def load_result(self, task_id: str) -> bytes | None:
-        """The upstream's answer saved by an earlier attempt, if the task has one."""
-        with mapped_redis_errors():
-            return self._redis.get(self.key("result", task_id))
+        task: TaskRecord = json.loads(raw)
+        return task
 
     def save_result(self, task_id: str, body: bytes) -> None:
+        """Keep an upstream answer whose outputs could not be stored, until the task is final."""
         with mapped_redis_errors():
-            self._redis.set(self.key("result", task_id), body, ex=self._payload_retention)
+            self._redis.set(self.keys.result(task_id), body, ex=self._payload_retention)
+
+    def ping(self) -> None:
+        with mapped_redis_errors():
+            self._redis.ping()
 
     # what the sweeper claims: each member is handed to one caller only -------------------------------
     def claim_due_retries(self, limit: int = 500) -> list[str]:
         """Tasks whose retry is due now; they move to ``queued`` and the caller must enqueue them."""
-        now = _now_ms()
-        return self._claim_members("delayed", "queued", now, now, limit)
+        now = clock.now_ms()
+        return self._claim_members(self.keys.delayed, self.keys.queued, now, now, limit)
 
     def claim_expired_leases(self, lease_seconds: float, limit: int = 500) -> list[str]:
         """Running tasks whose lease expired (their worker is gone); the caller must enqueue them.
 
         Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile. One whose
-        lease key has not expired yet is left for when it has (``_CLAIM_EXPIRED``).
+        lease key has not expired yet is left for when it has (``_CLAIM_EXPIRED``). The candidates are
+        read first, so that the script is given every key it touches.
         """
-        now = _now_ms()
-        args = [now, now + _ms(lease_seconds), limit, self.key("lease", "")]
+        now = clock.now_ms()
         with mapped_redis_errors():
-            members = self._claim_expired(keys=[self.key("running")], args=args)
+            found = self._redis.zrangebyscore(self.keys.running, "-inf", now, start=0, num=limit)
+            if not found:
+                return []
+            candidates = [member.decode() for member in found]
+            keys = [self.keys.running, *(self.keys.lease(task_id) for task_id in candidates)]
+            members = self._claim_expired(keys=keys, args=[now, now + clock.ms(lease_seconds), *candidates])
         return [member.decode() for member in members]
 
     def claim_lost_messages(self, older_than: float, limit: int = 500) -> list[str]:
@@ -271,17 +261,14 @@ class JobStore:
 
         Call only when the broker's queue is empty: then such a task's message was lost.
         """
-        now = _now_ms()
-        return self._claim_members("queued", "queued", now - _ms(older_than), now, limit)
+        now = clock.now_ms()
+        queued = self.keys.queued
+        return self._claim_members(queued, queued, now - clock.ms(older_than), now, limit)
 
     def _claim_members(self, source: str, target: str, max_score: int, score: int, limit: int) -> list[str]:
         with mapped_redis_errors():
-            members = self._claim(keys=[self.key(source), self.key(target)], args=[max_score, score, limit])
+            members = self._claim(keys=[source, target], args=[max_score, score, limit])
         return [member.decode() for member in members]
-
-    def ping(self) -> None:
-        with mapped_redis_errors():
-            self._redis.ping()
 
     # creation ---------------------------------------------------------------------------------------
     def create(
@@ -290,10 +277,10 @@ class JobStore:
         model: str,
         payload: bytes,
         metadata: dict[str, Any] | None,
-        webhook: dict[str, Any] | None = None,
-        also_set: Callable[[Task], tuple[str, str, int]] | None = None,
+        webhook: WebhookSubscription | None = None,
+        also_set: Callable[[TaskRecord], tuple[str, str, int]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
-    ) -> Task:
+    ) -> TaskRecord:
         """Store a new queued task and its payload atomically; return the record.
 
         ``also_set(task)`` may name one more record (key, value, ttl) to write in the same transaction;
@@ -302,11 +289,11 @@ class JobStore:
         """
         task_id = new_task_id()
         now = time.time()
-        task: Task = {
+        task: TaskRecord = {
             "id": task_id,
             "status": TaskStatus.QUEUED.value,
             "model": model,
-            "created_at": _iso(now),
+            "created_at": clock.iso(now),
             "started_at": None,
             "finished_at": None,
             "attempts": [],
@@ -320,10 +307,10 @@ class JobStore:
         }
         with mapped_redis_errors():
             pipe = self._redis.pipeline(transaction=True)
-            pipe.set(self.key("payload", task_id), payload)
-            pipe.set(self.key("task", task_id), _dump(task))
-            pipe.sadd(self.key("active"), task_id)
-            pipe.zadd(self.key("queued"), {task_id: round(now * 1000)})
+            pipe.set(self.keys.payload(task_id), payload)
+            pipe.set(self.keys.task(task_id), dumps(task))
+            pipe.sadd(self.keys.active, task_id)
+            pipe.zadd(self.keys.queued, {task_id: round(now * 1000)})
             if also_set is not None:
                 key, value, ttl = also_set(task)
                 pipe.set(key, value, ex=ttl)
@@ -336,24 +323,14 @@ class JobStore:
     def renew_lease(self, lease: Lease) -> bool:
         """Extend a lease its holder still has; False when it was lost (expired and maybe taken)."""
         with mapped_redis_errors():
-            deadline = _now_ms() + _ms(lease.seconds)
-            keys = [self.key("lease", lease.task_id), self.key("running")]
-            return bool(
-                self._renew(keys=keys, args=[lease.token, _ms(lease.seconds), deadline, lease.task_id])
-            )
+            deadline = clock.now_ms() + clock.ms(lease.seconds)
+            keys = [self.keys.lease(lease.task_id), self.keys.running]
+            args = [lease.token, clock.ms(lease.seconds), deadline, lease.task_id]
+            return bool(self._renew(keys=keys, args=args))
 
     # transitions ------------------------------------------------------------------------------------
-    def begin_attempt(
-        self, task_id: str, *, max_attempts: int, worker: str, lease_seconds: float
-    ) -> tuple[Task, Lease] | None:
-        """``start_attempt`` without the payload: (task, lease), or None when there is nothing to run."""
-        attempt = self.start_attempt(
-            task_id, max_attempts=max_attempts, worker=worker, lease_seconds=lease_seconds
-        )
-        return None if attempt is None else (attempt.task, attempt.lease)
-
     def start_attempt(
-        self, task_id: str, *, max_attempts: int, worker: str, lease_seconds: float
+        self, task_id: str, *, worker: str, lease_seconds: float, give_up: GiveUp
     ) -> Attempt | None:
         """Move a task to running with a new attempt and a lease; None when there is nothing to run.
 
@@ -362,34 +339,24 @@ class JobStore:
 
         A final task (a redelivered message) is left alone, and so is a task whose lease another worker
         holds. A task found ``running`` without a lease lost its worker: that attempt is closed as
-        ``worker_lost``. A task that has used all its attempts fails instead.
+        ``worker_lost``. A task that ``give_up`` says must not run again fails with its error instead.
         """
         lease = Lease(task_id, f"{worker}:{secrets.token_hex(8)}", lease_seconds)
+        lease_key = self.keys.lease(task_id)
 
-        def change(task: Task, extra: _Extra) -> Task | None:
+        def change(task: TaskRecord, extra: _Change) -> TaskRecord | None:
             status = TaskStatus(task["status"])
             if status.is_final:
                 return None
-            lease_key = self.key("lease", task_id)
-            extra.absent.append(lease_key)  # another worker's live attempt: leave the task alone
-            now = now_iso()
+            extra.require_absent(lease_key)  # another worker's live attempt: leave the task alone
+            now = clock.now_iso()
             _close_open_attempt(task, now, outcome="worker_lost", error_code="worker_lost")
-            if attempts_used(task) >= max_attempts:
-                last = task["attempts"][-1] if task["attempts"] else {}
-                error = {
-                    "code": last.get("error_code") or "attempts_exhausted",
-                    "message": f"gave up after {len(task['attempts'])} attempts; the last ended with "
-                    f"{last.get('error_code') or 'no error code'}",
-                    "retryable": True,
-                    "upstream_status": last.get("upstream_status"),
-                }
-                return _finish(task, TaskStatus.FAILED, now, error=error)
+            error = give_up(task)
+            if error is not None:
+                return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
             _check(status, TaskStatus.RUNNING)
-            deadline = _now_ms() + _ms(lease_seconds)
-            extra.writes += [
-                ["SET", lease_key, lease.token, "PX", str(_ms(lease_seconds))],
-                ["ZADD", self.key("running"), str(deadline), task_id],
-            ]
+            extra.write("SET", lease_key, lease.token, "PX", clock.ms(lease_seconds))
+            extra.write("ZADD", self.keys.running, clock.now_ms() + clock.ms(lease_seconds), task_id)
             task["status"] = TaskStatus.RUNNING.value
             task["started_at"] = task["started_at"] or now
             task["next_attempt_at"] = None
@@ -409,28 +376,27 @@ class JobStore:
 
         with mapped_redis_errors():
             pipe = self._redis.pipeline(transaction=False)
-            pipe.get(self.key("task", task_id))
-            pipe.get(self.key("payload", task_id))
-            pipe.get(self.key("result", task_id))
+            pipe.get(self.keys.task(task_id))
+            pipe.get(self.keys.payload(task_id))
+            pipe.get(self.keys.result(task_id))
             raw, payload, saved = pipe.execute()
         if raw is None:
             raise NotFound(f"no task with id {task_id!r}", field="id")
         task, document = self._write(task_id, change, known=raw)
         if task is None or task["status"] != TaskStatus.RUNNING:
             return None
-        lease = Lease(lease.task_id, lease.token, lease.seconds, document=document)
-        return Attempt(task, lease, payload, saved)
+        return Attempt(task, Lease(task_id, lease.token, lease_seconds, document=document), payload, saved)
 
     def succeed(
         self,
         task_id: str,
         *,
-        outputs: list[dict[str, Any]],
+        outputs: list[OutputRecord],
         text: list[str],
         usage: dict[str, Any] | None,
         upstream_status: int | None,
         lease: Lease | None = None,
-    ) -> Task:
+    ) -> TaskRecord:
         """Close the running attempt as succeeded.
 
         ``lease``: the attempt's, whose document saves reading the record first (one round trip when
@@ -438,49 +404,53 @@ class JobStore:
         already paid for is recorded as long as the task can still succeed.
         """
 
-        def change(task: Task, extra: _Extra) -> Task:
+        def change(task: TaskRecord, extra: _Change) -> TaskRecord:
             _check(TaskStatus(task["status"]), TaskStatus.SUCCEEDED)
-            now = now_iso()
+            now = clock.now_iso()
             _close_open_attempt(task, now, outcome="succeeded", upstream_status=upstream_status)
             task.update(outputs=outputs, text=text, usage=usage, error=None)
             return _finish(task, TaskStatus.SUCCEEDED, now)
 
         return self._change_required(task_id, change, known=lease.document if lease else None)
 
-    def schedule_retry(self, lease: Lease, error: JobError, *, delay: float) -> Task:
+    def schedule_retry(self, lease: Lease, error: JobError, *, delay: float) -> TaskRecord:
         """Close the running attempt as failed-but-retryable and put the task back in the queue."""
 
-        def change(task: Task, extra: _Extra) -> Task:
+        def change(task: TaskRecord, extra: _Change) -> TaskRecord:
             self._require(lease, extra)
             _check(TaskStatus(task["status"]), TaskStatus.QUEUED)
             now = time.time()
             _close_open_attempt(
-                task, _iso(now), outcome="retry", error_code=error.code, upstream_status=error.upstream_status
+                task,
+                clock.iso(now),
+                outcome="retry",
+                error_code=error.code,
+                upstream_status=error.upstream_status,
             )
             task["status"] = TaskStatus.QUEUED.value
-            task["next_attempt_at"] = _iso(now + delay)
+            task["next_attempt_at"] = clock.iso(now + delay)
             return task
 
         return self._change_required(lease.task_id, change, known=lease.document)
 
-    def postpone(self, task_id: str, *, delay: float) -> Task | None:
+    def postpone(self, task_id: str, *, delay: float) -> TaskRecord | None:
         """Retry a queued task after ``delay`` s (the limiter asked to wait); None if it is not queued."""
 
-        def change(task: Task, extra: _Extra) -> Task | None:
+        def change(task: TaskRecord, extra: _Change) -> TaskRecord | None:
             if task["status"] != TaskStatus.QUEUED:
                 return None
-            task["next_attempt_at"] = _iso(time.time() + delay)
+            task["next_attempt_at"] = clock.iso(time.time() + delay)
             return task
 
-        return self._change(task_id, change)
+        return self._write(task_id, change)[0]
 
-    def fail(self, lease: Lease, error: JobError) -> Task:
+    def fail(self, lease: Lease, error: JobError) -> TaskRecord:
         """Fail the task its holder is running, with ``error``."""
 
-        def change(task: Task, extra: _Extra) -> Task:
+        def change(task: TaskRecord, extra: _Change) -> TaskRecord:
             self._require(lease, extra)
             _check(TaskStatus(task["status"]), TaskStatus.FAILED)
-            now = now_iso()
+            now = clock.now_iso()
             _close_open_attempt(
                 task, now, outcome="failed", error_code=error.code, upstream_status=error.upstream_status
             )
@@ -488,7 +458,7 @@ class JobStore:
 
         return self._change_required(lease.task_id, change, known=lease.document)
 
-    def cancel(self, task_id: str) -> Task:
+    def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a queued or running task; a final one raises ``InvalidTransition`` (409).
 
         A running attempt is closed as ``canceled`` and its lease dropped: the worker's call may still be
@@ -496,54 +466,47 @@ class JobStore:
         transitions need the lease).
         """
 
-        def change(task: Task, extra: _Extra) -> Task:
+        def change(task: TaskRecord, extra: _Change) -> TaskRecord:
             _check(TaskStatus(task["status"]), TaskStatus.CANCELED)
-            now = now_iso()
+            now = clock.now_iso()
             _close_open_attempt(task, now, outcome="canceled")
             return _finish(task, TaskStatus.CANCELED, now)
 
         return self._change_required(task_id, change)
 
-    def _require(self, lease: Lease, extra: _Extra) -> None:
-        extra.equal.append([self.key("lease", lease.task_id), lease.token])
+    def _require(self, lease: Lease, extra: _Change) -> None:
+        extra.require_value(self.keys.lease(lease.task_id), lease.token)
 
     # the one writer ---------------------------------------------------------------------------------
     def _change_required(
-        self, task_id: str, change: Callable[[Task, _Extra], Task], *, known: str | bytes | None = None
-    ) -> Task:
+        self, task_id: str, change: Callable[[TaskRecord, _Change], TaskRecord], *, known: str | None = None
+    ) -> TaskRecord:
         task, _ = self._write(task_id, change, known=known)
         assert task is not None
         return task
 
-    def _change(self, task_id: str, change: Callable[[Task, _Extra], Task | None]) -> Task | None:
-        return self._write(task_id, change)[0]
-
     def _write(
-        self,
-        task_id: str,
-        change: Callable[[Task, _Extra], Task | None],
-        *,
-        known: str | bytes | None = None,
-    ) -> tuple[Task | None, str | None]:
+        self, task_id: str, change: Transition, *, known: str | bytes | None = None
+    ) -> tuple[TaskRecord | None, str | None]:
         """Apply ``change`` with compare-and-set; return the new task and its document as written.
 
         ``known``: the document the caller believes is stored; the first try compares against it
         without reading (one round trip instead of two), and reads only if it was not current.
         """
-        key = self.key("task", task_id)
+        key = self.keys.task(task_id)
         with mapped_redis_errors():
             while True:
                 raw, known = (known, None) if known is not None else (self._redis.get(key), None)
                 if raw is None:
                     raise NotFound(f"no task with id {task_id!r}", field="id")
-                old = json.loads(raw)
-                extra = _Extra()
+                old: TaskRecord = json.loads(raw)
+                extra = _Change(key)
                 new = change(json.loads(raw), extra)
                 if new is None:
                     return None, None
                 self._consequences(old, new, extra)
-                document = _dump(new)
-                written = self._cas(keys=[key], args=[raw, document, _dump(extra.__dict__)])
+                document = dumps(new)
+                written = self._cas(keys=extra.keys, args=[raw, document, extra.encoded()])
                 if written == 1:
                     return new, document
                 if written == -1:
@@ -551,60 +514,29 @@ class JobStore:
                 if written == -2:
                     raise LeaseLost(f"the lease on task {task_id} was lost; another worker may run it")
 
-    def _consequences(self, old: Task, new: Task, extra: _Extra) -> None:
+    def _consequences(self, old: TaskRecord, new: TaskRecord, extra: _Change) -> None:
         """The bookkeeping that follows from a change, written in the same atomic step."""
         task_id = new["id"]
+        keys = self.keys
         status = TaskStatus(new["status"])
         if status.is_final:
-            extra.writes += [
-                ["SREM", self.key("active"), task_id],
-                ["EXPIRE", self.key("task", task_id), str(self._task_retention)],
-                ["EXPIRE", self.key("payload", task_id), str(self._payload_retention)],
-            ]
+            extra.write("SREM", keys.active, task_id)
+            extra.write("EXPIRE", keys.task(task_id), self._task_retention)
+            extra.write("EXPIRE", keys.payload(task_id), self._payload_retention)
+            extra.write("DEL", keys.result(task_id))
         if status == TaskStatus.QUEUED and new["next_attempt_at"]:
-            due = str(_epoch_ms(new["next_attempt_at"]))
-            extra.writes += [
-                ["ZADD", self.key("delayed"), due, task_id],
-                ["ZREM", self.key("queued"), task_id],
-            ]
+            extra.write("ZADD", keys.delayed, clock.epoch_ms(new["next_attempt_at"]), task_id)
+            extra.write("ZREM", keys.queued, task_id)
         elif status != TaskStatus.QUEUED:
-            extra.writes += [["ZREM", self.key("queued"), task_id], ["ZREM", self.key("delayed"), task_id]]
-        if status.is_final:
-            extra.writes.append(["DEL", self.key("result", task_id)])
+            extra.write("ZREM", keys.queued, task_id)
+            extra.write("ZREM", keys.delayed, task_id)
         if status != TaskStatus.RUNNING:
-            extra.writes += [["DEL", self.key("lease", task_id)], ["ZREM", self.key("running"), task_id]]
-        webhook = new.get("webhook")
-        first_time = status != TaskStatus.RUNNING or old["started_at"] is None
-        if webhook and status.value in webhook["events"] and old["status"] != status and first_time:
-            event_id = f"msg_{task_id}_{status.value}"
-            event = {
-                "id": event_id,
-                "task_id": task_id,
-                "type": f"task.{status.value}",
-                "timestamp": now_iso(),
-                "task": new,
-            }
-            extra.writes += [
-                ["SET", self.key("wh", "event", event_id), _dump(event), "NX"],
-                ["ZADD", self.key("wh", "due"), "NX", str(_now_ms()), event_id],
-            ]
-
-
-# Errors that cost the upstream nothing and are waited out instead of using up a task's attempts.
-FREE_ERROR_CODES = frozenset({"upstream_rate_limited", "upstream_quota_exhausted"})
-
-
-def attempts_used(task: Task) -> int:
-    """The attempts that count against MAX_ATTEMPTS: all but those refused for rate or quota."""
-    return sum(1 for attempt in task["attempts"] if attempt["error_code"] not in FREE_ERROR_CODES)
-
-
-def _now_ms() -> int:
-    return round(time.time() * 1000)
-
-
-def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
+            extra.write("DEL", keys.lease(task_id))
+            extra.write("ZREM", keys.running, task_id)
+        event = event_for_change(old, new)
+        if event is not None:
+            extra.write("SET", keys.webhook_event(event.id), event.document, "NX")
+            extra.write("ZADD", keys.webhooks_due, "NX", clock.now_ms(), event.id)
 
 
 def _check(current: TaskStatus, target: TaskStatus) -> None:
@@ -612,7 +544,9 @@ def _check(current: TaskStatus, target: TaskStatus) -> None:
         raise InvalidTransition(f"a {current.value} task cannot become {target.value}")
 
 
-def _finish(task: Task, status: TaskStatus, now: str, *, error: dict[str, Any] | None = None) -> Task:
+def _finish(
+    task: TaskRecord, status: TaskStatus, now: str, *, error: ErrorRecord | None = None
+) -> TaskRecord:
     task["status"] = status.value
     task["finished_at"] = now
     task["next_attempt_at"] = None
@@ -622,7 +556,7 @@ def _finish(task: Task, status: TaskStatus, now: str, *, error: dict[str, Any] |
 
 
 def _close_open_attempt(
-    task: Task,
+    task: TaskRecord,
     now: str,
     *,
     outcome: str,
@@ -631,23 +565,11 @@ def _close_open_attempt(
 ) -> None:
     if not task["attempts"] or task["attempts"][-1]["finished_at"] is not None:
         return
-    attempt = task["attempts"][-1]
+    attempt: AttemptRecord = task["attempts"][-1]
     attempt.update(
         finished_at=now,
         outcome=outcome,
         error_code=error_code,
         upstream_status=upstream_status,
-        duration_ms=_epoch_ms(now) - _epoch_ms(attempt["started_at"]),
+        duration_ms=clock.epoch_ms(now) - clock.epoch_ms(attempt["started_at"]),
     )
-
-
-@contextmanager
-def mapped_redis_errors() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailable(f"the task store (Redis) is unavailable: {exc}") from exc
-    except redis.ResponseError as exc:
-        if any(word in str(exc) for word in ("MISCONF", "OOM", "LOADING", "READONLY")):
-            raise StoreUnavailable(f"the task store (Redis) refused the write: {exc}") from exc
-        raise

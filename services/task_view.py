@@ -7,18 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.records import TaskRecord
 from services.storage import Storage
-from services.store import Task
 
 _INTERNAL_ATTEMPT_FIELDS = ("worker",)
 
 
 def task_view(
-    task: Task, storage: Storage, *, base_url: str, deliveries: list[dict[str, Any]] | None = None
+    task: TaskRecord, storage: Storage, *, base_url: str, deliveries: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """``deliveries``: the task's webhook delivery log, shown under ``webhook`` (url, events, deliveries)."""
-    view = {key: value for key, value in task.items()}
-    webhook = task.get("webhook")
+    view: dict[str, Any] = dict(task)
+    webhook = task["webhook"]
     view["webhook"] = None
     if webhook:
         view["webhook"] = {"url": webhook["url"], "events": webhook["events"], "deliveries": deliveries or []}

@@ -17,11 +17,10 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from services.errors import ResponseError, UpstreamError
+from services.retry_after import parse_retry_after
 
 try:
     import pybase64 as _pybase64
@@ -55,7 +54,6 @@ _GEMINI_KEYS = frozenset(
 _TEXT_LIMIT = 500
 _SNIPPET_LIMIT = 200
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)s")
-_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -364,17 +362,8 @@ def _details_retry_delay(details: list[dict]) -> float | None:
 
 
 def _retry_after_header(headers: Mapping[str, str]) -> float | None:
-    """Seconds from a Retry-After header: delay-seconds or an HTTP-date (past dates give 0)."""
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), "").strip()
-    if _SECONDS.fullmatch(value):
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    """Seconds from a Retry-After header, whatever the case of its name."""
+    return parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
 
 
 def _is_daily_quota(details: list[dict]) -> bool:

@@ -83,10 +83,10 @@ def directive_key(body: dict[str, Any]) -> str:
 class ApiServer:
     """The Flask app behind a real threaded HTTP server in this process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, port: int | None = None) -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.app = create_app(config)
-        self.port = free_port()
+        self.port = port or free_port()
         self._server = make_server(HOST, self.port, self.app, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -128,7 +128,7 @@ class Stack:
     def start(self, worker_count: int = 1) -> Stack:
         self.redis_port = free_port()
         self.start_redis()
-        s3_port, sim_port = free_port(), free_port()
+        s3_port, sim_port, api_port = free_port(), free_port(), free_port()
         self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir)
         self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir)
         self.env.update(
@@ -137,13 +137,14 @@ class Stack:
             S3_ENDPOINT_URL=f"http://{HOST}:{s3_port}",
             UPSTREAM_BASE_URL=f"http://{HOST}:{sim_port}",
             WEBHOOK_SIGNING_SECRET=generate_secret(),
+            PUBLIC_BASE_URL=f"http://{HOST}:{api_port}",
         )
         self.env.update(self.overrides)
         Storage(self.config).ensure_bucket()
         for number in range(worker_count):
             self.start_worker(f"worker{number}")
         self.start_worker("webhook-worker", queues="webhooks")
-        self.api = ApiServer(self.config)
+        self.api = ApiServer(self.config, api_port)
         return self
 
     def start_redis(self) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.config import VARIABLES, ConfigError, load_config
+from services.config import VARIABLES, load_config
+from services.errors import ConfigError
 
 
 def test_defaults_need_no_variable() -> None:

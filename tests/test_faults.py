@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from devstack.processes import start_s3, wait_until
+from services.clock import parse_iso
 from services.storage import Storage
-from services.store import parse_iso
 from tests.report import FaultRow, record
 from tests.stack import FINAL, Stack, directive_key, running_stack, with_directive
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from devstack.processes import wait_until
+from services.clock import parse_iso
 from services.images import inspect_image
 from services.storage import Storage
-from services.store import parse_iso
 from tests.stack import Stack, directive_key, seed_body, with_directive
 
 

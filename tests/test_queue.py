@@ -11,8 +11,9 @@ import redis
 
 from devstack.processes import start_worker, wait_until
 from services.config import load_config
-from services.queue import GENERATE_TASK, GENERATION_QUEUE, create_celery, generation_message
+from services.queue import GENERATE_TASK, GENERATION_QUEUE, generation_message
 from tests.stack import Stack
+from worker.app import create_celery
 
 # what differs between two messages of the same job: fresh ids, and who sent it
 _VARYING_HEADERS = {"id", "root_id", "origin"}

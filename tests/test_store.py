@@ -11,6 +11,7 @@ import redis
 
 from devstack.processes import wait_until
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
+from services.jobs import out_of_attempts
 from services.store import JobStore, TaskStatus
 from tests.stack import Stack
 
@@ -29,16 +30,24 @@ def new_task(store: JobStore, webhook: dict | None = None) -> str:
 
 
 def begin(store: JobStore, task_id: str, *, max_attempts: int = 3, lease: float = LEASE):
-    return store.begin_attempt(task_id, max_attempts=max_attempts, worker="w", lease_seconds=lease)
+    """(task, lease) of a started attempt, or None when there is nothing to run."""
+    attempt = store.start_attempt(
+        task_id, worker="w", lease_seconds=lease, give_up=out_of_attempts(max_attempts)
+    )
+    return None if attempt is None else (attempt.task, attempt.lease)
+
+
+def active_ids(store: JobStore) -> set[str]:
+    return {member.decode() for member in store._redis.smembers(store.keys.active)}
 
 
 def test_a_task_runs_and_succeeds_once(store: JobStore) -> None:
     task_id = new_task(store)
-    assert task_id in store.active_ids()
+    assert task_id in active_ids(store)
     task, lease = begin(store, task_id)
     assert task["status"] == TaskStatus.RUNNING
     done = store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
-    assert done["status"] == TaskStatus.SUCCEEDED and task_id not in store.active_ids()
+    assert done["status"] == TaskStatus.SUCCEEDED and task_id not in active_ids(store)
     # A redelivered message for a finished task does nothing.
     assert begin(store, task_id) is None
     assert store.get(task_id) == done
@@ -117,9 +126,9 @@ def test_saved_result_lives_until_the_task_is_final(store: JobStore) -> None:
     task_id = new_task(store)
     begin(store, task_id)
     store.save_result(task_id, b"answer")
-    assert store.load_result(task_id) == b"answer"
+    assert store._redis.get(store.keys.result(task_id)) == b"answer"
     store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
-    assert store.load_result(task_id) is None
+    assert store._redis.get(store.keys.result(task_id)) is None
 
 
 def test_webhook_events_are_written_with_the_change(store: JobStore) -> None:
@@ -127,7 +136,7 @@ def test_webhook_events_are_written_with_the_change(store: JobStore) -> None:
     begin(store, task_id)
     store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
     client = store._redis
-    due = [member.decode() for member in client.zrange(store.key("wh", "due"), 0, -1)]
+    due = [member.decode() for member in client.zrange(store.keys.webhooks_due, 0, -1)]
     assert due == [f"msg_{task_id}_running", f"msg_{task_id}_succeeded"]
 
 
@@ -142,10 +151,10 @@ def test_a_lease_whose_key_outlives_its_deadline_is_claimed_when_the_key_expires
     task_id = new_task(store)
     begin(store, task_id)
     client = store._redis
-    client.zadd(store.key("running"), {task_id: 0})  # the deadline in the set ran ahead of the key
-    client.pexpire(store.key("lease", task_id), 300)
+    client.zadd(store.keys.running, {task_id: 0})  # the deadline in the set ran ahead of the key
+    client.pexpire(store.keys.lease(task_id), 300)
     assert store.claim_expired_leases(LEASE) == [], "its lease is still held"
-    assert 0 < client.zscore(store.key("running"), task_id) - time.time() * 1000 <= 301
+    assert 0 < client.zscore(store.keys.running, task_id) - time.time() * 1000 <= 301
     claimed = wait_until(lambda: store.claim_expired_leases(LEASE) == [task_id], timeout=5, what="expiry")
     assert claimed
     task, _ = begin(store, task_id)
@@ -155,8 +164,8 @@ def test_a_lease_whose_key_outlives_its_deadline_is_claimed_when_the_key_expires
 def test_cancel_a_queued_or_running_task_but_not_a_final_one(store: JobStore) -> None:
     queued = new_task(store, webhook={"url": "http://x.test/", "events": ["canceled"]})
     assert store.cancel(queued)["status"] == TaskStatus.CANCELED
-    assert queued not in store.active_ids() and begin(store, queued) is None, "its message does nothing"
-    due = [member.decode() for member in store._redis.zrange(store.key("wh", "due"), 0, -1)]
+    assert queued not in active_ids(store) and begin(store, queued) is None, "its message does nothing"
+    due = [member.decode() for member in store._redis.zrange(store.keys.webhooks_due, 0, -1)]
     assert f"msg_{queued}_canceled" in due
 
     running = new_task(store)

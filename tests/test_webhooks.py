@@ -22,12 +22,17 @@ from standardwebhooks import Webhook
 
 from api import create_app
 from devstack.processes import free_port, wait_until
-from services.config import ConfigError, load_config
+from services.config import load_config
+from services.errors import ConfigError
+from services.jobs import out_of_attempts
 from services.netguard import forbidden_reason
+from services.retry_after import parse_retry_after
 from services.storage import Storage
 from services.store import JobStore
 from services.webhook_signing import generate_secret, sign
-from services.webhooks import WebhookDispatcher, WebhookSender, WebhookService, parse_retry_after
+from services.webhooks.dispatcher import WebhookDispatcher
+from services.webhooks.sender import WebhookSender
+from services.webhooks.service import WebhookService
 from tests.receiver import HOLD, Receiver, Response
 from tests.stack import Stack, running_stack, seed_body, with_directive
 
@@ -306,10 +311,10 @@ def test_a_host_name_resolving_to_loopback_is_refused_where_we_connect(
     path = new_path()
     webhook = {"url": f"http://localhost:{receiver.port}{path}", "events": ["succeeded"]}
     task = store.create(model="m", payload=b"{}", metadata=None, webhook=webhook)
-    store.begin_attempt(task["id"], max_attempts=1, worker="w", lease_seconds=30)
+    store.start_attempt(task["id"], worker="w", lease_seconds=30, give_up=out_of_attempts(1))
     task = store.succeed(task["id"], outputs=[], text=[], usage=None, upstream_status=200)
 
-    guarded = WebhookService(config, store, storage, client)
+    guarded = WebhookService(config, storage, client, store.keys)
     [(event_id, claim)] = guarded.outbox.claim_due(lease_seconds=30)
     assert guarded.deliver(event_id, claim) == "refused"
     [entry] = guarded.outbox.deliveries(task["id"])
@@ -319,7 +324,7 @@ def test_a_host_name_resolving_to_loopback_is_refused_where_we_connect(
     assert receiver.at(path) == []
 
     # the same event, redelivered by code that allows private addresses, arrives: it was the guard
-    allowing = WebhookService(replace(config, webhook_allow_private=True), store, storage, client)
+    allowing = WebhookService(replace(config, webhook_allow_private=True), storage, client, store.keys)
     allowing.redeliver(task)
     [(event_id, claim)] = allowing.outbox.claim_due(lease_seconds=30)
     assert allowing.deliver(event_id, claim) == "delivered"
@@ -333,7 +338,7 @@ def test_the_dispatcher_claims_only_while_the_queue_has_room(stack: Stack) -> No
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     store = JobStore(client, f"wh-{uuid.uuid4().hex[:8]}")
     config = stack.config
-    outbox = WebhookService(config, store, Storage(config), client).outbox
+    outbox = WebhookService(config, Storage(config), client, store.keys).outbox
     for _ in range(3):
         task = store.create(
             model="m",
@@ -341,7 +346,7 @@ def test_the_dispatcher_claims_only_while_the_queue_has_room(stack: Stack) -> No
             metadata=None,
             webhook={"url": "https://h/", "events": ["canceled", "running"]},
         )
-        store.begin_attempt(task["id"], max_attempts=1, worker="w", lease_seconds=30)
+        store.start_attempt(task["id"], worker="w", lease_seconds=30, give_up=out_of_attempts(1))
     backlog = [10]
     sent: list[tuple[str, str]] = []
     dispatcher = WebhookDispatcher(

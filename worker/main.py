@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import logging
+from worker.app import create_worker_app
 
-from services.config import load_config
-from services.queue import create_celery
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-app = create_celery(load_config())
-app.conf.imports = ("worker.tasks", "worker.webhooks")
+app = create_worker_app()

@@ -1,0 +1,121 @@
+"""Every Redis key the service uses is built here, and nowhere else. This docstring is the data map.
+
+``{p}`` is ``KEY_PREFIX`` (default ``iq``). Each key: its type, what it holds, who writes it, its TTL
+("kept": no expiry while the task is not final). Every Lua script declares every key it touches in KEYS.
+
+Tasks: written by ``services/store.py`` only, every change with one compare-and-set script
+  {p}:task:{id}            string  the task's record (JSON, ``services.records.TaskRecord``)
+                                   TTL: kept; 30 d once final
+  {p}:payload:{id}         string  the upstream request body as submitted (can be megabytes)
+                                   TTL: kept; 1 d once final
+  {p}:result:{id}          string  an upstream answer paid for whose outputs are not stored yet; the
+                                   retry uploads it (``JobRunner``). TTL: 1 d; deleted once final
+  {p}:lease:{id}           string  the running attempt's lease token (``host:pid:thread:random``)
+                                   TTL: the lease (PX), renewed by its holder; deleted when not running
+  {p}:active               set     ids of the tasks that are not final
+  {p}:queued               zset    queued task id -> when its message was sent (ms)
+  {p}:delayed              zset    task id waiting for a retry -> when it is due (ms)
+  {p}:running              zset    running task id -> its lease's deadline (ms)
+
+Webhooks: the outbox (``services/webhooks/outbox.py``); events are written by the store with the change
+  {p}:wh:event:{event id}  string  one event: its task as it was then (JSON). TTL: kept; 30 d once done
+  {p}:wh:due               zset    pending event id -> when its next attempt is due (ms)
+  {p}:wh:state:{event id}  hash    attempts, round_start, status, claim, next_at. TTL: 30 d once done
+  {p}:wh:log:{task id}     list    one JSON entry per delivery attempt (the last 50). TTL: 30 d
+
+The upstream limiter (``services/limits.py``)
+  {p}:limit:slots          zset    holder token -> when its slot expires unless renewed (ms)
+  {p}:limit:cooldown       string  when every worker may call again after a 429 (ms). TTL: until then
+  {p}:limit:bucket         hash    the token bucket: ``tokens``, ``at`` (ms)
+
+Idempotency (``services/idempotency.py``)
+  {p}:idem:{scope hash}:{key hash}
+                           string  ``pending``, then ``done`` with the first response (JSON)
+                                   TTL: 60 s pending, then IDEMPOTENCY_TTL
+
+Workers (``services/presence.py``)
+  {p}:worker:{host}:{pid}  string  a worker process that consumes: node name, queues (JSON)
+                                   TTL: three heartbeats, renewed; deleted when it stops
+
+The broker's keys are kombu's, not ours: the lists ``generation`` and ``webhooks`` (the queues),
+``unacked`` and ``unacked_index`` (messages a worker holds), ``_kombu.binding.*``.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """The key names under one prefix."""
+
+    def __init__(self, prefix: str = "iq") -> None:
+        self.prefix = prefix
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # tasks ------------------------------------------------------------------------------------------
+    def task(self, task_id: str) -> str:
+        return self._key("task", task_id)
+
+    def payload(self, task_id: str) -> str:
+        return self._key("payload", task_id)
+
+    def result(self, task_id: str) -> str:
+        return self._key("result", task_id)
+
+    def lease(self, task_id: str) -> str:
+        return self._key("lease", task_id)
+
+    @property
+    def active(self) -> str:
+        return self._key("active")
+
+    @property
+    def queued(self) -> str:
+        return self._key("queued")
+
+    @property
+    def delayed(self) -> str:
+        return self._key("delayed")
+
+    @property
+    def running(self) -> str:
+        return self._key("running")
+
+    # webhooks ---------------------------------------------------------------------------------------
+    def webhook_event(self, event_id: str) -> str:
+        return self._key("wh", "event", event_id)
+
+    def webhook_state(self, event_id: str) -> str:
+        return self._key("wh", "state", event_id)
+
+    def webhook_log(self, task_id: str) -> str:
+        return self._key("wh", "log", task_id)
+
+    @property
+    def webhooks_due(self) -> str:
+        return self._key("wh", "due")
+
+    # the upstream limiter ---------------------------------------------------------------------------
+    @property
+    def limiter_slots(self) -> str:
+        return self._key("limit", "slots")
+
+    @property
+    def limiter_cooldown(self) -> str:
+        return self._key("limit", "cooldown")
+
+    @property
+    def limiter_bucket(self) -> str:
+        return self._key("limit", "bucket")
+
+    # idempotency ------------------------------------------------------------------------------------
+    def idempotency(self, scope_hash: str, key_hash: str) -> str:
+        return self._key("idem", scope_hash, key_hash)
+
+    # workers ----------------------------------------------------------------------------------------
+    def worker(self, name: str) -> str:
+        return self._key("worker", name)
+
+    def workers_pattern(self) -> str:
+        return self._key("worker", "*")

@@ -1,0 +1,66 @@
+"""Which worker processes are consuming now: each one announces itself while it consumes.
+
+A worker's consumer, once its queues are being consumed, writes ``{p}:worker:{host}:{pid}`` (its node
+name and queues, JSON) with a short TTL and renews it; it deletes it when it stops. A process that dies
+disappears when the TTL runs out. Operators (and the fault tests, which must not submit before every
+worker consumes) read ``consuming()``; the ``host:pid`` is the prefix of the ``worker`` recorded on every
+attempt it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+import redis
+
+from services.errors import StoreUnavailable
+from services.keys import Keys
+from services.periodic import Periodic
+from services.redis_errors import mapped_redis_errors
+from services.serialization import dumps
+
+HEARTBEAT_SECONDS = 5.0
+
+
+def process_name() -> str:
+    """This process as attempts record it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Presence:
+    """One worker process's announcement, renewed every ``HEARTBEAT_SECONDS`` until withdrawn."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, node: str, queues: list[str]) -> None:
+        self._redis = client
+        self._key = keys.worker(process_name())
+        self._info = dumps({"node": node, "queues": sorted(queues), "process": process_name()})
+        self._periodic = Periodic("presence", HEARTBEAT_SECONDS, self._announce)
+
+    def _announce(self) -> bool:
+        with mapped_redis_errors():
+            self._redis.set(self._key, self._info, ex=round(3 * HEARTBEAT_SECONDS))
+        return False
+
+    def start(self) -> None:
+        self._announce()
+        self._periodic.start()
+
+    def stop(self) -> None:
+        """Withdraw the announcement; if Redis cannot be reached, it expires on its own."""
+        self._periodic.stop()
+        try:
+            with mapped_redis_errors():
+                self._redis.delete(self._key)
+        except StoreUnavailable:
+            pass
+
+
+def consuming(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    """The worker processes that announced themselves and have not stopped or died."""
+    with mapped_redis_errors():
+        names = list(client.scan_iter(match=keys.workers_pattern(), count=500))
+        values = client.mget(names) if names else []
+    return [json.loads(value) for value in values if value is not None]

@@ -1,0 +1,96 @@
+"""Accepting one job: validate the body, check its webhook, honour its ``Idempotency-Key``, then store the
+task, its payload, its idempotency record and its broker message in one Redis transaction.
+
+The API's view only reads HTTP (the body, two headers) and writes the ``Accepted`` it gets back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from services.config import Config
+from services.errors import InvalidRequest, RequestError
+from services.idempotency import Claim, IdempotencyStore, Replay
+from services.queue import generation_message
+from services.records import TaskRecord
+from services.serialization import dumps_bytes
+from services.store import JobStore
+from services.task_view import task_links
+from services.validation import Limits, validate_submission
+from services.webhooks.service import WebhookService
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The answer to a submission: 202 and the new task's summary, or the first answer replayed."""
+
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+    @property
+    def location(self) -> str:
+        return str(self.body["links"]["self"])
+
+
+class SubmissionService:
+    def __init__(
+        self, config: Config, store: JobStore, idempotency: IdempotencyStore, webhooks: WebhookService
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._idempotency = idempotency
+        self._webhooks = webhooks
+        self._limits = Limits(
+            max_input_images=config.max_input_images,
+            max_inline_image_bytes=config.max_inline_image_bytes,
+            allowed_models=config.allowed_models,
+        )
+
+    def submit(self, raw: bytes, *, idempotency_key: str | None, scope: str) -> Accepted:
+        """Accept the body ``raw``; ``scope`` is who sent it (idempotency keys are scoped to it)."""
+        if idempotency_key is None:
+            return self._accept(raw, None)
+        claim = self._idempotency.claim(idempotency_key, scope=scope, body=raw)
+        if isinstance(claim, Replay):
+            return Accepted(claim.status, claim.body, replayed=True)
+        try:
+            return self._accept(raw, claim)
+        except RequestError:
+            # Rejected before anything was stored: the client may fix the body and reuse the key. (On a
+            # store error the key is kept: the task may exist; the pending record expires on its own.)
+            self._idempotency.release(claim)
+            raise
+
+    def _accept(self, raw: bytes, claim: Claim | None) -> Accepted:
+        """Validate, store and enqueue one submission.
+
+        The task, its payload and its broker message are written in one transaction (one round trip):
+        stored means enqueued. (A message the broker loses later is found by the sweeper: a queued task
+        whose message is missing.)
+        """
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        submission = validate_submission(body, self._limits)
+        webhook = self._webhooks.subscription(submission.webhook_url, submission.webhook_events)
+        task = self._store.create(
+            model=submission.model,
+            payload=dumps_bytes(submission.upstream_body),
+            metadata=submission.metadata,
+            webhook=webhook,
+            also_set=(lambda task: claim.done_record(202, self._summary(task))) if claim else None,
+            message=generation_message,
+        )
+        return Accepted(202, self._summary(task))
+
+    def _summary(self, task: TaskRecord) -> dict[str, Any]:
+        return {
+            "id": task["id"],
+            "status": task["status"],
+            "created_at": task["created_at"],
+            "links": task_links(task["id"], self._config.public_base_url),
+        }

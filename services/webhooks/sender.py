@@ -1,0 +1,85 @@
+"""One webhook delivery attempt: sign the body, POST it through the address guard, read the answer."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from services.config import Config
+from services.errors import AddressNotAllowed, WebhooksNotConfigured
+from services.netguard import Resolver, deadline, guarded_transport
+from services.retry_after import parse_retry_after
+from services.webhook_signing import signed_headers
+
+MAX_ANSWER_BYTES = 64 * 1024  # what we read of a receiver's answer (for keep-alive), at most
+USER_AGENT = "imagegen-queue-webhooks/1"
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+    retry_after: float | None = None
+    refused: bool = False
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class WebhookSender:
+    """Signs and POSTs one webhook request through the address guard."""
+
+    def __init__(self, config: Config, *, resolver: Resolver = socket.getaddrinfo) -> None:
+        self._config = config
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30)
+        transport = guarded_transport(
+            allow_private=config.webhook_allow_private, limits=limits, resolver=resolver
+        )
+        self._client = httpx.Client(
+            transport=transport,
+            timeout=httpx.Timeout(config.webhook_timeout),
+            follow_redirects=False,
+            trust_env=False,
+            headers={"user-agent": USER_AGENT},
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def send(self, url: str, msg_id: str, body: bytes) -> AttemptResult:
+        secret = self._config.webhook_signing_secret
+        if secret is None:
+            raise WebhooksNotConfigured()
+        started = time.monotonic()
+        if urlsplit(url).scheme != "https" and not self._config.webhook_allow_http:
+            return AttemptResult(None, "refused: plain http (WEBHOOK_ALLOW_HTTP is not set)", 0, refused=True)
+        headers = {"content-type": "application/json", **signed_headers(secret, msg_id, body)}
+        try:
+            # connect, then the answer: each within WEBHOOK_TIMEOUT, and the whole within twice that
+            with deadline(2 * self._config.webhook_timeout):
+                with self._client.stream("POST", url, content=body, headers=headers) as response:
+                    read = 0
+                    for chunk in response.iter_raw():
+                        read += len(chunk)
+                        if read > MAX_ANSWER_BYTES:
+                            break
+                    status = response.status_code
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+        except AddressNotAllowed as exc:
+            return AttemptResult(None, f"refused: {exc.message}", _since(started), refused=True)
+        except httpx.TimeoutException as exc:
+            return AttemptResult(None, f"timeout: {type(exc).__name__}", _since(started))
+        except httpx.HTTPError as exc:
+            return AttemptResult(None, f"{type(exc).__name__}: {exc}"[:300], _since(started))
+        error = "redirect not followed" if 300 <= status < 400 else None
+        return AttemptResult(status, error, _since(started), retry_after)
+
+
+def _since(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)

@@ -1,0 +1,73 @@
+"""The Celery app of the workers, built from the configuration, with the worker's bootsteps.
+
+Configured for no loss: a message is acknowledged only after its task returns (``acks_late``), a task
+whose worker dies is given back (``reject_on_worker_lost``), and Redis hands an unacknowledged message to
+another worker only after ``visibility_timeout`` seconds, which config checks is longer than the longest
+upstream call.
+
+Each worker process reserves ``WORKER_PREFETCH_MULTIPLIER`` messages per slot; the default 1 is what the
+no-loss configuration asks: with the threads pool every reserved message is running, so a killed worker
+strands no waiting message. 2 keeps a successor waiting for each slot, so a wave of jobs finishing
+together is refilled at once (bench/README.md, P1a, compares both); the price is that a killed worker
+strands its waiting messages until the visibility timeout, or until the sweeper finds their tasks still
+queued once the broker's queue is empty (none is lost, they are late).
+
+The API never builds this app: it pushes the generation message itself (``services/queue.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from services.config import Config, load_config
+from services.queue import DELIVER_WEBHOOK_TASK, GENERATE_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
+from worker import steps
+
+
+def create_celery(config: Config) -> Celery:
+    """The Celery app for ``config``: the broker, the queues and the no-loss settings."""
+    app = Celery("imagegen", broker=config.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=config.worker_prefetch_multiplier,
+        task_ignore_result=True,
+        task_default_queue=GENERATION_QUEUE,
+        task_routes={
+            GENERATE_TASK: {"queue": GENERATION_QUEUE},
+            DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+        },
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={
+            "visibility_timeout": config.visibility_timeout,
+            "socket_timeout": config.store_timeout,
+            "socket_connect_timeout": config.store_timeout,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        worker_concurrency=config.worker_concurrency,
+        worker_pool=config.worker_pool,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.conf.iq_config = config
+    return app
+
+
+def create_worker_app(config: Config | None = None) -> Celery:
+    """The app ``celery -A worker.main worker`` runs: tasks, and the bootsteps that build the process's
+    clients and start its background threads (``worker/steps.py``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_celery(config or load_config())
+    app.conf.imports = ("worker.tasks",)
+    for step in steps.WORKER_STEPS:
+        app.steps["worker"].add(step)
+    for step in steps.CONSUMER_STEPS:
+        app.steps["consumer"].add(step)
+    return app

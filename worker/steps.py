@@ -1,0 +1,129 @@
+"""The worker's bootsteps: what a worker process builds and starts besides Celery's own parts.
+
+- ``RuntimeStep`` builds the process's clients (``services.runtime.Runtime``), sized for the pool that
+  really runs (``--concurrency`` wins over ``WORKER_CONCURRENCY``), keeps them on the Celery app, and
+  tunes glibc for big buffers (``worker/memory.py``);
+- ``SweeperStep`` runs the sweeper (``services/sweeper.py``) in every worker;
+- ``DispatcherStep`` runs the webhook dispatcher in workers that consume the ``webhooks`` queue;
+- ``PresenceStep`` (consumer) announces the process once its queues are consumed (``services/presence.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from services.presence import Presence
+from services.queue import DELIVER_WEBHOOK_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE, enqueue_generation
+from services.runtime import Runtime
+from services.sweeper import Sweeper
+from services.webhooks.dispatcher import WebhookDispatcher
+from worker.memory import keep_big_buffers_out_of_the_heap
+
+log = logging.getLogger(__name__)
+
+
+def runtime_of(app: Celery) -> Runtime:
+    """The process's clients, built by ``RuntimeStep`` before any task runs."""
+    runtime: Runtime = app.conf.iq_runtime
+    return runtime
+
+
+class RuntimeStep(bootsteps.Step):
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        keep_big_buffers_out_of_the_heap()
+        config = worker.app.conf.iq_config
+        config = dataclasses.replace(config, worker_concurrency=worker.concurrency)
+        worker.app.conf.iq_runtime = Runtime(config)
+        log.info("clients sized for a pool of %d", config.worker_concurrency)
+
+
+class SweeperStep(bootsteps.StartStopStep):
+    requires = (RuntimeStep,)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        rt = runtime_of(worker.app)
+        self.sweeper = Sweeper(
+            rt.store,
+            lambda task_id: enqueue_generation(rt.redis, task_id),
+            lambda: int(rt.redis.llen(GENERATION_QUEUE)),
+            lease_seconds=rt.config.task_lease_seconds,
+            interval=rt.config.sweep_interval,
+        )
+
+    def start(self, worker: Any) -> None:
+        self.sweeper.start()
+
+    def stop(self, worker: Any) -> None:
+        self.sweeper.stop()
+
+
+class DispatcherStep(bootsteps.StartStopStep):
+    requires = (RuntimeStep,)
+
+    def include_if(self, worker: Any) -> bool:
+        if WEBHOOK_QUEUE not in worker.app.amqp.queues.consume_from:
+            return False
+        if runtime_of(worker.app).config.webhook_signing_secret is None:
+            log.error(
+                "WEBHOOK_SIGNING_SECRET is unset: this worker delivers NO webhooks (they wait in the "
+                "outbox until a worker with the secret runs)"
+            )
+            return False
+        return True
+
+    def create(self, worker: Any) -> WebhookDispatcher:
+        app = worker.app
+        rt = runtime_of(app)
+        self.dispatcher = WebhookDispatcher(
+            rt.webhooks.outbox,
+            lambda event_id, claim: app.send_task(
+                DELIVER_WEBHOOK_TASK, args=[event_id, claim], queue=WEBHOOK_QUEUE
+            ),
+            lambda: int(rt.redis.llen(WEBHOOK_QUEUE)),
+            lease_seconds=rt.config.webhook_lease_seconds,
+            interval=rt.config.webhook_dispatch_interval,
+        )
+        # one line per attempt comes from services.webhooks (without the URL, which may hold a token)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        return self.dispatcher
+
+    def start(self, worker: Any) -> None:
+        self.dispatcher.start()
+        log.info("webhook dispatcher started (every %.0f ms)", self.dispatcher.interval * 1000)
+
+    def stop(self, worker: Any) -> None:
+        self.dispatcher.stop()
+
+
+class PresenceStep(bootsteps.StartStopStep):
+    """Announces the process once its consumer consumes; withdrawn when the consumer stops."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
+        self.presence: Presence | None = None
+
+    def start(self, consumer: Any) -> None:
+        rt = runtime_of(consumer.app)
+        queues = list(consumer.app.amqp.queues.consume_from)
+        self.presence = Presence(rt.redis, rt.keys, consumer.hostname, queues)
+        self.presence.start()
+
+    def stop(self, consumer: Any) -> None:
+        if self.presence is not None:
+            self.presence.stop()
+            self.presence = None
+
+    def shutdown(self, consumer: Any) -> None:
+        self.stop(consumer)
+
+
+WORKER_STEPS = (RuntimeStep, SweeperStep, DispatcherStep)
+CONSUMER_STEPS = (PresenceStep,)
