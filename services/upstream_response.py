@@ -4,9 +4,8 @@ Pure functions, no network. Success shapes: Gemini ``candidates[].content.parts[
 snake_case (also a JSON array of streamed chunks), and OpenAI-style ``{"created", "data": [...]}``.
 
 Images are decoded straight from the body's bytes: the JSON is parsed with each long base64 value
-(``data``, ``b64_json``) cut out and left where it is, and the image decoded from a view of it
-(``_loads``). ``json.loads`` on the whole body would first decode it into a str of the same size, then
-copy each value out of that: a 4K answer (13 MB of base64) cost 40 MB before the image was even decoded.
+(``data``, ``b64_json``) left in the body, and the image decoded from a view of it
+(``services.json_scan``; why: bench/README.md, "The fixes", 5, target P4).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.errors import ResponseError, UpstreamError
+from services.json_scan import loads_with_views
 from services.retry_after import parse_retry_after
 
 try:
@@ -96,7 +96,7 @@ class _Collected:
 def parse_success(body: bytes | bytearray) -> UpstreamResult:
     """Images and texts of a 2xx body; raises ResponseError (or UpstreamError for an error body)."""
     try:
-        payload = _loads(body)
+        payload = loads_with_views(body)
     except ValueError:
         raise _bad(f"HTTP 2xx with a non-JSON body: {_snippet(body)}") from None
     error = _error_object(payload)
@@ -207,99 +207,6 @@ def _snippet(body: bytes | bytearray) -> str:
     return text[:_SNIPPET_LIMIT]
 
 
-# Values of these keys that are at least _LONG_VALUE bytes long are not copied out of the body by the
-# JSON parser: they stay in it, and the parsed document holds a memoryview of them instead.
-_BASE64_KEYS = ("data", "b64_json")
-_LONG_VALUE = 16 * 1024
-_WHITESPACE = b" \t\r\n"
-
-
-def _loads(body: bytes | bytearray) -> Any:
-    """``json.loads(body)``, except that long base64 values (see ``_BASE64_KEYS``) come back as
-    memoryviews of the body (ASCII, never unescaped: a value with a backslash is parsed as usual).
-
-    A long value of a ``"data"`` or ``"b64_json"`` key (``_long_values``) is replaced by a short
-    placeholder in the text given to ``json.loads``, and swapped back for a view of the body by the
-    ``object_hook``.
-    """
-    if len(body) < _LONG_VALUE:
-        return json.loads(body)
-    cuts = _long_values(body)
-    if not cuts:
-        return json.loads(body)
-    view = memoryview(body)
-    pieces: list[bytes] = []
-    views: dict[str, memoryview] = {}
-    copied_to = 0
-    for start, end in cuts:
-        placeholder = f"\x00iq-long-value:{len(views)}"  # what json.loads gives back for it
-        views[placeholder] = view[start:end]
-        pieces += [bytes(view[copied_to:start]), json.dumps(placeholder)[1:-1].encode()]
-        copied_to = end
-    pieces.append(bytes(view[copied_to:]))
-
-    def restore(obj: dict[str, Any]) -> dict[str, Any]:
-        for name in _BASE64_KEYS:
-            value = obj.get(name)
-            if isinstance(value, str) and value in views:
-                obj[name] = views[value]
-        return obj
-
-    return json.loads(b"".join(pieces), object_hook=restore)
-
-
-def _long_values(body: bytes | bytearray) -> list[tuple[int, int]]:
-    """Content spans of the long, escape-free string values of ``_BASE64_KEYS``, in order.
-
-    The body is walked string by string: a string ends at its first unescaped quote, found with
-    ``find`` (memchr, no copy), so a 2 MB value costs one pass; searching for each key's text instead
-    scanned the whole body once per key. A string followed by a colon is a key (a quote inside a
-    string is always escaped); anything malformed is left to ``json.loads``.
-    """
-    keys = {name.encode() for name in _BASE64_KEYS}
-    cuts: list[tuple[int, int]] = []
-    position = 0
-    while (start := body.find(b'"', position)) >= 0:
-        end = _string_end(body, start + 1)
-        if end < 0:
-            break
-        position = end + 1
-        colon = _skip_whitespace(body, position)
-        if colon >= len(body) or body[colon] != 0x3A or bytes(body[start + 1 : end]) not in keys:  # ':'
-            continue
-        quote = _skip_whitespace(body, colon + 1)
-        if quote >= len(body) or body[quote] != 0x22:  # '"': the value is not a string
-            continue
-        value_end = _string_end(body, quote + 1)
-        if value_end < 0:
-            break
-        if value_end - quote - 1 >= _LONG_VALUE and body.find(b"\\", quote + 1, value_end) < 0:
-            cuts.append((quote + 1, value_end))
-        position = value_end + 1
-    return cuts
-
-
-def _string_end(body: bytes | bytearray, index: int) -> int:
-    """The index of the quote that ends the string whose content starts at ``index`` (-1: none)."""
-    while (end := body.find(b'"', index)) >= 0 and _escaped(body, end):
-        index = end + 1
-    return end
-
-
-def _skip_whitespace(body: bytes | bytearray, index: int) -> int:
-    while index < len(body) and body[index] in _WHITESPACE:
-        index += 1
-    return index
-
-
-def _escaped(body: bytes | bytearray, index: int) -> bool:
-    """Whether the quote at ``index`` is escaped (an odd number of backslashes before it)."""
-    count = 0
-    while index - count - 1 >= 0 and body[index - count - 1] == 0x5C:
-        count += 1
-    return count % 2 == 1
-
-
 def _clip(text: str, limit: int = _TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -379,8 +286,8 @@ _URL_SAFE = str.maketrans("-_", "+/")
 
 def _strict_b64decode(value: str | memoryview) -> bytes:
     """Standard, padded, one-line base64 only (else binascii.Error): pybase64 when it is installed
-    (SIMD: 2 MB in 0.07 ms here, against 2.6 ms for binascii, which was a third of a worker's CPU per
-    1.5 MB image: bench/README.md, P1b), else binascii."""
+    (SIMD, several times faster than binascii, which was a large share of a worker's CPU per image:
+    bench/README.md, P1b), else binascii."""
     if _pybase64 is not None:
         return _pybase64.b64decode(value, validate=True)
     return binascii.a2b_base64(value, strict_mode=True)
@@ -408,7 +315,7 @@ def _b64decode(value: str | memoryview) -> bytes:
 
 def _inline_image(value: Any, declared_mime: Any) -> ImagePart:
     """An image from base64 text, which may also be a ``data:<mime>;base64,`` URL; a memoryview is a
-    long value left in the body (``_loads``)."""
+    long value left in the body (``loads_with_views``)."""
     if isinstance(value, memoryview):
         if bytes(value[:5]) != b"data:":
             return ImagePart(data=_b64decode(value), url=None, declared_mime=_text(declared_mime))

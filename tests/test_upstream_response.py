@@ -582,7 +582,7 @@ def test_error_object_without_message_falls_back_to_the_body() -> None:
     assert error.message == 'HTTP 500 with an unexpected JSON body: {"error": {"code": 500}}'
 
 
-# long base64 values are decoded from the body's bytes (services/upstream_response.py, _loads) -----------
+# long base64 values are decoded from the body's bytes (services/json_scan.py: test_json_scan.py) ---------
 
 
 def big_png(size: int = 200_000) -> bytes:
@@ -659,43 +659,6 @@ def test_encode_result_reads_back_the_same() -> None:
     )
     again = parse_success(encode_result(linked))
     assert (again.images, again.texts, again.usage) == (linked.images, linked.texts, linked.usage)
-
-
-def test_long_base64_is_left_in_the_body_not_copied() -> None:
-    from services.upstream_response import _loads
-
-    image = big_png()
-    body = bytearray(
-        gemini({"inlineData": {"mimeType": "image/png", "data": base64.b64encode(image).decode()}})
-    )
-    value = _loads(body)["candidates"][0]["content"]["parts"][0]["inlineData"]["data"]
-    assert isinstance(value, memoryview) and value.obj is body
-    assert _loads(b'{"data": "short"}' + b" " * 20_000) == {"data": "short"}
-
-
-@pytest.mark.parametrize(
-    "template",
-    [
-        '{"note": "data", "data": "LONG"}',
-        '{"a": "\\"data\\": \\"", "data" : "LONG", "b": "\\\\"}',
-        '{"data": 5, "list": ["data", "b64_json"], "b64_json":\n"LONG"}',
-        '{"data": {"data": "LONG"}, "b64_json": "LONG", "text": "LONG"}',
-        '{"data": "LONG\\/x"}',
-    ],
-)
-def test_long_values_are_found_only_where_json_loads_finds_them(template: str) -> None:
-    from services.upstream_response import _loads
-
-    body = template.replace("LONG", "QUFB" * 5_000).encode()
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, memoryview):
-            return bytes(value).decode()
-        if isinstance(value, dict):
-            return {key: plain(item) for key, item in value.items()}
-        return [plain(item) for item in value] if isinstance(value, list) else value
-
-    assert plain(_loads(body)) == json.loads(body)
 
 
 def test_without_pybase64_binascii_decodes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
