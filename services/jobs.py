@@ -6,8 +6,11 @@ outcome is written to the store (a retry is a due time in the store, enqueued by
 the sweeper once the store is back (its lease expires, or its message is found lost).
 
 No upstream call is paid twice for one job: a task's lease lets one attempt run at a time, a final task
-is never run again, and when the outputs cannot be uploaded the upstream's answer (re-encoded from what
-was parsed: ``encode_result``) is kept in the store, so the retry uploads it instead of calling again.
+is never run again, and when the outputs cannot be stored (an image URL that cannot be downloaded, S3
+down) the upstream's answer (re-encoded from what was parsed: ``encode_result``) is kept in the store, so
+the retry stores it instead of calling again. An attempt whose worker lost its task (a stale worker: its
+lease expired and another attempt started, or the task was canceled) records nothing: the store refuses
+its writes, and it deletes the objects it uploaded.
 (What remains: a worker killed between receiving an answer and storing its outputs, an upload's
 duration, leaves that answer unused; the job is called again. Saving every answer first would cost
 each job a multi-megabyte Redis write to cover that.)
@@ -34,6 +37,7 @@ from services.errors import (
     ServiceError,
     StorageUnavailable,
     StoreUnavailable,
+    UpstreamError,
 )
 from services.images import inspect_image
 from services.leases import LeaseKeeper
@@ -135,43 +139,30 @@ class JobRunner:
         task, lease = attempt.task, attempt.lease
         started = time.monotonic()
         closing = threading.Event()  # set before the attempt's closing write, which deletes the lease
+        uploaded: list[str] = []  # this attempt's objects, deleted if its result is not recorded
 
         def renew() -> bool:
             # A renewal that finds the lease gone once the closing write may have run lost nothing.
             return self._store.renew_lease(lease) or closing.is_set()
 
         with self._keeper.keep(f"lease on task {task_id}", renew):
-            error: JobError | None = None
             try:
                 status, saved, result = self._upstream_result(attempt)
-                outputs = self._store_outputs_or_save(task_id, saved, result)
-            except StoreUnavailable:
-                raise
-            except JobError as exc:
-                error = exc
-            except StorageUnavailable as exc:
-                error = JobError(exc.message, code=exc.code, retryable=True)
-            except ServiceError as exc:
-                log.exception("task %s: unexpected service error", task_id)
-                error = JobError(exc.message, code=exc.code, retryable=False)
-            except Exception as exc:
-                log.exception("task %s: unexpected error", task_id)
-                error = JobError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
-            closing.set()
-            if error is not None:
-                self._after_failure(task, lease, error)
-                return
-            try:
+                outputs = self._store_outputs_or_save(lease, saved, result, uploaded)
+                closing.set()
                 self._store.succeed(
-                    task_id,
-                    outputs=outputs,
-                    text=result.texts,
-                    usage=result.usage,
-                    upstream_status=status,
-                    lease=lease,
+                    lease, outputs=outputs, text=result.texts, usage=result.usage, upstream_status=status
                 )
-            except InvalidTransition:
-                log.info("task %s: finished meanwhile (canceled); its result is dropped", task_id)
+            except StoreUnavailable:
+                raise  # whether a closing write was applied is unknown: its objects stay
+            except (LeaseLost, InvalidTransition) as exc:
+                log.warning("task %s: attempt %d's result is refused: %s", task_id, lease.attempt, exc)
+                self._delete_quietly(task_id, uploaded)
+                return
+            except Exception as exc:
+                closing.set()
+                self._delete_quietly(task_id, uploaded)
+                self._after_failure(task, lease, _job_error(task_id, exc))
                 return
         log.info(
             "task %s: succeeded in %.2fs, %d output(s)", task_id, time.monotonic() - started, len(outputs)
@@ -193,22 +184,27 @@ class JobRunner:
         status, body = self._upstream.generate(attempt.payload)
         return status, False, parse_success(body)
 
-    def _store_outputs_or_save(self, task_id: str, saved: bool, result: UpstreamResult) -> list[OutputRecord]:
-        """Upload the outputs; if storage fails, keep the paid-for answer in the store first, so that
-        the retry uploads it instead of calling the upstream again."""
+    def _store_outputs_or_save(
+        self, lease: Lease, saved: bool, result: UpstreamResult, uploaded: list[str]
+    ) -> list[OutputRecord]:
+        """Store the outputs; if that fails (an image URL that cannot be downloaded, storage down),
+        keep the paid-for answer in the store first, so that the retry stores it instead of calling the
+        upstream again."""
         try:
-            return self._store_outputs(task_id, result)
-        except StorageUnavailable:
+            return self._store_outputs(lease, result, uploaded)
+        except (StorageUnavailable, UpstreamError):
             if not saved:
-                self._store.save_result(task_id, encode_result(result))
+                self._store.save_result(lease, encode_result(result))
             raise
 
-    def _store_outputs(self, task_id: str, result: UpstreamResult) -> list[OutputRecord]:
+    def _store_outputs(self, lease: Lease, result: UpstreamResult, uploaded: list[str]) -> list[OutputRecord]:
         outputs: list[OutputRecord] = []
         for index, part in enumerate(result.images):
             data = part.data if part.data is not None else self._upstream.download(part.url or "")
             info = inspect_image(data)
-            stored = self._storage.put_image(output_key(task_id, index, info.extension), data, info)
+            key = output_key(lease.task_id, lease.attempt, index, info.extension)
+            stored = self._storage.put_image(key, data, info)
+            uploaded.append(key)
             outputs.append(
                 {
                     "index": index,
@@ -222,6 +218,15 @@ class JobRunner:
                 }
             )
         return outputs
+
+    def _delete_quietly(self, task_id: str, keys: list[str]) -> None:
+        """Delete objects no record will point to; if storage refuses, say which (they are not used)."""
+        if not keys:
+            return
+        try:
+            self._storage.delete(keys)
+        except StorageUnavailable as exc:
+            log.error("task %s: could not delete unused outputs %s: %s", task_id, keys, exc.message)
 
     def _after_failure(self, task: TaskRecord, lease: Lease, error: JobError) -> None:
         task_id = task["id"]
@@ -240,8 +245,8 @@ class JobRunner:
                 return
             self._store.fail(lease, error)
             log.warning("task %s: failed (%s): %s", task_id, error.code, error.message)
-        except (LeaseLost, InvalidTransition):
-            log.warning("task %s: taken over or canceled before its failure was recorded", task_id)
+        except (LeaseLost, InvalidTransition) as exc:
+            log.warning("task %s: attempt %d's failure is refused: %s", task_id, lease.attempt, exc)
 
     def _after_refusal(self, task: TaskRecord, lease: Lease, error: JobError) -> None:
         """A 429: every worker waits it out (shared cooldown); the task waits too, without using an
@@ -264,3 +269,16 @@ class JobRunner:
             return
         self._store.schedule_retry(lease, error, delay=delay)
         log.warning("task %s: upstream refused (%s); every worker waits %.2fs", task["id"], error.code, delay)
+
+
+def _job_error(task_id: str, exc: Exception) -> JobError:
+    """What an attempt's failure is recorded as."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, StorageUnavailable):
+        return JobError(exc.message, code=exc.code, retryable=True)
+    if isinstance(exc, ServiceError):
+        log.error("task %s: unexpected service error", task_id, exc_info=exc)
+        return JobError(exc.message, code=exc.code, retryable=False)
+    log.error("task %s: unexpected error", task_id, exc_info=exc)
+    return JobError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")

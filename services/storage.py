@@ -1,8 +1,8 @@
 """Output storage: S3-compatible object storage through boto3.
 
-Objects go to the user's own bucket under deterministic keys (``outputs/{task_id}/{index}.{ext}``), so
-an upload repeated after a crash overwrites the same object instead of leaving strays. Download URLs
-are presigned GETs signed fresh on every read; nothing we hand out depends on an expiring copy.
+Objects go to the user's own bucket under deterministic keys, one prefix per attempt
+(``outputs/{task_id}/{attempt}/{index}.{ext}``): one attempt never overwrites another's objects. Download
+URLs are presigned GETs signed fresh on every read; nothing we hand out depends on an expiring copy.
 Each upload carries the image's SHA-256 as its S3 checksum (the server verifies the body against it)
 and in the object's metadata (``sha256``, hex).
 botocore's errors are mapped to ``StorageUnavailable`` here and go no further.
@@ -36,8 +36,10 @@ class StoredObject:
     height: int | None
 
 
-def output_key(task_id: str, index: int, extension: str) -> str:
-    return f"outputs/{task_id}/{index}.{extension}"
+def output_key(task_id: str, attempt: int, index: int, extension: str) -> str:
+    """Where an attempt's output goes: one prefix per attempt, so that a stale worker's late upload
+    never overwrites what another attempt stored, and its unused objects can be deleted."""
+    return f"outputs/{task_id}/{attempt}/{index}.{extension}"
 
 
 class Storage:
@@ -94,6 +96,15 @@ class Storage:
             width=info.width,
             height=info.height,
         )
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects (a missing one is no error)."""
+        with _mapped_errors("delete"):
+            response = self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
+            )
+        if response.get("Errors"):
+            raise StorageUnavailable(f"storage could not delete {response['Errors']}")
 
     def presigned_url(self, key: str) -> str:
         with _mapped_errors("presign"):

@@ -12,6 +12,13 @@ queued, delayed, running), the lease, the saved answer, the retention of a final
 event the change causes (its format is the outbox's: ``services/webhooks/outbox.py``), so that a crash
 can never split a state change from its bookkeeping.
 
+A worker's writes that close its attempt (``succeed``, ``fail``, ``schedule_retry``) and the answer it
+saves (``save_result``) are accepted only while that attempt is still the task's open attempt: the
+compare-and-set makes the check and the write one atomic step. Another worker that took the task over
+after the lease expired opened a new attempt, and a cancel closed it, so a stale worker's late write is
+refused with ``LeaseLost`` (or ``InvalidTransition``) and changes nothing. (A lease that expired while
+no other attempt started loses nothing: the answer it paid for is still recorded.)
+
     queued ──► running ──► succeeded
       ▲  │        │  └───► failed
       │  │        └──────► queued (a retry is scheduled)
@@ -68,17 +75,14 @@ ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 }
 
 # KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
-# there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "equal": [[key index, value]],
-# "writes": [[command, key index, args...]]}, indexes into KEYS. Returns 1 when written, 0 when the task
-# changed meanwhile, -1 when a key that must be absent exists, -2 when a key does not hold its value.
+# there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "writes": [[command, key index,
+# args...]]}, indexes into KEYS. Returns 1 when written, 0 when the task changed meanwhile, -1 when a key
+# that must be absent exists.
 _COMPARE_AND_SET = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local extra = cjson.decode(ARGV[3])
 for _, index in ipairs(extra.absent) do
   if redis.call('EXISTS', KEYS[index]) == 1 then return -1 end
-end
-for _, pair in ipairs(extra.equal) do
-  if redis.call('GET', KEYS[pair[1]]) ~= pair[2] then return -2 end
 end
 redis.call('SET', KEYS[1], ARGV[2])
 for _, write in ipairs(extra.writes) do redis.call(write[1], KEYS[write[2]], unpack(write, 3)) end
@@ -121,6 +125,18 @@ end
 return claimed
 """
 
+# KEYS[1]: the task, KEYS[2]: its saved answer. ARGV: the attempt's number, the answer, its TTL (s).
+# Saves the answer only while that attempt is the task's open attempt. Returns 1 when saved, else 0.
+_SAVE_RESULT = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local attempts = cjson.decode(raw)['attempts']
+local last = attempts[#attempts]
+if not last or last['number'] ~= tonumber(ARGV[1]) or last['finished_at'] ~= cjson.null then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
 # KEYS[1]: a lease, KEYS[2]: the running set. ARGV: holder's token, time to live (ms), new deadline
 # (epoch ms), task id. Returns 1 if the lease was still held (and is extended), else 0.
 _RENEW_LEASE = """
@@ -148,6 +164,7 @@ class Lease:
     task_id: str
     token: str
     seconds: float
+    attempt: int  # the number of the attempt it opened: the one its holder may close
     document: str | None = field(default=None, compare=False, repr=False)
 
 
@@ -173,7 +190,6 @@ class _Change:
     def __init__(self, task_key: str) -> None:
         self.keys = [task_key]
         self.absent: list[int] = []
-        self.equal: list[tuple[int, str]] = []
         self.writes: list[list[str | int]] = []
 
     def _index(self, key: str) -> int:
@@ -184,14 +200,11 @@ class _Change:
     def require_absent(self, key: str) -> None:
         self.absent.append(self._index(key))
 
-    def require_value(self, key: str, value: str) -> None:
-        self.equal.append((self._index(key), value))
-
     def write(self, command: str, key: str, *args: str | int) -> None:
         self.writes.append([command, self._index(key), *(str(arg) for arg in args)])
 
     def encoded(self) -> str:
-        return dumps({"absent": self.absent, "equal": self.equal, "writes": self.writes})
+        return dumps({"absent": self.absent, "writes": self.writes})
 
 
 Transition = Callable[[TaskRecord, _Change], TaskRecord | None]
@@ -211,6 +224,7 @@ class JobStore:
         self._task_retention = task_retention
         self._payload_retention = payload_retention
         self._cas = client.register_script(_COMPARE_AND_SET)
+        self._save_result = client.register_script(_SAVE_RESULT)
         self._renew = client.register_script(_RENEW_LEASE)
         self._claim = client.register_script(_CLAIM)
         self._claim_expired = client.register_script(_CLAIM_EXPIRED)
@@ -224,10 +238,14 @@ class JobStore:
         task: TaskRecord = json.loads(raw)
         return task
 
-    def save_result(self, task_id: str, body: bytes) -> None:
-        """Keep an upstream answer whose outputs could not be stored, until the task is final."""
+    def save_result(self, lease: Lease, body: bytes) -> None:
+        """Keep an upstream answer whose outputs could not be stored, until the task is final; only
+        while the lease's attempt is still the task's open one (else ``LeaseLost``, nothing saved)."""
+        keys = [self.keys.task(lease.task_id), self.keys.result(lease.task_id)]
         with mapped_redis_errors():
-            self._redis.set(self.keys.result(task_id), body, ex=self._payload_retention)
+            saved = self._save_result(keys=keys, args=[lease.attempt, body, self._payload_retention])
+        if saved != 1:
+            raise LeaseLost(f"task {lease.task_id} is no longer at attempt {lease.attempt}; answer not kept")
 
     def ping(self) -> None:
         with mapped_redis_errors():
@@ -341,7 +359,7 @@ class JobStore:
         holds. A task found ``running`` without a lease lost its worker: that attempt is closed as
         ``worker_lost``. A task that ``give_up`` says must not run again fails with its error instead.
         """
-        lease = Lease(task_id, f"{worker}:{secrets.token_hex(8)}", lease_seconds)
+        token = f"{worker}:{secrets.token_hex(8)}"
         lease_key = self.keys.lease(task_id)
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord | None:
@@ -355,7 +373,7 @@ class JobStore:
             if error is not None:
                 return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
             _check(status, TaskStatus.RUNNING)
-            extra.write("SET", lease_key, lease.token, "PX", clock.ms(lease_seconds))
+            extra.write("SET", lease_key, token, "PX", clock.ms(lease_seconds))
             extra.write("ZADD", self.keys.running, clock.now_ms() + clock.ms(lease_seconds), task_id)
             task["status"] = TaskStatus.RUNNING.value
             task["started_at"] = task["started_at"] or now
@@ -385,40 +403,40 @@ class JobStore:
         task, document = self._write(task_id, change, known=raw)
         if task is None or task["status"] != TaskStatus.RUNNING:
             return None
-        return Attempt(task, Lease(task_id, lease.token, lease_seconds, document=document), payload, saved)
+        lease = Lease(task_id, token, lease_seconds, len(task["attempts"]), document=document)
+        return Attempt(task, lease, payload, saved)
 
     def succeed(
         self,
-        task_id: str,
+        lease: Lease,
         *,
         outputs: list[OutputRecord],
         text: list[str],
         usage: dict[str, Any] | None,
         upstream_status: int | None,
-        lease: Lease | None = None,
     ) -> TaskRecord:
-        """Close the running attempt as succeeded.
+        """Close the lease's attempt as succeeded (``LeaseLost`` if it is not the open one any more).
 
-        ``lease``: the attempt's, whose document saves reading the record first (one round trip when
-        the record is as the attempt left it). The lease is not required to be still held: an answer
-        already paid for is recorded as long as the task can still succeed.
+        The lease's document saves reading the record first: one round trip when the record is as the
+        attempt left it.
         """
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
             _check(TaskStatus(task["status"]), TaskStatus.SUCCEEDED)
+            _require_open_attempt(task, lease)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="succeeded", upstream_status=upstream_status)
             task.update(outputs=outputs, text=text, usage=usage, error=None)
             return _finish(task, TaskStatus.SUCCEEDED, now)
 
-        return self._change_required(task_id, change, known=lease.document if lease else None)
+        return self._change_required(lease.task_id, change, known=lease.document)
 
     def schedule_retry(self, lease: Lease, error: JobError, *, delay: float) -> TaskRecord:
         """Close the running attempt as failed-but-retryable and put the task back in the queue."""
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
-            self._require(lease, extra)
             _check(TaskStatus(task["status"]), TaskStatus.QUEUED)
+            _require_open_attempt(task, lease)
             now = time.time()
             _close_open_attempt(
                 task,
@@ -448,8 +466,8 @@ class JobStore:
         """Fail the task its holder is running, with ``error``."""
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
-            self._require(lease, extra)
             _check(TaskStatus(task["status"]), TaskStatus.FAILED)
+            _require_open_attempt(task, lease)
             now = clock.now_iso()
             _close_open_attempt(
                 task, now, outcome="failed", error_code=error.code, upstream_status=error.upstream_status
@@ -473,9 +491,6 @@ class JobStore:
             return _finish(task, TaskStatus.CANCELED, now)
 
         return self._change_required(task_id, change)
-
-    def _require(self, lease: Lease, extra: _Change) -> None:
-        extra.require_value(self.keys.lease(lease.task_id), lease.token)
 
     # the one writer ---------------------------------------------------------------------------------
     def _change_required(
@@ -511,8 +526,6 @@ class JobStore:
                     return new, document
                 if written == -1:
                     return None, None
-                if written == -2:
-                    raise LeaseLost(f"the lease on task {task_id} was lost; another worker may run it")
 
     def _consequences(self, old: TaskRecord, new: TaskRecord, extra: _Change) -> None:
         """The bookkeeping that follows from a change, written in the same atomic step."""
@@ -537,6 +550,16 @@ class JobStore:
         if event is not None:
             extra.write("SET", keys.webhook_event(event.id), event.document, "NX")
             extra.write("ZADD", keys.webhooks_due, "NX", clock.now_ms(), event.id)
+
+
+def _require_open_attempt(task: TaskRecord, lease: Lease) -> None:
+    """The lease's attempt must be the task's open attempt: none started after it, none closed it."""
+    attempts = task["attempts"]
+    if len(attempts) != lease.attempt or attempts[-1]["finished_at"] is not None:
+        raise LeaseLost(
+            f"task {lease.task_id} is no longer at attempt {lease.attempt} (another worker took it over "
+            "after its lease expired, or it was closed); this write is refused"
+        )
 
 
 def _check(current: TaskStatus, target: TaskStatus) -> None:

@@ -54,7 +54,7 @@ def test_seed_example_succeeds_and_its_object_is_in_s3(stack: Stack) -> None:
 
     [output] = task["outputs"]
     assert output["index"] == 0
-    assert output["key"] == f"outputs/{task['id']}/0.png"
+    assert output["key"] == f"outputs/{task['id']}/1/0.png", "attempt 1's first output"
     assert (output["mime_type"], output["width"], output["height"]) == ("image/png", 1024, 1024)
 
     obj, data = s3_object(stack, output["key"])

@@ -12,7 +12,8 @@ import redis
 from devstack.processes import wait_until
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
 from services.jobs import out_of_attempts
-from services.store import JobStore, TaskStatus
+from services.records import TaskRecord
+from services.store import JobStore, Lease, TaskStatus
 from tests.stack import Stack
 
 LEASE = 30.0
@@ -46,7 +47,7 @@ def test_a_task_runs_and_succeeds_once(store: JobStore) -> None:
     assert task_id in active_ids(store)
     task, lease = begin(store, task_id)
     assert task["status"] == TaskStatus.RUNNING
-    done = store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
+    done = succeed(store, lease)
     assert done["status"] == TaskStatus.SUCCEEDED and task_id not in active_ids(store)
     # A redelivered message for a finished task does nothing.
     assert begin(store, task_id) is None
@@ -56,9 +57,13 @@ def test_a_task_runs_and_succeeds_once(store: JobStore) -> None:
         store.schedule_retry(lease, JobError("x", retryable=True), delay=1)
 
 
+def succeed(store: JobStore, lease: Lease) -> TaskRecord:
+    return store.succeed(lease, outputs=[], text=[], usage=None, upstream_status=200)
+
+
 def test_a_queued_task_cannot_succeed_without_running(store: JobStore) -> None:
     with pytest.raises(InvalidTransition):
-        store.succeed(new_task(store), outputs=[], text=[], usage=None, upstream_status=200)
+        succeed(store, Lease(new_task(store), "made-up", LEASE, attempt=1))
 
 
 def test_a_live_lease_keeps_a_second_delivery_out(store: JobStore) -> None:
@@ -82,6 +87,38 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out(store: 
     with pytest.raises(LeaseLost):
         store.fail(old_lease, JobError("late"))
     assert not store.renew_lease(old_lease)
+
+
+def test_a_stale_worker_records_nothing_once_another_attempt_started(store: JobStore) -> None:
+    """Worker A's lease expires (a long pause, a cut-off host); worker B takes the task over and calls
+    the upstream. A's late writes, however they close its attempt, are refused and change nothing."""
+    task_id = new_task(store)
+    _, stale = begin(store, task_id, lease=0.2)
+    assert wait_until(lambda: store.claim_expired_leases(LEASE) == [task_id], timeout=5, what="lease expiry")
+    _, current = begin(store, task_id)
+    before = store.get(task_id)
+    for late_write in (
+        lambda: succeed(store, stale),
+        lambda: store.fail(stale, JobError("late")),
+        lambda: store.schedule_retry(stale, JobError("late", retryable=True), delay=0),
+        lambda: store.save_result(stale, b"a stale answer"),
+    ):
+        with pytest.raises(LeaseLost):
+            late_write()
+        assert store.get(task_id) == before, "a refused write leaves no trace"
+    assert store._redis.get(store.keys.result(task_id)) is None
+    done = succeed(store, current)
+    assert [a["outcome"] for a in done["attempts"]] == ["worker_lost", "succeeded"]
+
+
+def test_an_expired_lease_that_nobody_took_over_still_records_its_paid_answer(store: JobStore) -> None:
+    """No other attempt started since: the answer A paid for is recorded, and the sweeper's message for
+    the task then finds it final (it is not called again)."""
+    task_id = new_task(store)
+    _, lease = begin(store, task_id, lease=0.2)
+    assert wait_until(lambda: store.claim_expired_leases(LEASE) == [task_id], timeout=5, what="lease expiry")
+    assert succeed(store, lease)["status"] == TaskStatus.SUCCEEDED
+    assert begin(store, task_id) is None
 
 
 def test_a_task_out_of_attempts_fails_with_worker_lost(store: JobStore) -> None:
@@ -124,17 +161,17 @@ def test_rate_limited_attempts_are_free(store: JobStore) -> None:
 
 def test_saved_result_lives_until_the_task_is_final(store: JobStore) -> None:
     task_id = new_task(store)
-    begin(store, task_id)
-    store.save_result(task_id, b"answer")
+    _, lease = begin(store, task_id)
+    store.save_result(lease, b"answer")
     assert store._redis.get(store.keys.result(task_id)) == b"answer"
-    store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
+    succeed(store, lease)
     assert store._redis.get(store.keys.result(task_id)) is None
 
 
 def test_webhook_events_are_written_with_the_change(store: JobStore) -> None:
     task_id = new_task(store, webhook={"url": "http://x.test/", "events": ["running", "succeeded"]})
-    begin(store, task_id)
-    store.succeed(task_id, outputs=[], text=[], usage=None, upstream_status=200)
+    _, lease = begin(store, task_id)
+    succeed(store, lease)
     client = store._redis
     due = [member.decode() for member in client.zrange(store.keys.webhooks_due, 0, -1)]
     assert due == [f"msg_{task_id}_running", f"msg_{task_id}_succeeded"]
@@ -175,6 +212,6 @@ def test_cancel_a_queued_or_running_task_but_not_a_final_one(store: JobStore) ->
     with pytest.raises((LeaseLost, InvalidTransition)):
         store.fail(lease, JobError("late"))
     with pytest.raises(InvalidTransition):
-        store.succeed(running, outputs=[], text=[], usage=None, upstream_status=200)
+        succeed(store, lease)
     with pytest.raises(InvalidTransition):
         store.cancel(running)

@@ -311,8 +311,9 @@ def test_a_host_name_resolving_to_loopback_is_refused_where_we_connect(
     path = new_path()
     webhook = {"url": f"http://localhost:{receiver.port}{path}", "events": ["succeeded"]}
     task = store.create(model="m", payload=b"{}", metadata=None, webhook=webhook)
-    store.start_attempt(task["id"], worker="w", lease_seconds=30, give_up=out_of_attempts(1))
-    task = store.succeed(task["id"], outputs=[], text=[], usage=None, upstream_status=200)
+    attempt = store.start_attempt(task["id"], worker="w", lease_seconds=30, give_up=out_of_attempts(1))
+    assert attempt is not None
+    task = store.succeed(attempt.lease, outputs=[], text=[], usage=None, upstream_status=200)
 
     guarded = WebhookService(config, storage, client, store.keys)
     [(event_id, claim)] = guarded.outbox.claim_due(lease_seconds=30)
