@@ -1,7 +1,9 @@
 """The `[sim ...]` directive that scripts the simulator from inside a request's text parts.
 
 Grammar: `[sim key=<k> script=<a,b,c> shape=<s> format=<png|jpeg> delay_ms=<n> hang_s=<n>
-retry_delay=<n>s]`, every field optional, values without spaces or `]`. The first directive found wins.
+retry_delay=<n>s download_fails=<n>]`, every field optional, values without spaces or `]`. The first
+directive found wins. ``download_fails``: with ``shape=openai_url``, the first n downloads of the image
+URLs of this key's answers fail with 503.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Directive:
     delay_ms: float | None = None
     hang_s: float | None = None
     retry_delay: str | None = None
+    download_fails: int = 0
 
 
 def find_directive(texts: list[str]) -> Directive | None:
@@ -57,7 +60,16 @@ def parse_fields(body: str) -> Directive:
         if not match:
             raise DirectiveError(f"bad sim directive field {token!r}")
         fields[match.group(1)] = match.group(2)
-    unknown = set(fields) - {"key", "script", "shape", "format", "delay_ms", "hang_s", "retry_delay"}
+    unknown = set(fields) - {
+        "key",
+        "script",
+        "shape",
+        "format",
+        "delay_ms",
+        "hang_s",
+        "retry_delay",
+        "download_fails",
+    }
     if unknown:
         raise DirectiveError(f"unknown sim directive fields: {', '.join(sorted(unknown))}")
     script = tuple(fields["script"].split(",")) if "script" in fields else ()
@@ -77,6 +89,7 @@ def parse_fields(body: str) -> Directive:
         delay_ms=_number(fields, "delay_ms"),
         hang_s=_number(fields, "hang_s"),
         retry_delay=retry_delay,
+        download_fails=int(_number(fields, "download_fails") or 0),
     )
 
 

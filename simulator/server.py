@@ -9,7 +9,7 @@ import socketserver
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from simulator.config import SimConfig
 from simulator.dimensions import image_dimensions
@@ -85,7 +85,12 @@ class SimHandler(BaseHTTPRequestHandler):
         elif path == "/_sim/calls":
             self._send(json_reply(200, state.calls()))
         elif path.startswith(IMAGES_PREFIX) and (image := state.image(path[len(IMAGES_PREFIX) :])):
-            self._send(Reply(200, (image.data,), image.mime_type))
+            query = parse_qs(urlsplit(self.path).query)
+            fails = int(query.get("fail", ["0"])[0])
+            if state.next_download(query.get("key", [""])[0]) < fails:
+                self._send(error_reply(503, "UNAVAILABLE", "The image is not available yet."))
+            else:
+                self._send(Reply(200, (image.data,), image.mime_type))
         else:
             self._send(_not_found(path))
 
@@ -154,12 +159,19 @@ class SimHandler(BaseHTTPRequestHandler):
         config = self.server.config
         width, height = image_dimensions(request.model, request.aspect_ratio, request.image_size)
         spec = ImageSpec(width, height, directive.image_format or config.image_format, config.image_bytes)
-        return success_reply(directive.shape, request.model, spec, self.server.images, self._image_url)
+        return success_reply(
+            directive.shape,
+            request.model,
+            spec,
+            self.server.images,
+            lambda image: self._url(image, directive),
+        )
 
-    def _image_url(self, image: RenderedImage) -> str:
+    def _url(self, image: RenderedImage, directive: Directive) -> str:
         self.server.state.remember_image(image)
         host = self.headers.get("Host") or f"{self.server.server_name}:{self.server.server_port}"
-        return f"http://{host}{IMAGES_PREFIX}{image.image_id}"
+        query = urlencode({"key": directive.key or "", "fail": directive.download_fails})
+        return f"http://{host}{IMAGES_PREFIX}{image.image_id}?{query}"
 
     def _hold(self, seconds: float) -> bool:
         """Wait up to seconds, ending early on server shutdown; False if the client disconnected."""

@@ -59,6 +59,7 @@ class SimState:
         self._by_key: Counter[str] = Counter()
         self._by_outcome: Counter[str] = Counter()
         self._occurrences: Counter[bytes] = Counter()
+        self._downloads: Counter[str] = Counter()
         self._calls: deque[CallRecord] = deque(maxlen=_CALL_LOG_LIMIT)
 
     def begin_call(self) -> CallRecord:
@@ -104,6 +105,13 @@ class SimState:
         with self._lock:
             self._images[image.image_id] = image
 
+    def next_download(self, key: str) -> int:
+        """How many earlier downloads carried this key (and count this one)."""
+        with self._lock:
+            position = self._downloads[key]
+            self._downloads[key] += 1
+            return position
+
     def image(self, image_id: str) -> RenderedImage | None:
         with self._lock:
             return self._images.get(image_id)
@@ -116,6 +124,7 @@ class SimState:
                 "max_in_flight": self._max_in_flight,
                 "by_key": dict(self._by_key),
                 "by_outcome": dict(self._by_outcome),
+                "downloads_by_key": dict(self._downloads),
             }
 
     def calls(self) -> list[dict[str, Any]]:

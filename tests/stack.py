@@ -196,6 +196,14 @@ class Stack:
     def sim_calls(self, key: str) -> int:
         return self.sim_stats()["by_key"].get(key, 0)
 
+    def worker_logs(self) -> str:
+        """Everything the generation workers have logged so far."""
+        return "\n".join(
+            child.log_path.read_text(errors="replace")
+            for name, child in self.children.items()
+            if name.startswith("worker") and child.log_path is not None and child.log_path.exists()
+        )
+
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{child.tail(30)}" for name, child in self.children.items())
 

@@ -225,17 +225,42 @@ def test_refusals_hold_the_task_then_fail_at_the_deadline(stack: Stack, script: 
     assert stack.sim_calls(key) == len(task["attempts"]) > stack.config.max_attempts, "429s use no attempt"
 
 
+def output_keys(stack: Stack, task_id: str) -> list[str]:
+    storage = Storage(stack.config)
+    listed = storage._client.list_objects_v2(Bucket=storage.bucket, Prefix=f"outputs/{task_id}/")
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def test_an_answer_whose_image_url_fails_to_download_is_kept_and_not_paid_again(stack: Stack) -> None:
+    """The upstream answered with an image URL, and its download failed: the retry downloads from the
+    saved answer instead of calling (and paying) the upstream again."""
+    body = with_directive(shape="openai_url", download_fails="1")
+    key = directive_key(body)
+    task = stack.run(body)
+    assert task["status"] == "succeeded", task
+    assert [(a["outcome"], a["error_code"]) for a in task["attempts"]] == [
+        ("retry", "upstream_unavailable"),
+        ("succeeded", None),
+    ]
+    assert stack.sim_calls(key) == 1, "the upstream was called once"
+    assert stack.sim_stats()["downloads_by_key"][key] == 2
+    assert output_keys(stack, task["id"]) == [output["key"] for output in task["outputs"]]
+
+
 def test_cancel_a_running_task_drops_its_late_result(stack: Stack) -> None:
     body = with_directive(delay_ms="1500")
     task_id = stack.submit(body).json()["id"]
     wait_until(lambda: stack.task(task_id)["status"] == "running", timeout=10, what="the task to run")
     response = stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "canceled"
-    # The upstream call was in flight; once it has answered, the task is still canceled, with no outputs.
-    wait_until(lambda: stack.sim_stats()["by_key"].get(directive_key(body)) == 1, timeout=10, what="the call")
-    wait_until(lambda: stack.sim_stats()["in_flight"] == 0, timeout=10, what="the call to end")
+    # The upstream call was in flight; once the worker has handled its answer (uploaded, seen its result
+    # refused, deleted what it uploaded), the task is still canceled, with no outputs, and no object is left.
+    refused = f"task {task_id}: attempt 1's result is refused"
+    wait_until(lambda: refused in stack.worker_logs(), timeout=15, what="the worker to handle the answer")
+    assert stack.sim_calls(directive_key(body)) == 1
     task = stack.task(task_id)
     assert task["status"] == "canceled" and task["outputs"] == [] and task["finished_at"]
+    assert output_keys(stack, task_id) == [], "the refused attempt's upload is deleted"
     again = stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_transition"
     missing = stack.http.post(f"{stack.api_url}/v1/tasks/nope/cancel")

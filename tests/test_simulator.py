@@ -266,6 +266,12 @@ def test_shape_openai_url_serves_the_image(client: httpx.Client) -> None:
     assert client.get("/_sim/images/unknown").status_code == 404
 
 
+def test_download_fails_makes_the_first_downloads_of_a_key_fail(client: httpx.Client) -> None:
+    (item,) = generate(client, "[sim key=d shape=openai_url download_fails=2]").json()["data"]
+    assert [client.get(item["url"]).status_code for _ in range(3)] == [503, 503, 200]
+    assert client.get("/_sim/stats").json()["downloads_by_key"] == {"d": 3}
+
+
 def test_shape_mislabeled_declares_png_for_jpeg_bytes(client: httpx.Client) -> None:
     (part,) = camel_images(generate(client, "[sim shape=mislabeled]", ratio="3:2").json())
     assert part["inlineData"]["mimeType"] == "image/png"
@@ -293,6 +299,7 @@ def test_stats_calls_and_reset(client: httpx.Client) -> None:
         "max_in_flight": 1,
         "by_key": {"x": 2},
         "by_outcome": {"500": 1, "ok": 2},
+        "downloads_by_key": {},
     }
     calls = client.get("/_sim/calls").json()
     assert [(c["key"], c["outcome"], c["model"], c["status"]) for c in calls] == [
@@ -308,6 +315,7 @@ def test_stats_calls_and_reset(client: httpx.Client) -> None:
         "max_in_flight": 0,
         "by_key": {},
         "by_outcome": {},
+        "downloads_by_key": {},
     }
     assert client.get("/_sim/calls").json() == []
     assert generate(client, "[sim key=x script=500,ok]").status_code == 500
