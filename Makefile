@@ -24,14 +24,16 @@ setup: $(STAMP) ## create the virtualenv and install everything (done by run and
 run: $(STAMP) ## run the whole service on embedded defaults (API on $$PORT, default 8000)
 	$(BIN)/python -m devstack
 
-test: $(STAMP) ## the whole test suite: lint, unit, end-to-end and fault tests on real processes
+test: $(STAMP) ## the whole test suite: lint, types, unit, end-to-end and fault tests on real processes
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
-lint: $(STAMP) ## ruff check and format check
+lint: $(STAMP) ## ruff check and format check, mypy (strict)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from services.errors import ServiceError
@@ -20,7 +20,7 @@ _HTTP_CODES = {
 }
 
 
-def error_response(error: ServiceError):
+def error_response(error: ServiceError) -> Response:
     response = jsonify(error.to_body())
     response.status_code = error.status
     if error.status == 503:
@@ -30,13 +30,13 @@ def error_response(error: ServiceError):
 
 def register(app: Flask) -> None:
     @app.errorhandler(ServiceError)
-    def service_error(error: ServiceError):
+    def service_error(error: ServiceError) -> Response:
         if error.status >= 500:
             log.warning("%s: %s", error.code, error.message)
         return error_response(error)
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
+    def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         message = error.description or error.name
         if status == 413:
@@ -45,6 +45,6 @@ def register(app: Flask) -> None:
         return error_response(body)
 
     @app.errorhandler(Exception)
-    def unexpected_error(error: Exception):
+    def unexpected_error(error: Exception) -> Response:
         log.exception("unexpected error")
         return error_response(ServiceError("internal server error"))

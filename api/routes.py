@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 
-from flask import Blueprint, current_app, jsonify, redirect, request
+from flask import Blueprint, Response, current_app, jsonify, redirect, request
+from flask.typing import ResponseReturnValue
 
 from api.openapi import openapi_document
 from services.errors import NotFound, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
@@ -19,7 +20,8 @@ blueprint = Blueprint("api", __name__)
 
 
 def _runtime() -> Runtime:
-    return current_app.extensions["runtime"]
+    runtime: Runtime = current_app.extensions["runtime"]  # set by api.app.create_app
+    return runtime
 
 
 @blueprint.before_request
@@ -33,7 +35,7 @@ def authenticate() -> None:
 
 
 @blueprint.post("/v1/images/generations")
-def submit():
+def submit() -> Response:
     rt = _runtime()
     if request.mimetype != "application/json":
         raise UnsupportedMediaType(
@@ -57,7 +59,8 @@ def _read_body(limit: int) -> bytes:
     """The request body, or 413 as soon as it is known to exceed ``limit`` (declared or streamed)."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     stream = request.environ["wsgi.input"]
     remaining = request.content_length
     while remaining is None or remaining > 0:
@@ -74,23 +77,23 @@ def _read_body(limit: int) -> bytes:
 
 
 @blueprint.get("/v1/tasks/<task_id>")
-def get_task(task_id: str):
+def get_task(task_id: str) -> Response:
     return _task_response(_runtime().store.get(task_id))
 
 
 @blueprint.post("/v1/tasks/<task_id>/cancel")
-def cancel_task(task_id: str):
+def cancel_task(task_id: str) -> Response:
     return _task_response(_runtime().store.cancel(task_id))
 
 
-def _task_response(task: TaskRecord):
+def _task_response(task: TaskRecord) -> Response:
     rt = _runtime()
     deliveries = rt.webhooks.deliveries(task)
     return jsonify(task_view(task, rt.storage, base_url=rt.config.public_base_url, deliveries=deliveries))
 
 
 @blueprint.post("/v1/tasks/<task_id>/webhook/redeliver")
-def redeliver_webhook(task_id: str):
+def redeliver_webhook(task_id: str) -> Response:
     rt = _runtime()
     response = jsonify(rt.webhooks.redeliver(rt.store.get(task_id)))
     response.status_code = 202
@@ -98,7 +101,7 @@ def redeliver_webhook(task_id: str):
 
 
 @blueprint.get("/v1/tasks/<task_id>/outputs/<int:index>")
-def get_output(task_id: str, index: int):
+def get_output(task_id: str, index: int) -> ResponseReturnValue:
     rt = _runtime()
     outputs = rt.store.get(task_id)["outputs"]
     if not 0 <= index < len(outputs):
@@ -107,12 +110,12 @@ def get_output(task_id: str, index: int):
 
 
 @blueprint.get("/healthz")
-def healthz():
+def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
 @blueprint.get("/readyz")
-def readyz():
+def readyz() -> Response:
     rt = _runtime()
     checks: dict[str, str] = {}
     for name, ping in (("redis", rt.store.ping), ("storage", rt.storage.ping)):
@@ -128,5 +131,5 @@ def readyz():
 
 
 @blueprint.get("/openapi.json")
-def openapi():
+def openapi() -> Response:
     return jsonify(openapi_document())

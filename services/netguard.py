@@ -154,7 +154,7 @@ def deadline(seconds: float) -> Iterator[None]:
 
 
 def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
-    at = getattr(_deadline, "at", None)
+    at: float | None = getattr(_deadline, "at", None)
     if at is None:
         return timeout
     left = at - time.monotonic()

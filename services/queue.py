@@ -61,7 +61,7 @@ def generation_message(task_id: str) -> tuple[str, bytes]:
 
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_HEADERS = {
+_HEADERS: dict[str, object] = {
     "lang": "py",
     "task": GENERATE_TASK,
     "shadow": None,

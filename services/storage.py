@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import boto3
 import botocore.config
@@ -23,6 +24,9 @@ import botocore.exceptions
 from services.config import Config
 from services.errors import StorageUnavailable
 from services.images import ImageInfo
+
+if TYPE_CHECKING:  # the stubs (boto3-stubs[s3]) are a test dependency only
+    from mypy_boto3_s3 import S3Client
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Storage:
         )
         session = boto3.session.Session()
 
-        def client(endpoint_url: str | None):  # noqa: ANN202 - boto3 clients are untyped
+        def client(endpoint_url: str | None) -> S3Client:
             return session.client(
                 "s3",
                 endpoint_url=endpoint_url,

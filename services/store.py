@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -269,7 +269,8 @@ class JobStore:
             found = self._redis.zrangebyscore(self.keys.running, "-inf", now, start=0, num=limit)
             if not found:
                 return []
-            candidates = [member.decode() for member in found]
+            # bytes: the client does not decode responses, which redis-py's types cannot tell
+            candidates = [member.decode() for member in cast("list[bytes]", found)]
             keys = [self.keys.running, *(self.keys.lease(task_id) for task_id in candidates)]
             members = self._claim_expired(keys=keys, args=[now, now + clock.ms(lease_seconds), *candidates])
         return [member.decode() for member in members]
@@ -343,7 +344,7 @@ class JobStore:
         with mapped_redis_errors():
             deadline = clock.now_ms() + clock.ms(lease.seconds)
             keys = [self.keys.lease(lease.task_id), self.keys.running]
-            args = [lease.token, clock.ms(lease.seconds), deadline, lease.task_id]
+            args: list[str | int] = [lease.token, clock.ms(lease.seconds), deadline, lease.task_id]
             return bool(self._renew(keys=keys, args=args))
 
     # transitions ------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ class JobStore:
             _require_open_attempt(task, lease)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="succeeded", upstream_status=upstream_status)
-            task.update(outputs=outputs, text=text, usage=usage, error=None)
+            task.update({"outputs": outputs, "text": text, "usage": usage, "error": None})
             return _finish(task, TaskStatus.SUCCEEDED, now)
 
         return self._change_required(lease.task_id, change, known=lease.document)
@@ -590,9 +591,11 @@ def _close_open_attempt(
         return
     attempt: AttemptRecord = task["attempts"][-1]
     attempt.update(
-        finished_at=now,
-        outcome=outcome,
-        error_code=error_code,
-        upstream_status=upstream_status,
-        duration_ms=clock.epoch_ms(now) - clock.epoch_ms(attempt["started_at"]),
+        {
+            "finished_at": now,
+            "outcome": outcome,
+            "error_code": error_code,
+            "upstream_status": upstream_status,
+            "duration_ms": clock.epoch_ms(now) - clock.epoch_ms(attempt["started_at"]),
+        }
     )

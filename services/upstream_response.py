@@ -25,7 +25,7 @@ from services.retry_after import parse_retry_after
 try:
     import pybase64 as _pybase64
 except ImportError:  # optional: binascii does the same, slower
-    _pybase64 = None
+    _pybase64 = None  # type: ignore[assignment]  # None: the module is absent
 
 BLOCKING_FINISH_REASONS = frozenset(
     {
@@ -75,7 +75,7 @@ class UpstreamResult:
 
     images: list[ImagePart]
     texts: list[str]
-    usage: dict | None
+    usage: dict[str, Any] | None
     finish_reason: str | None
     model_version: str | None
 
@@ -86,7 +86,7 @@ class _Collected:
 
     images: list[ImagePart] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
-    usage: dict | None = None
+    usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     model_version: str | None = None
     block_reason: str | None = None
@@ -220,11 +220,11 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _dicts(value: Any) -> list[dict]:
+def _dicts(value: Any) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-def _error_object(payload: Any) -> dict | None:
+def _error_object(payload: Any) -> dict[str, Any] | None:
     """The ``error`` object of ``{"error": {...}}``, also inside a list; a bare string becomes a message."""
     if isinstance(payload, list):
         payload = next((item for item in _dicts(payload) if item.get("error")), None)
@@ -238,7 +238,7 @@ def _error_object(payload: Any) -> dict | None:
     return None
 
 
-def _embedded_status(error: dict) -> int:
+def _embedded_status(error: dict[str, Any]) -> int:
     """The HTTP status an error inside a 2xx body claims, or 200 when it names none."""
     code = error.get("code")
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
@@ -246,7 +246,7 @@ def _embedded_status(error: dict) -> int:
     return 200
 
 
-def _error_message(status: int, error: dict, body: bytes, is_json: bool) -> str:
+def _error_message(status: int, error: dict[str, Any], body: bytes, is_json: bool) -> str:
     message = str(error.get("message") or "").strip()
     if message:
         if status == 400:
@@ -260,7 +260,7 @@ def _error_message(status: int, error: dict, body: bytes, is_json: bool) -> str:
     return f"HTTP {status} with {kind} body: {_snippet(body)}"
 
 
-def _details_retry_delay(details: list[dict]) -> float | None:
+def _details_retry_delay(details: list[dict[str, Any]]) -> float | None:
     for detail in details:
         value = detail.get("retryDelay")
         if isinstance(value, str):
@@ -273,7 +273,7 @@ def _retry_after_header(headers: Mapping[str, str]) -> float | None:
     return parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
 
 
-def _is_daily_quota(details: list[dict]) -> bool:
+def _is_daily_quota(details: list[dict[str, Any]]) -> bool:
     return any(
         "PerDay" in str(violation.get("quotaId", ""))
         for detail in details
@@ -328,7 +328,7 @@ def _inline_image(value: Any, declared_mime: Any) -> ImagePart:
     return ImagePart(data=_b64decode(value), url=None, declared_mime=_text(declared_mime))
 
 
-def _collect_openai(payload: dict) -> _Collected:
+def _collect_openai(payload: dict[str, Any]) -> _Collected:
     collected = _Collected(usage=payload.get("usage") if isinstance(payload.get("usage"), dict) else None)
     for item in payload["data"]:
         if not isinstance(item, dict):

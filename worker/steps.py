@@ -32,7 +32,7 @@ def runtime_of(app: Celery) -> Runtime:
     return runtime
 
 
-class RuntimeStep(bootsteps.Step):
+class RuntimeStep(bootsteps.Step):  # type: ignore[misc]  # celery is untyped: its base classes are Any
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         keep_big_buffers_out_of_the_heap()
@@ -42,7 +42,7 @@ class RuntimeStep(bootsteps.Step):
         log.info("clients sized for a pool of %d", config.worker_concurrency)
 
 
-class SweeperStep(bootsteps.StartStopStep):
+class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
     requires = (RuntimeStep,)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
@@ -63,7 +63,7 @@ class SweeperStep(bootsteps.StartStopStep):
         self.sweeper.stop()
 
 
-class DispatcherStep(bootsteps.StartStopStep):
+class DispatcherStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
     requires = (RuntimeStep,)
 
     def include_if(self, worker: Any) -> bool:
@@ -101,7 +101,7 @@ class DispatcherStep(bootsteps.StartStopStep):
         self.dispatcher.stop()
 
 
-class PresenceStep(bootsteps.StartStopStep):
+class PresenceStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
     """Announces the process once its consumer consumes; withdrawn when the consumer stops."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)

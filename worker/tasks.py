@@ -13,7 +13,7 @@ from worker.steps import runtime_of
 log = logging.getLogger(__name__)
 
 
-@shared_task(name=GENERATE_TASK, bind=True)
+@shared_task(name=GENERATE_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
 def generate(self: Task, task_id: str) -> None:
     try:
         runtime_of(self.app).runner.run(task_id)
@@ -22,7 +22,7 @@ def generate(self: Task, task_id: str) -> None:
         log.warning("task %s: store unavailable (%s); left to the sweeper", task_id, exc.message)
 
 
-@shared_task(name=DELIVER_WEBHOOK_TASK, bind=True)
+@shared_task(name=DELIVER_WEBHOOK_TASK, bind=True)  # type: ignore[untyped-decorator]  # celery is untyped
 def deliver_webhook(self: Task, event_id: str, claim: str) -> None:
     """Run in workers that consume the ``webhooks`` queue, apart from the generation workers
     (``celery -A worker.main worker -Q webhooks``), so that receivers that answer slowly never hold a

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -184,9 +184,10 @@ class WebhookOutbox:
             found = self._redis.zrangebyscore(due, "-inf", now, start=0, num=limit)
             if not found:
                 return []
-            candidates = [member.decode() for member in found]
+            # bytes: the client does not decode responses, which redis-py's types cannot tell
+            candidates = [member.decode() for member in cast("list[bytes]", found)]
             keys = [due, *(self._keys.webhook_state(candidate) for candidate in candidates)]
-            args = [now, now + clock.ms(lease_seconds), secrets.token_hex(8), *candidates]
+            args: list[str | int] = [now, now + clock.ms(lease_seconds), secrets.token_hex(8), *candidates]
             flat = self._claim(keys=keys, args=args)
         items = [value.decode() for value in flat]
         return list(zip(items[0::2], items[1::2], strict=True))
@@ -217,7 +218,7 @@ class WebhookOutbox:
             self._keys.webhook_log(task_id),
             self._keys.webhook_event(event_id),
         ]
-        args = [
+        args: list[str | int] = [
             claim,
             event_id,
             dumps(entry),
