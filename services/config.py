@@ -52,6 +52,7 @@ class Config:
     worker_prefetch_multiplier: int = 1
     visibility_timeout: int = 3600
     task_lease_seconds: float = 30.0
+    worker_shutdown_timeout: float = 330.0
     sweep_interval: float = 0.2
 
     upstream_max_concurrency: int = 0
@@ -196,6 +197,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WORKER_PREFETCH_MULTIPLIER": ("worker_prefetch_multiplier", _positive_int),
     "VISIBILITY_TIMEOUT": ("visibility_timeout", _positive_int),
     "TASK_LEASE_SECONDS": ("task_lease_seconds", _positive_float),
+    "WORKER_SHUTDOWN_TIMEOUT": ("worker_shutdown_timeout", _positive_float),
     "SWEEP_INTERVAL": ("sweep_interval", _positive_float),
     "UPSTREAM_MAX_CONCURRENCY": ("upstream_max_concurrency", _non_negative_int),
     "UPSTREAM_RATE_PER_MINUTE": ("upstream_rate_per_minute", _non_negative_float),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -29,7 +30,9 @@ from devstack.processes import (
     start_worker,
     wait_until,
 )
+from services import presence
 from services.config import Config, load_config
+from services.runtime import Runtime
 from services.storage import Storage
 from services.webhook_signing import generate_secret
 
@@ -145,6 +148,7 @@ class Stack:
             self.start_worker(f"worker{number}")
         self.start_worker("webhook-worker", queues="webhooks")
         self.api = ApiServer(self.config, api_port)
+        self.wait_ready([name for name in self.children if "worker" in name])
         return self
 
     def start_redis(self) -> None:
@@ -157,6 +161,28 @@ class Stack:
         child = self.supervisor.watch(start_worker(env, log_dir=self.log_dir, name=name, queues=queues))
         self.children[name] = child
         return child
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self.api is not None
+        runtime: Runtime = self.api.app.extensions["runtime"]
+        return runtime
+
+    def wait_ready(self, names: list[str], timeout: float = 60) -> None:
+        """Wait until each named worker process consumes its queues: it announces itself then
+        (services/presence.py). A test that submits before that may find all its tasks taken by the
+        worker that happened to start first."""
+
+        def ready() -> bool:
+            consuming = {
+                worker["process"] for worker in presence.consuming(self.runtime.redis, self.runtime.keys)
+            }
+            return all(f"{socket.gethostname()}:{self.children[name].pid}" in consuming for name in names)
+
+        try:
+            wait_until(ready, timeout=timeout, what=f"workers {names} to consume")
+        except TimeoutError:
+            raise AssertionError(f"workers {names} not consuming after {timeout}s:\n{self.logs()}") from None
 
     def stop(self) -> None:
         self.supervisor.stop()

@@ -3,6 +3,8 @@
 - ``RuntimeStep`` builds the process's clients (``services.runtime.Runtime``), sized for the pool that
   really runs (``--concurrency`` wins over ``WORKER_CONCURRENCY``), keeps them on the Celery app, and
   tunes glibc for big buffers (``worker/memory.py``);
+- ``ShutdownDeadlineStep`` makes a stopping worker exit within ``WORKER_SHUTDOWN_TIMEOUT``
+  (``worker/shutdown.py``);
 - ``SweeperStep`` runs the sweeper (``services/sweeper.py``) in every worker;
 - ``DispatcherStep`` runs the webhook dispatcher in workers that consume the ``webhooks`` queue;
 - ``PresenceStep`` (consumer) announces the process once its queues are consumed (``services/presence.py``).
@@ -15,6 +17,7 @@ import logging
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.signals import worker_shutting_down
 
 from services.presence import Presence
 from services.queue import DELIVER_WEBHOOK_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE, enqueue_generation
@@ -22,6 +25,7 @@ from services.runtime import Runtime
 from services.sweeper import Sweeper
 from services.webhooks.dispatcher import WebhookDispatcher
 from worker.memory import keep_big_buffers_out_of_the_heap
+from worker.shutdown import ShutdownDeadline
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,21 @@ class RuntimeStep(bootsteps.Step):  # type: ignore[misc]  # celery is untyped: i
         config = dataclasses.replace(config, worker_concurrency=worker.concurrency)
         worker.app.conf.iq_runtime = Runtime(config)
         log.info("clients sized for a pool of %d", config.worker_concurrency)
+
+
+class ShutdownDeadlineStep(bootsteps.Step):  # type: ignore[misc]  # celery is untyped: its base classes are Any
+    """Starts the ``WORKER_SHUTDOWN_TIMEOUT`` countdown when the worker is told to stop."""
+
+    requires = (RuntimeStep,)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        deadline = ShutdownDeadline(runtime_of(worker.app).config.worker_shutdown_timeout)
+
+        def on_shutting_down(**_: Any) -> None:
+            deadline.start()
+
+        worker_shutting_down.connect(on_shutting_down, weak=False)
 
 
 class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
@@ -125,5 +144,5 @@ class PresenceStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is 
         self.stop(consumer)
 
 
-WORKER_STEPS = (RuntimeStep, SweeperStep, DispatcherStep)
+WORKER_STEPS = (RuntimeStep, ShutdownDeadlineStep, SweeperStep, DispatcherStep)
 CONSUMER_STEPS = (PresenceStep,)
