@@ -57,6 +57,7 @@ class Config:
 
     upstream_max_concurrency: int = 0
     upstream_rate_per_minute: float = 0.0
+    limiter_max_wait: float = 60.0
     upstream_hold_seconds: float = 86400.0
     upstream_quota_retry_seconds: float = 900.0
 
@@ -201,6 +202,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SWEEP_INTERVAL": ("sweep_interval", _positive_float),
     "UPSTREAM_MAX_CONCURRENCY": ("upstream_max_concurrency", _non_negative_int),
     "UPSTREAM_RATE_PER_MINUTE": ("upstream_rate_per_minute", _non_negative_float),
+    "LIMITER_MAX_WAIT": ("limiter_max_wait", _non_negative_float),
     "UPSTREAM_HOLD_SECONDS": ("upstream_hold_seconds", _positive_float),
     "UPSTREAM_QUOTA_RETRY_SECONDS": ("upstream_quota_retry_seconds", _positive_float),
     "API_KEYS": ("api_keys", _csv_set),

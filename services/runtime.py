@@ -70,7 +70,7 @@ class Runtime:
             max_concurrency=config.upstream_max_concurrency,
             rate_per_minute=config.upstream_rate_per_minute,
             hold_seconds=config.task_lease_seconds,
-            max_wait_in_thread=60.0,
+            max_wait_in_thread=config.limiter_max_wait,
         )
         return UpstreamLimiter(self.redis, self.keys, settings)
 
