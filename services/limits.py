@@ -23,6 +23,7 @@ import redis
 from services import clock
 from services.errors import Deferred
 from services.keys import Keys
+from services.lua import Script
 from services.redis_errors import mapped_redis_errors
 
 # KEYS: slots, cooldown, bucket. ARGV: now ms, token, hold ms, max slots (0 = none), rate per minute
@@ -81,8 +82,13 @@ class UpstreamLimiter:
         self._slots = keys.limiter_slots
         self._cooldown = keys.limiter_cooldown
         self._bucket = keys.limiter_bucket
-        self._acquire = client.register_script(_ACQUIRE)
-        self._cool_down = client.register_script(_COOL_DOWN)
+        self._acquire = Script(
+            client,
+            _ACQUIRE,
+            keys=["slots", "cooldown", "bucket"],
+            args=["now_ms", "token", "hold_ms", "max_slots", "rate_per_minute"],
+        )
+        self._cool_down = Script(client, _COOL_DOWN, keys=["cooldown"], args=["until_ms"])
 
     def renew(self, token: str) -> bool:
         if self._settings.max_concurrency <= 0:
@@ -99,7 +105,7 @@ class UpstreamLimiter:
     def cool_down(self, seconds: float) -> None:
         """Make every worker wait ``seconds`` before its next call (a 429's retryDelay)."""
         with mapped_redis_errors():
-            self._cool_down(keys=[self._cooldown], args=[clock.now_ms() + clock.ms(seconds)])
+            self._cool_down(cooldown=self._cooldown, until_ms=clock.now_ms() + clock.ms(seconds))
 
     def acquire(self, token: str) -> None:
         """Take one upstream slot for ``token``: wait briefly in this thread, or raise ``Deferred``."""
@@ -109,14 +115,14 @@ class UpstreamLimiter:
         while True:
             with mapped_redis_errors():
                 wait_ms = self._acquire(
-                    keys=[self._slots, self._cooldown, self._bucket],
-                    args=[
-                        clock.now_ms(),
-                        token,
-                        clock.ms(settings.hold_seconds),
-                        settings.max_concurrency,
-                        settings.rate_per_minute,
-                    ],
+                    slots=self._slots,
+                    cooldown=self._cooldown,
+                    bucket=self._bucket,
+                    now_ms=clock.now_ms(),
+                    token=token,
+                    hold_ms=clock.ms(settings.hold_seconds),
+                    max_slots=settings.max_concurrency,
+                    rate_per_minute=settings.rate_per_minute,
                 )
             if wait_ms == 0:
                 return

@@ -42,6 +42,7 @@ import redis
 from services import clock
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
 from services.keys import Keys
+from services.lua import Script
 from services.records import AttemptRecord, ErrorRecord, OutputRecord, TaskRecord, WebhookSubscription
 from services.redis_errors import mapped_redis_errors
 from services.serialization import dumps
@@ -223,11 +224,31 @@ class JobStore:
         self.keys = Keys(prefix)
         self._task_retention = task_retention
         self._payload_retention = payload_retention
-        self._cas = client.register_script(_COMPARE_AND_SET)
-        self._save_result = client.register_script(_SAVE_RESULT)
-        self._renew = client.register_script(_RENEW_LEASE)
-        self._claim = client.register_script(_CLAIM)
-        self._claim_expired = client.register_script(_CLAIM_EXPIRED)
+        self._cas = Script(
+            client,
+            _COMPARE_AND_SET,
+            keys=["task"],
+            args=["expected", "document", "change"],
+            more_keys="touched",
+        )
+        self._save_answer = Script(
+            client, _SAVE_RESULT, keys=["task", "result"], args=["attempt", "answer", "ttl"]
+        )
+        self._renew = Script(
+            client,
+            _RENEW_LEASE,
+            keys=["lease", "running"],
+            args=["token", "ttl_ms", "deadline_ms", "task_id"],
+        )
+        self._claim = Script(client, _CLAIM, keys=["source", "target"], args=["max_score", "score", "limit"])
+        self._claim_expired = Script(
+            client,
+            _CLAIM_EXPIRED,
+            keys=["running"],
+            args=["now_ms", "score"],
+            more_keys="leases",
+            more_args="candidates",
+        )
 
     # reads ------------------------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskRecord:
@@ -241,9 +262,14 @@ class JobStore:
     def save_result(self, lease: Lease, body: bytes) -> None:
         """Keep an upstream answer whose outputs could not be stored, until the task is final; only
         while the lease's attempt is still the task's open one (else ``LeaseLost``, nothing saved)."""
-        keys = [self.keys.task(lease.task_id), self.keys.result(lease.task_id)]
         with mapped_redis_errors():
-            saved = self._save_result(keys=keys, args=[lease.attempt, body, self._payload_retention])
+            saved = self._save_answer(
+                task=self.keys.task(lease.task_id),
+                result=self.keys.result(lease.task_id),
+                attempt=lease.attempt,
+                answer=body,
+                ttl=self._payload_retention,
+            )
         if saved != 1:
             raise LeaseLost(f"task {lease.task_id} is no longer at attempt {lease.attempt}; answer not kept")
 
@@ -271,8 +297,13 @@ class JobStore:
                 return []
             # bytes: the client does not decode responses, which redis-py's types cannot tell
             candidates = [member.decode() for member in cast("list[bytes]", found)]
-            keys = [self.keys.running, *(self.keys.lease(task_id) for task_id in candidates)]
-            members = self._claim_expired(keys=keys, args=[now, now + clock.ms(lease_seconds), *candidates])
+            members = self._claim_expired(
+                running=self.keys.running,
+                leases=[self.keys.lease(task_id) for task_id in candidates],
+                now_ms=now,
+                score=now + clock.ms(lease_seconds),
+                candidates=candidates,
+            )
         return [member.decode() for member in members]
 
     def claim_lost_messages(self, older_than: float, limit: int = 500) -> list[str]:
@@ -286,7 +317,7 @@ class JobStore:
 
     def _claim_members(self, source: str, target: str, max_score: int, score: int, limit: int) -> list[str]:
         with mapped_redis_errors():
-            members = self._claim(keys=[source, target], args=[max_score, score, limit])
+            members = self._claim(source=source, target=target, max_score=max_score, score=score, limit=limit)
         return [member.decode() for member in members]
 
     # creation ---------------------------------------------------------------------------------------
@@ -342,10 +373,15 @@ class JobStore:
     def renew_lease(self, lease: Lease) -> bool:
         """Extend a lease its holder still has; False when it was lost (expired and maybe taken)."""
         with mapped_redis_errors():
-            deadline = clock.now_ms() + clock.ms(lease.seconds)
-            keys = [self.keys.lease(lease.task_id), self.keys.running]
-            args: list[str | int] = [lease.token, clock.ms(lease.seconds), deadline, lease.task_id]
-            return bool(self._renew(keys=keys, args=args))
+            renewed = self._renew(
+                lease=self.keys.lease(lease.task_id),
+                running=self.keys.running,
+                token=lease.token,
+                ttl_ms=clock.ms(lease.seconds),
+                deadline_ms=clock.now_ms() + clock.ms(lease.seconds),
+                task_id=lease.task_id,
+            )
+        return bool(renewed)
 
     # transitions ------------------------------------------------------------------------------------
     def start_attempt(
@@ -522,7 +558,9 @@ class JobStore:
                     return None, None
                 self._consequences(old, new, extra)
                 document = dumps(new)
-                written = self._cas(keys=extra.keys, args=[raw, document, extra.encoded()])
+                written = self._cas(
+                    task=key, touched=extra.keys[1:], expected=raw, document=document, change=extra.encoded()
+                )
                 if written == 1:
                     return new, document
                 if written == -1:

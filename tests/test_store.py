@@ -12,6 +12,7 @@ import redis
 from devstack.processes import wait_until
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
 from services.jobs import out_of_attempts
+from services.lua import Script
 from services.records import TaskRecord
 from services.store import JobStore, Lease, TaskStatus
 from tests.stack import Stack
@@ -215,3 +216,13 @@ def test_cancel_a_queued_or_running_task_but_not_a_final_one(store: JobStore) ->
         succeed(store, lease)
     with pytest.raises(InvalidTransition):
         store.cancel(running)
+
+
+def test_a_script_is_called_with_every_key_it_declares_and_nothing_else(store: JobStore) -> None:
+    script = Script(store._redis, "return {KEYS[1], ARGV[1], KEYS[2], ARGV[2]}", keys=["a"], args=["x"],
+                    more_keys="rest", more_args="items")  # fmt: skip
+    assert script(a="k1", x="v1", rest=["k2"], items=["v2"]) == [b"k1", b"v1", b"k2", b"v2"]
+    with pytest.raises(TypeError):
+        script(x="v1")  # a key left out: nothing is sent
+    with pytest.raises(TypeError):
+        script(a="k1", x="v1", b="k3")  # a key the script does not declare

@@ -26,6 +26,7 @@ import redis
 
 from services import clock
 from services.keys import Keys
+from services.lua import Script
 from services.records import TaskRecord
 from services.redis_errors import mapped_redis_errors
 from services.serialization import dumps
@@ -161,17 +162,35 @@ class WebhookOutbox:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._redis = client
         self._keys = keys
-        self._claim = client.register_script(_CLAIM)
-        self._begin = client.register_script(_BEGIN)
-        self._finish = client.register_script(_FINISH)
-        self._redeliver = client.register_script(_REDELIVER)
-
-    def _event_keys(self, event_id: str) -> list[str]:
-        return [
-            self._keys.webhook_event(event_id),
-            self._keys.webhook_state(event_id),
-            self._keys.webhooks_due,
-        ]
+        self._claim = Script(
+            client,
+            _CLAIM,
+            keys=["due"],
+            args=["now_ms", "deadline_ms", "token_prefix"],
+            more_keys="states",
+            more_args="candidates",
+        )
+        self._begin = Script(
+            client, _BEGIN, keys=["event", "state", "due"], args=["claim", "event_id", "deadline_ms"]
+        )
+        self._finish = Script(
+            client,
+            _FINISH,
+            keys=["state", "due", "log", "event"],
+            args=[
+                "claim",
+                "event_id",
+                "entry",
+                "superseded_entry",
+                "next_due_ms",
+                "final_status",
+                "log_capacity",
+                "retention",
+            ],
+        )
+        self._redeliver = Script(
+            client, _REDELIVER, keys=["event", "state", "due"], args=["event_id", "now_ms"]
+        )
 
     def claim_due(self, lease_seconds: float, limit: int = 200) -> list[tuple[str, str]]:
         """Events due now, each with the claim token its delivery must present; leased meanwhile.
@@ -186,16 +205,27 @@ class WebhookOutbox:
                 return []
             # bytes: the client does not decode responses, which redis-py's types cannot tell
             candidates = [member.decode() for member in cast("list[bytes]", found)]
-            keys = [due, *(self._keys.webhook_state(candidate) for candidate in candidates)]
-            args: list[str | int] = [now, now + clock.ms(lease_seconds), secrets.token_hex(8), *candidates]
-            flat = self._claim(keys=keys, args=args)
+            flat = self._claim(
+                due=due,
+                states=[self._keys.webhook_state(candidate) for candidate in candidates],
+                now_ms=now,
+                deadline_ms=now + clock.ms(lease_seconds),
+                token_prefix=secrets.token_hex(8),
+                candidates=candidates,
+            )
         items = [value.decode() for value in flat]
         return list(zip(items[0::2], items[1::2], strict=True))
 
     def begin(self, event_id: str, claim: str, lease_seconds: float) -> Started | None:
-        keys = self._event_keys(event_id)
         with mapped_redis_errors():
-            result = self._begin(keys=keys, args=[claim, event_id, clock.now_ms() + clock.ms(lease_seconds)])
+            result = self._begin(
+                event=self._keys.webhook_event(event_id),
+                state=self._keys.webhook_state(event_id),
+                due=self._keys.webhooks_due,
+                claim=claim,
+                event_id=event_id,
+                deadline_ms=clock.now_ms() + clock.ms(lease_seconds),
+            )
         if result[0] != 1:
             return None
         attempt, round_start = int(result[2]), int(result[3])
@@ -211,25 +241,22 @@ class WebhookOutbox:
         next_due_ms: int | None,
         final_status: str,
     ) -> bool:
-        superseded = {**entry, "next_retry_at": None}
-        keys = [
-            self._keys.webhook_state(event_id),
-            self._keys.webhooks_due,
-            self._keys.webhook_log(task_id),
-            self._keys.webhook_event(event_id),
-        ]
-        args: list[str | int] = [
-            claim,
-            event_id,
-            dumps(entry),
-            dumps(superseded),
-            "" if next_due_ms is None else str(next_due_ms),
-            final_status,
-            LOG_CAPACITY,
-            RETENTION_SECONDS,
-        ]
         with mapped_redis_errors():
-            return bool(self._finish(keys=keys, args=args) == 1)
+            applied = self._finish(
+                state=self._keys.webhook_state(event_id),
+                due=self._keys.webhooks_due,
+                log=self._keys.webhook_log(task_id),
+                event=self._keys.webhook_event(event_id),
+                claim=claim,
+                event_id=event_id,
+                entry=dumps(entry),
+                superseded_entry=dumps({**entry, "next_retry_at": None}),
+                next_due_ms="" if next_due_ms is None else str(next_due_ms),
+                final_status=final_status,
+                log_capacity=LOG_CAPACITY,
+                retention=RETENTION_SECONDS,
+            )
+        return bool(applied == 1)
 
     def deliveries(self, task_id: str) -> list[dict[str, Any]]:
         with mapped_redis_errors():
@@ -255,6 +282,12 @@ class WebhookOutbox:
 
     def redeliver(self, event_id: str) -> bool:
         """Make the event due now, with a fresh retry schedule; False if it does not exist."""
-        keys = self._event_keys(event_id)
         with mapped_redis_errors():
-            return bool(self._redeliver(keys=keys, args=[event_id, clock.now_ms()]) == 1)
+            made_due = self._redeliver(
+                event=self._keys.webhook_event(event_id),
+                state=self._keys.webhook_state(event_id),
+                due=self._keys.webhooks_due,
+                event_id=event_id,
+                now_ms=clock.now_ms(),
+            )
+        return bool(made_due == 1)

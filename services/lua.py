@@ -1,0 +1,45 @@
+"""Lua scripts with named keys and arguments.
+
+A ``Script`` names every key it touches and every argument it reads, in the order its source reads them
+as ``KEYS[n]`` and ``ARGV[n]``, and is called with keyword arguments: no call site builds a positional
+list, and a call that leaves a key out fails before anything is sent. A script that touches one key per
+item of a list (a claim over candidates) names that tail too (``more_keys``, with ``more_args`` for the
+items themselves). Every key a script touches is declared, as Redis Cluster requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+
+class Script:
+    def __init__(
+        self,
+        client: redis.Redis,
+        source: str,
+        *,
+        keys: Sequence[str],
+        args: Sequence[str] = (),
+        more_keys: str | None = None,
+        more_args: str | None = None,
+    ) -> None:
+        self._script = client.register_script(source)
+        self._keys = tuple(keys)
+        self._args = tuple(args)
+        self._more_keys = more_keys
+        self._more_args = more_args
+
+    def __call__(self, **values: Any) -> Any:
+        expected = {*self._keys, *self._args} | {name for name in (self._more_keys, self._more_args) if name}
+        required = {*self._keys, *self._args}
+        if not required <= values.keys() or not values.keys() <= expected:
+            raise TypeError(
+                f"script takes keys {self._keys} and arguments {self._args}"
+                f" (and {self._more_keys}, {self._more_args}); given {sorted(values)}"
+            )
+        keys = [values[name] for name in self._keys] + list(values.get(self._more_keys or "", ()))
+        args = [values[name] for name in self._args] + list(values.get(self._more_args or "", ()))
+        return self._script(keys=keys, args=args)
