@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -13,16 +11,14 @@ from devstack.processes import wait_until
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
 from services.jobs import out_of_attempts
 from services.store import JobStore, TaskStatus
-from tests.stack import Stack
 
 LEASE = 30.0
 
 
 @pytest.fixture
-def store(stack: Stack) -> Iterator[JobStore]:
-    client = redis.Redis.from_url(stack.env["REDIS_URL"])
-    yield JobStore(client, prefix=f"store-test-{uuid.uuid4().hex[:8]}")
-    client.close()
+def store(redis_client: redis.Redis) -> JobStore:
+    """A store on the unit tests' own Redis, flushed before each test (``tests/conftest.py``)."""
+    return JobStore(redis_client, prefix="store-test")
 
 
 def new_task(store: JobStore, webhook: dict | None = None) -> str:
