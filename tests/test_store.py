@@ -106,7 +106,11 @@ def test_a_retry_waits_in_the_store_until_due(store: JobStore) -> None:
 def test_lost_messages_are_claimed_once_they_are_old(store: JobStore) -> None:
     task_id = new_task(store)
     assert store.claim_lost_messages(older_than=60) == []
-    assert store.claim_lost_messages(older_than=0) == [task_id]
+    # older_than=0 is at least 1 ms (clock.ms floors durations at 1 ms): a task created in the same
+    # millisecond is not claimed yet, so ask until it is a millisecond old.
+    assert wait_until(
+        lambda: store.claim_lost_messages(older_than=0) == [task_id], timeout=5, what="the message to be old"
+    )
     assert store.claim_lost_messages(older_than=1) == [], "re-claimed only after another wait"
 
 
