@@ -3,8 +3,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tests import report
+from tests.redis_server import running_redis
 from tests.stack import Stack, running_stack
 
 
@@ -23,3 +25,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One real stack shared by the end-to-end tests that do not break it."""
     with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a redis-server of the unit tests' own: only Redis, none of the rest of the stack."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_client(redis_server: str) -> Iterator[redis.Redis]:
+    """A client of ``redis_server``, flushed before the test: each test starts from an empty Redis."""
+    client = redis.Redis.from_url(redis_server, socket_timeout=10, socket_connect_timeout=10)
+    client.flushall()
+    yield client
+    client.close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,16 +13,14 @@ from services.jobs import out_of_attempts
 from services.lua import Script
 from services.records import TaskRecord
 from services.store import JobStore, Lease, TaskStatus
-from tests.stack import Stack
 
 LEASE = 30.0
 
 
 @pytest.fixture
-def store(stack: Stack) -> Iterator[JobStore]:
-    client = redis.Redis.from_url(stack.env["REDIS_URL"])
-    yield JobStore(client, prefix=f"store-test-{uuid.uuid4().hex[:8]}")
-    client.close()
+def store(redis_client: redis.Redis) -> JobStore:
+    """A store on the unit tests' own Redis, flushed before each test (``tests/conftest.py``)."""
+    return JobStore(redis_client, prefix="store-test")
 
 
 def new_task(store: JobStore, webhook: dict | None = None) -> str:
@@ -148,7 +144,11 @@ def test_a_retry_waits_in_the_store_until_due(store: JobStore) -> None:
 def test_lost_messages_are_claimed_once_they_are_old(store: JobStore) -> None:
     task_id = new_task(store)
     assert store.claim_lost_messages(older_than=60) == []
-    assert store.claim_lost_messages(older_than=0) == [task_id]
+    # older_than=0 is at least 1 ms (clock.ms floors durations at 1 ms): a task created in the same
+    # millisecond is not claimed yet, so ask until it is a millisecond old.
+    assert wait_until(
+        lambda: store.claim_lost_messages(older_than=0) == [task_id], timeout=5, what="the message to be old"
+    )
     assert store.claim_lost_messages(older_than=1) == [], "re-claimed only after another wait"
 
 
