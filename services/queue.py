@@ -8,11 +8,11 @@ upstream call.
 Each worker process reserves one message per slot (``WORKER_PREFETCH_MULTIPLIER=1``, as the no-loss
 configuration asks): with the threads pool every reserved message is running, so a killed worker strands
 no waiting message. 2 keeps a successor waiting in the pool for each slot, so a wave of jobs finishing
-together is refilled at once instead of one BRPOP at a time (bench/README.md, P1a: 1.22× ideal against
-1.13× at N=400); the price is that a killed worker strands its waiting messages until the visibility
-timeout, or until the sweeper finds their tasks still queued once the broker's queue is empty
-(services/sweeper.py; none is lost, they are late), and that a small burst can wait in one busy worker
-while another has free slots.
+together is refilled at once instead of one BRPOP at a time, which brings P1a's makespan closer to ideal
+(see bench/README.md, P1–P5: fix 3 and "Prefetch, re-measured"); the price is that a killed worker
+strands its waiting messages until the visibility timeout, or until the sweeper finds their tasks still
+queued once the broker's queue is empty (services/sweeper.py; none is lost, they are late), and that a
+small burst can wait in one busy worker while another has free slots.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ def generation_message(task_id: str) -> tuple[str, bytes]:
     task (``JobStore.create``), one round trip for both.
 
     Celery's publish path (``send_task``: message headers, kombu's producer, a new Redis client object
-    per message, the queue's declaration) was a third of the API's CPU per submission
-    (bench/README.md, P2). The format is Celery's task protocol 2 in kombu's Redis transport envelope;
-    ``tests/test_queue.py`` checks it against a message published by Celery itself.
+    per message, the queue's declaration) was a large share of the API's CPU per submission (see
+    bench/README.md, P1–P5: fix 4, measured by P2). The format is Celery's task protocol 2 in kombu's
+    Redis transport envelope; ``tests/test_queue.py`` checks it against a message published by Celery
+    itself.
     """
     message_id = str(uuid.uuid4())
     body = json.dumps([[task_id], {}, _EMBED], separators=(", ", ": ")).encode()
