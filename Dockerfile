@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
-# One image for the API (gunicorn) and the workers (celery); docker-compose.yml picks the command.
-FROM python:3.11-slim
+# The API (gunicorn) and the workers (celery) run the `app` stage, the last one, which a plain `docker build .`
+# builds; docker-compose.yml picks the command. The upstream simulator (compose profile `sim`) runs the
+# `simulator` stage: the same image plus Pillow.
+FROM python:3.11-slim AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -8,14 +10,29 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN useradd --create-home --uid 10001 --user-group app
 
-# Install the project (runtime dependencies only, no test extras) from the build context mounted
-# read-write for the build, so neither the sources nor pip's cache end up in a layer.
+# The runtime dependencies at the versions CI tested (requirements/runtime.txt, no test or dev extras),
+# then the project without resolving again, from the build context mounted read-write for the build, so
+# neither the sources nor pip's cache end up in a layer.
 RUN --mount=type=bind,target=/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install /src
+    pip install -r /src/requirements/runtime.txt \
+    && pip install --no-deps /src
 
 # A numeric UID so that orchestrators can verify runAsNonRoot.
 USER 10001:10001
 WORKDIR /home/app
+
+FROM base AS simulator
+USER root
+# simulator/images.py renders with Pillow (its only import outside the standard library), at the version
+# the tests ran with: requirements/dev.txt as constraints, so nothing else of the dev lock is installed.
+RUN --mount=type=bind,target=/src \
+    --mount=type=cache,target=/root/.cache/pip \
+    pip install --constraint /src/requirements/dev.txt pillow
+USER 10001:10001
+EXPOSE 8100
+CMD ["python", "-m", "simulator", "--host", "0.0.0.0", "--port", "8100"]
+
+FROM base AS app
 EXPOSE 8000
 CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8", "api:create_app()"]

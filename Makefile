@@ -4,22 +4,29 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The lock files (`make lock` writes them from pyproject.toml): the exact versions CI tested.
+RUNTIME_LOCK := requirements/runtime.txt
+DEV_LOCK := requirements/dev.txt
+# `make lock` runs pip-compile from a throwaway virtualenv; the project's own venv never gets it.
+PIP_TOOLS := pip-tools==7.6.2
+COMPILE := --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast lint format bench clean
+.PHONY: help setup run test test-fast lint format bench lock clean
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 		(apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -r $(DEV_LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create the virtualenv and install everything (done by run and test)
+setup: $(STAMP) ## create the virtualenv and install the locked versions (done by run and test)
 
 run: $(STAMP) ## run the whole service on embedded defaults (API on $$PORT, default 8000)
 	$(BIN)/python -m devstack
@@ -41,6 +48,13 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 
 bench: $(STAMP) ## the benchmarks (see bench/README.md)
 	$(BIN)/python -m bench
+
+lock: ## rewrite requirements/*.txt from pyproject.toml, keeping their pins (UPGRADE=1: newest allowed)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp" && "$$tmp/bin/pip" install -q $(PIP_TOOLS) && \
+	export CUSTOM_COMPILE_COMMAND="make lock  (UPGRADE=1: the newest versions that pyproject.toml allows)" && \
+	"$$tmp/bin/pip-compile" $(COMPILE) -o $(RUNTIME_LOCK) pyproject.toml && \
+	"$$tmp/bin/pip-compile" $(COMPILE) --extra dev --extra test -c $(RUNTIME_LOCK) -o $(DEV_LOCK) pyproject.toml
 
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var

@@ -133,7 +133,8 @@ def _non_negative_float(value: str) -> float:
 
 def _pool(value: str) -> str:
     # gevent is not offered: it needs `-P gevent` on the command line to patch sockets (a worker given
-    # it by configuration alone hangs), and it measured slower than threads here (bench/README.md).
+    # it by configuration alone hangs), and it measured slower than threads here (bench/README.md,
+    # scenario pool).
     if value not in ("threads", "prefork", "solo"):
         raise ValueError("must be one of threads, prefork, solo")
     return value

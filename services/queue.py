@@ -29,10 +29,10 @@ def generation_message(task_id: str) -> tuple[str, bytes]:
     task (``JobStore.create``), one round trip for both.
 
     Celery's publish path (``send_task``: message headers, kombu's producer, a new Redis client object
-    per message, the queue's declaration) cost the API more CPU per submission than storing the task
-    (bench/README.md, P2). The format is Celery's task protocol 2 in kombu's Redis transport envelope;
-    ``tests/test_queue.py`` checks it against a message published by Celery itself, which is why
-    pyproject.toml bounds Celery and kombu.
+    per message, the queue's declaration) was a large share of the API's CPU per submission (see
+    bench/README.md, P1–P5: fix 4, measured by P2). The format is Celery's task protocol 2 in kombu's
+    Redis transport envelope; ``tests/test_queue.py`` checks it against a message published by Celery
+    itself, which is why pyproject.toml bounds Celery and kombu.
     """
     message_id = str(uuid.uuid4())
     body = json.dumps([[task_id], {}, _EMBED], separators=(", ", ": ")).encode()

@@ -7,8 +7,8 @@ httpx's errors are mapped here: a read timeout is ``upstream_timeout``, a connec
 
 Each thread gets its own ``httpx.Client`` (one keep-alive connection, two at most): httpcore's pool scans
 all its connections on every request and every response closed (``_assign_requests_to_connections``,
-quadratic in idle connections), so one pool shared by the worker's 100 threads cost more CPU per call
-than the rest of the call together (bench/README.md, P1a).
+quadratic in idle connections), so one pool shared by the worker's 100 threads was a large share of
+the worker's CPU (see bench/README.md, P1–P5: fix 1, found profiling P1a).
 """
 
 from __future__ import annotations

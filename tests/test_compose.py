@@ -92,10 +92,48 @@ def test_start_order(service: str, dependency: str, condition: str) -> None:
     assert SERVICES[service]["depends_on"][dependency]["condition"] == condition
 
 
-def test_dockerfile_installs_the_project_as_non_root() -> None:
+def dockerfile_stages() -> dict[str, str]:
+    """The Dockerfile's text by stage name (``FROM ... AS name``; an unnamed stage is keyed by its image)."""
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
-    assert re.search(r"\bpip install (\.|/src)\s*$", dockerfile, re.M)
-    assert "[test]" not in dockerfile
-    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
-    assert users and users[-1].split(":")[0] not in ("root", "0")
+    parts = re.split(r"^FROM\s+", dockerfile, flags=re.M)[1:]
+    stages = {}
+    for part in parts:
+        header = part.splitlines()[0].split()
+        stages[header[2] if len(header) >= 3 and header[1].upper() == "AS" else header[0]] = part
+    return stages
+
+
+def test_dockerfile_installs_the_runtime_lock_as_non_root() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = dockerfile_stages()
+    assert re.search(r"^FROM python:3\.11-slim AS base\b", dockerfile, re.M)
+    assert list(stages)[-1] == "app", "a plain `docker build .` must build the app image"
+    assert "pip install -r /src/requirements/runtime.txt" in stages["base"]
+    assert re.search(r"\bpip install --no-deps /src\s*$", stages["base"], re.M)
+    for name in ("base", "app"):
+        assert not re.search(r"\[(test|dev)\]|requirements/dev\.txt|pillow|moto", stages[name]), name
+    for name in ("base", "simulator"):
+        users = re.findall(r"^USER\s+(\S+)", stages[name], re.M)
+        assert users and users[-1].split(":")[0] not in ("root", "0"), name
+
+
+def test_the_simulator_gets_its_own_stage_with_pillow() -> None:
+    simulator = dockerfile_stages()["simulator"]
+    assert re.search(r"^FROM base AS simulator\b", "FROM " + simulator)
+    assert "pip install --constraint /src/requirements/dev.txt pillow" in simulator
+    assert SERVICES["simulator"]["build"]["target"] == "simulator"
+    assert SERVICES["simulator"]["image"] != SERVICES["api"]["image"], "one tag per stage"
+
+
+@pytest.mark.parametrize("service", ["api", "worker", "webhook-worker"])
+def test_app_services_build_the_app_stage(service: str) -> None:
+    assert SERVICES[service]["build"] == {"context": ".", "target": "app"}
+
+
+def test_the_locks_pin_every_package() -> None:
+    for name in ("runtime", "dev"):
+        lines = (ROOT / "requirements" / f"{name}.txt").read_text().splitlines()
+        requirements = [line for line in lines if line and not line.startswith((" ", "#"))]
+        assert requirements and all(re.fullmatch(r"[a-z0-9._-]+==\S+", line) for line in requirements), name
+    runtime = (ROOT / "requirements" / "runtime.txt").read_text()
+    assert "\nmoto==" not in runtime and "\npillow==" not in runtime, "dev packages in the runtime lock"

@@ -8,9 +8,9 @@ upstream call.
 Each worker process reserves ``WORKER_PREFETCH_MULTIPLIER`` messages per slot; the default 1 is what the
 no-loss configuration asks: with the threads pool every reserved message is running, so a killed worker
 strands no waiting message. 2 keeps a successor waiting for each slot, so a wave of jobs finishing
-together is refilled at once (bench/README.md, P1a, compares both); the price is that a killed worker
-strands its waiting messages until the visibility timeout, or until the sweeper finds their tasks still
-queued once the broker's queue is empty (none is lost, they are late).
+together is refilled at once (bench/README.md, P1–P5: fix 3 and "Prefetch, re-measured"); the price is
+that a killed worker strands its waiting messages until the visibility timeout, or until the sweeper
+finds their tasks still queued once the broker's queue is empty (none is lost, they are late).
 
 The API never builds this app: it pushes the generation message itself (``services/queue.py``).
 """

@@ -25,12 +25,12 @@ def keep_big_buffers_out_of_the_heap(
 
     By default glibc raises that threshold each time such a buffer is freed (up to 32 MB), after which
     big answers and images (a 4K image is 13 MB of base64, 10 MB decoded) are carved from per-thread
-    heaps and stay there as RSS, fragmented (bench/README.md, P4). The threshold sits above a 1K answer
-    (2 MB of base64, 1.5 MB decoded), whose buffers are reused from the heap: mapping them too costs CPU
-    per job in page faults (bench/README.md, P1b). Fixing the threshold also fixes the trim threshold at
-    glibc's 128 KB, which would hand those buffers back after every job; ``slack`` keeps that much free
-    heap instead. A ``MALLOC_MMAP_THRESHOLD_`` in the environment wins; other C libraries are left
-    alone. Returns whether the setting was made.
+    heaps and stay there as RSS, fragmented (bench/README.md, P1–P5: fix 6, measured by P4). The
+    threshold sits above a 1K answer (2 MB of base64, 1.5 MB decoded), whose buffers are reused from the
+    heap: mapping them too costs CPU per job in page faults (fix 8). Fixing the threshold also fixes the
+    trim threshold at glibc's 128 KB, which would hand those buffers back after every job; ``slack``
+    keeps that much free heap instead. A ``MALLOC_MMAP_THRESHOLD_`` in the environment wins; other C
+    libraries are left alone. Returns whether the setting was made.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
