@@ -61,3 +61,5 @@ class LeaseKeeper:
                                 log.warning("%s: lost (expired before it was renewed)", name)
                 except ServiceError as exc:
                     log.warning("%s: could not renew (%s); will try again", name, exc.message)
+                except Exception:  # a bug in one renewal must not stop the renewal of every other lease
+                    log.exception("%s: renewal failed unexpectedly; will try again", name)

@@ -56,6 +56,13 @@ if max_slots > 0 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[
 return 0
 """
 
+# KEYS: slots. ARGV: the holder's token, its new expiry (epoch ms). Returns 1 if it still held a slot.
+_RENEW_SLOT = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
 # KEYS: cooldown. ARGV: until (epoch ms). Only ever moves the end of the cooldown later.
 _COOL_DOWN = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -89,13 +96,14 @@ class UpstreamLimiter:
             args=["now_ms", "token", "hold_ms", "max_slots", "rate_per_minute"],
         )
         self._cool_down = Script(client, _COOL_DOWN, keys=["cooldown"], args=["until_ms"])
+        self._renew_slot = Script(client, _RENEW_SLOT, keys=["slots"], args=["token", "until_ms"])
 
     def renew(self, token: str) -> bool:
         if self._settings.max_concurrency <= 0:
             return True
-        deadline = clock.now_ms() + clock.ms(self._settings.hold_seconds)
+        until = clock.now_ms() + clock.ms(self._settings.hold_seconds)
         with mapped_redis_errors():
-            return bool(self._redis.zadd(self._slots, {token: deadline}, xx=True, ch=True))
+            return bool(self._renew_slot(slots=self._slots, token=token, until_ms=until) == 1)
 
     def release(self, token: str) -> None:
         if self._settings.max_concurrency > 0:

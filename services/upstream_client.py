@@ -104,6 +104,8 @@ class UpstreamClient:
 
 def _read_into_one_buffer(response: httpx.Response) -> bytes | bytearray:
     """The whole body: into a buffer of its declared length when it has one and is not compressed."""
+    if response.is_stream_consumed:  # a transport that has read it already (httpx.MockTransport)
+        return response.content
     length = response.headers.get("content-length", "")
     if not length.isdigit() or response.headers.get("content-encoding", "identity") != "identity":
         return response.read()

@@ -171,3 +171,16 @@ def test_a_service_error_is_retried_at_the_next_interval(
     )
     first_error, retried = renewals.times[0], renewals.times[1]
     assert retried - first_error >= INTERVAL * 0.5, "retried an interval later, not at once"
+
+
+def test_an_unexpected_error_in_one_renewal_does_not_stop_the_others(
+    keeper: LeaseKeeper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug (or a Redis reply nobody mapped) in one renewal must not kill the keeper's thread: every
+    other lease in the process would silently stop being renewed."""
+    caplog.set_level(logging.WARNING, logger="services.leases")
+    broken = Renewals(RuntimeError("a bug"), True)
+    clock = Renewals()
+    with keeper.keep("clock", clock), keeper.keep("lease on task t", broken):
+        wait_until(lambda: broken.count >= 3 and clock.count >= 3, timeout=10, what="renewals after the bug")
+    assert "lease on task t: renewal failed unexpectedly; will try again" in caplog.text

@@ -152,6 +152,12 @@ def test_renew_keeps_a_slot_past_hold_seconds(make_limiter: MakeLimiter) -> None
     wait_until(lambda: acquired(other, "other"), timeout=10, what="the slot to expire once not renewed")
 
 
+def test_renewing_twice_in_the_same_millisecond_still_holds_the_slot(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(max_concurrency=1, hold_seconds=1.0)
+    limiter.acquire("holder")
+    assert all(limiter.renew("holder") for _ in range(200)), "an unchanged expiry is still a held slot"
+
+
 def test_renewing_a_slot_one_does_not_hold(make_limiter: MakeLimiter) -> None:
     assert not make_limiter(max_concurrency=1).renew("nobody")
     assert make_limiter(max_concurrency=0).renew("nobody"), "without a cap there is nothing to lose"
