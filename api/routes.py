@@ -24,8 +24,11 @@ def _runtime() -> Runtime:
     return runtime
 
 
-@blueprint.before_request
+@blueprint.before_app_request
 def authenticate() -> None:
+    """Every ``/v1/`` request needs a key when API_KEYS is set, including one that matches no route: a
+    blueprint's ``before_request`` would not run for those, and their 404 or 405 would tell a client
+    without a key which paths and methods exist."""
     config = _runtime().config
     if not config.auth_required or not request.path.startswith("/v1/"):
         return
