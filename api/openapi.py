@@ -284,6 +284,8 @@ _SCHEMAS: dict[str, Any] = {
     },
 }
 
+_OPEN: dict[str, Any] = {"security": []}  # health checks and this document: no API key, ever
+
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 _PATHS: dict[str, Any] = {
@@ -388,6 +390,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "The process is alive",
             "operationId": "healthz",
+            **_OPEN,
             "responses": {"200": _json(_ref("Health"), "Alive")},
         }
     },
@@ -395,6 +398,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "Redis and storage are reachable",
             "operationId": "readyz",
+            **_OPEN,
             "responses": {
                 "200": _json(_ref("Readiness"), "Ready"),
                 "503": _json(_ref("Readiness"), "A dependency is unreachable"),
@@ -405,14 +409,23 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "This document",
             "operationId": "openapi",
+            **_OPEN,
             "responses": {"200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}},
         }
     },
 }
 
 
+# Without API_KEYS the API is open: a bearer token may be sent and is ignored (it scopes Idempotency-Keys).
+_AUTH_OPTIONAL: list[dict[str, list[str]]] = [{}, {"bearer": []}]
+_AUTH_REQUIRED: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
 @cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(*, auth_required: bool) -> dict[str, Any]:
+    """The document for a server that requires API keys (``Config.auth_required``) or not.
+
+    Cached and shared: callers must not change it."""
     return {
         "openapi": "3.0.3",
         "info": {
@@ -425,5 +438,5 @@ def openapi_document() -> dict[str, Any]:
             "schemas": _SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "security": [{}, {"bearer": []}],
+        "security": _AUTH_REQUIRED if auth_required else _AUTH_OPTIONAL,
     }

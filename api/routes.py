@@ -146,4 +146,4 @@ def readyz() -> Response:
 
 @blueprint.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(auth_required=_runtime().config.auth_required))
