@@ -56,7 +56,7 @@ _WEBHOOK: dict[str, Any] = {
     "description": "The task's webhook (never the signing secret) and the log of its deliveries.",
     "required": ["url", "events", "deliveries"],
     "properties": {
-        "url": {"type": "string", "format": "uri"},
+        "url": {"type": "string", "description": "the webhook_url as submitted"},
         "events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
         "deliveries": {"type": "array", "items": _ref("WebhookDelivery")},
     },
