@@ -8,7 +8,14 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from services.validation import ASPECT_RATIOS, IMAGE_SIZES, INPUT_MIME_TYPES, WEBHOOK_EVENTS
+from services.validation import (
+    ASPECT_RATIOS,
+    IMAGE_SIZES,
+    INPUT_MIME_TYPES,
+    MAX_WEBHOOK_URL_LENGTH,
+    RESPONSE_MODALITIES,
+    WEBHOOK_EVENTS,
+)
 
 _STATUSES = ["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -38,7 +45,26 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+def _unavailable(description: str) -> dict[str, Any]:
+    """A 503: the error format and ``Retry-After`` (api/errors.py)."""
+    return _json(
+        _ref("Error"),
+        description,
+        {
+            "Retry-After": {
+                "required": True,
+                "schema": {"type": "integer", "minimum": 0},
+                "description": "seconds",
+            }
+        },
+    )
+
+
+_UNAUTHORIZED = "Missing or wrong API key (only when the server requires API keys: API_KEYS)"
+
+
 _TIME = {"type": "string", "format": "date-time"}
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 _TASK_ERROR: dict[str, Any] = {
     "type": "object",
@@ -56,7 +82,7 @@ _WEBHOOK: dict[str, Any] = {
     "description": "The task's webhook (never the signing secret) and the log of its deliveries.",
     "required": ["url", "events", "deliveries"],
     "properties": {
-        "url": {"type": "string", "format": "uri"},
+        "url": {"type": "string", "description": "the webhook_url as submitted"},
         "events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
         "deliveries": {"type": "array", "items": _ref("WebhookDelivery")},
     },
@@ -80,33 +106,51 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Part": {
         "type": "object",
-        "description": "A text part or an inline image (snake_case or camelCase keys).",
+        "description": "A text part or an inline image (snake_case or camelCase key): exactly one of them.",
         "properties": {
-            "text": {"type": "string"},
+            "text": {"type": "string", "minLength": 1},
             "inline_data": _ref("InlineData"),
             "inlineData": _ref("InlineData"),
         },
+        "oneOf": [{"required": ["text"]}, {"required": ["inline_data"]}, {"required": ["inlineData"]}],
     },
     "InlineData": {
         "type": "object",
+        "description": "An input image: its MIME type (one spelling) and its bytes as standard base64.",
         "properties": {
             "mime_type": {"type": "string", "enum": sorted(INPUT_MIME_TYPES)},
             "mimeType": {"type": "string", "enum": sorted(INPUT_MIME_TYPES)},
-            "data": {"type": "string", "format": "byte"},
+            "data": {
+                "type": "string",
+                "format": "byte",
+                "minLength": 4,
+                "pattern": _BASE64,
+                "description": "padded standard base64, no whitespace, no data: prefix",
+            },
         },
         "required": ["data"],
+        "oneOf": [{"required": ["mime_type"]}, {"required": ["mimeType"]}],
     },
     "GenerationRequest": {
         "type": "object",
         "description": "The upstream's own request body plus our top-level options, which are stripped "
-        "before forwarding. Other upstream fields (safetySettings, systemInstruction, ...) pass through.",
+        "before forwarding. Other upstream fields (safetySettings, systemInstruction, ...) pass through. "
+        "The snake_case spellings (generation_config, response_modalities, ...) are accepted too, and so "
+        "are lowercase modalities; a field may be given in one spelling only.",
         "required": ["model", "contents", "generationConfig"],
         "additionalProperties": True,
         "properties": {
-            "model": {"type": "string", "example": "gemini-2.5-flash-image"},
+            "model": {
+                "type": "string",
+                "minLength": 1,
+                "pattern": "\\S",
+                "example": "gemini-2.5-flash-image",
+                "description": "not blank; with ALLOWED_MODELS, one of those",
+            },
             "contents": {
                 "type": "array",
                 "minItems": 1,
+                "description": "At most MAX_INPUT_IMAGES (14) inline images in all.",
                 "items": {
                     "type": "object",
                     "required": ["parts"],
@@ -122,7 +166,10 @@ _SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "responseModalities": {
                         "type": "array",
-                        "items": {"type": "string", "enum": ["TEXT", "IMAGE"]},
+                        "minItems": 1,
+                        "items": {"type": "string", "enum": list(RESPONSE_MODALITIES)},
+                        "not": {"items": {"enum": ["TEXT"]}},
+                        "description": "Must include IMAGE.",
                     },
                     "imageConfig": {
                         "type": "object",
@@ -134,21 +181,32 @@ _SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
-            "metadata": {"type": "object", "description": "Echoed back on the task (small)."},
+            "metadata": _nullable(
+                {
+                    "type": "object",
+                    "description": "Echoed back on the task; at most 4096 bytes as compact JSON.",
+                }
+            ),
             "webhook_url": {
                 "type": "string",
-                "format": "uri",
-                "maxLength": 2048,
+                "maxLength": MAX_WEBHOOK_URL_LENGTH,
+                "pattern": "^https?://[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*(:[1-9][0-9]{0,3})?(/[!-~]*)?$",
                 "description": "Where signed webhooks are POSTed (Standard Webhooks). https; plain http only "
                 "with WEBHOOK_ALLOW_HTTP; never loopback, private, link-local or metadata addresses unless "
-                "WEBHOOK_ALLOW_PRIVATE.",
+                "WEBHOOK_ALLOW_PRIVATE (metadata addresses never).",
             },
-            "webhook_events": {
-                "type": "array",
-                "description": "Default: succeeded, failed, canceled.",
-                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
-            },
+            "webhook_events": _nullable(
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "uniqueItems": True,
+                    "description": "Only with webhook_url. Default: succeeded, failed, canceled.",
+                    "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                }
+            ),
         },
+        # webhook_events needs webhook_url
+        "anyOf": [{"not": {"required": ["webhook_events"]}}, {"required": ["webhook_url"]}],
     },
     "Links": {
         "type": "object",
@@ -286,6 +344,32 @@ _SCHEMAS: dict[str, Any] = {
 
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
+# Links (OpenAPI 3.0): what a client can do next with the task a submission created. (Only from there: a
+# task's other responses name the same id.)
+_TASK_LINKS: dict[str, Any] = {
+    "GetTask": {"operationId": "getTask", "parameters": {"task_id": "$response.body#/id"}},
+    "CancelTask": {"operationId": "cancelTask", "parameters": {"task_id": "$response.body#/id"}},
+    "RedeliverWebhook": {"operationId": "redeliverWebhook", "parameters": {"task_id": "$response.body#/id"}},
+    "GetFirstOutput": {
+        "operationId": "getOutput",
+        "parameters": {"task_id": "$response.body#/id", "index": 0},
+        "description": "once the task has succeeded",
+    },
+}
+
+
+_SUBMIT_EXAMPLE: dict[str, Any] = {
+    "model": "gemini-2.5-flash-image",
+    "contents": [{"role": "user", "parts": [{"text": "A llama in a meadow at dawn"}]}],
+    "generationConfig": {
+        "responseModalities": ["TEXT", "IMAGE"],
+        "imageConfig": {"aspectRatio": "1:1", "imageSize": "1K"},
+    },
+    "metadata": {"order": 42},
+}
+
+_OPEN: dict[str, Any] = {"security": []}  # health checks and this document: no API key, ever
+
 _PATHS: dict[str, Any] = {
     "/v1/images/generations": {
         "post": {
@@ -296,31 +380,51 @@ _PATHS: dict[str, Any] = {
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "description": "Up to 255 printable characters, scoped to the API key, kept 24 h: the "
+                    "description": "1 to 255 printable characters, scoped to the API key, kept 24 h: the "
                     "same key and body return the original task with `Idempotent-Replayed: true`.",
-                    "schema": {"type": "string", "maxLength": 255},
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 255,
+                        "pattern": "^[!-~]([ -~]*[!-~])?$",
+                    },
                 }
             ],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref("GenerationRequest")}},
+                "content": {
+                    "application/json": {"schema": _ref("GenerationRequest"), "example": _SUBMIT_EXAMPLE}
+                },
             },
             "responses": {
-                "202": _json(
-                    _ref("Accepted"),
-                    "Accepted and queued",
-                    {"Location": {"schema": {"type": "string"}, "description": "the task's URL"}},
-                ),
+                "202": {
+                    **_json(
+                        _ref("Accepted"),
+                        "Accepted and queued (or, for a replayed Idempotency-Key, the first answer)",
+                        {
+                            "Location": {
+                                "required": True,
+                                "schema": {"type": "string"},
+                                "description": "the task's URL",
+                            },
+                            "Idempotent-Replayed": {
+                                "schema": {"type": "string", "enum": ["true"]},
+                                "description": "present on a replay of an Idempotency-Key",
+                            },
+                        },
+                    ),
+                    "links": _TASK_LINKS,
+                },
                 "400": _error(
-                    "Invalid body or field; `webhooks_not_configured` when a webhook_url is given but the "
-                    "server has no WEBHOOK_SIGNING_SECRET"
+                    "Invalid JSON, body or field; `webhooks_not_configured` when a webhook_url is given but "
+                    "the server has no WEBHOOK_SIGNING_SECRET"
                 ),
-                "401": _error("Missing or wrong API key"),
-                "413": _error("Body over the configured limit"),
+                "401": _error(_UNAUTHORIZED),
                 "409": _error("A request with this Idempotency-Key is still being handled"),
+                "413": _error("Body over the configured limit (MAX_BODY_BYTES)"),
                 "415": _error("Content-Type is not application/json"),
                 "422": _error("This Idempotency-Key was used with a different body"),
-                "503": _error("The store or the queue is unavailable; nothing was accepted"),
+                "503": _unavailable("The store or the queue is unavailable; nothing was accepted"),
             },
         }
     },
@@ -331,9 +435,9 @@ _PATHS: dict[str, Any] = {
             "parameters": [_TASK_ID],
             "responses": {
                 "200": _json(_ref("Task"), "The task"),
-                "401": _error("Missing or wrong API key"),
+                "401": _error(_UNAUTHORIZED),
                 "404": _error("No such task"),
-                "503": _error("The store is unavailable"),
+                "503": _unavailable("The store is unavailable"),
             },
         }
     },
@@ -346,10 +450,10 @@ _PATHS: dict[str, Any] = {
             "parameters": [_TASK_ID],
             "responses": {
                 "200": _json(_ref("Task"), "The task, now canceled"),
-                "401": _error("Missing or wrong API key"),
+                "401": _error(_UNAUTHORIZED),
                 "404": _error("No such task"),
                 "409": _error("The task is already final (invalid_transition)"),
-                "503": _error("The store is unavailable"),
+                "503": _unavailable("The store is unavailable"),
             },
         }
     },
@@ -362,10 +466,10 @@ _PATHS: dict[str, Any] = {
             "parameters": [_TASK_ID],
             "responses": {
                 "202": _json(_ref("Redelivery"), "The event is due now"),
-                "401": _error("Missing or wrong API key"),
+                "401": _error(_UNAUTHORIZED),
                 "404": _error("No such task"),
                 "409": _error("`no_webhook`: the task has no webhook, or no event yet"),
-                "503": _error("The store is unavailable"),
+                "503": _unavailable("The store is unavailable"),
             },
         }
     },
@@ -375,12 +479,21 @@ _PATHS: dict[str, Any] = {
             "operationId": "getOutput",
             "parameters": [
                 _TASK_ID,
-                {"name": "index", "in": "path", "required": True, "schema": {"type": "integer"}},
+                {
+                    "name": "index",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
             ],
             "responses": {
-                "302": {"description": "Redirect", "headers": {"Location": {"schema": {"type": "string"}}}},
-                "401": _error("Missing or wrong API key"),
+                "302": {
+                    "description": "Redirect",
+                    "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+                },
+                "401": _error(_UNAUTHORIZED),
                 "404": _error("No such task or output"),
+                "503": _unavailable("The store is unavailable"),
             },
         }
     },
@@ -388,6 +501,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "The process is alive",
             "operationId": "healthz",
+            **_OPEN,
             "responses": {"200": _json(_ref("Health"), "Alive")},
         }
     },
@@ -395,6 +509,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "Redis and storage are reachable",
             "operationId": "readyz",
+            **_OPEN,
             "responses": {
                 "200": _json(_ref("Readiness"), "Ready"),
                 "503": _json(_ref("Readiness"), "A dependency is unreachable"),
@@ -405,14 +520,22 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "This document",
             "operationId": "openapi",
-            "responses": {"200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}},
+            **_OPEN,
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3 document")},
         }
     },
 }
 
+# Without API_KEYS the API is open: a bearer token may be sent and is ignored (it scopes Idempotency-Keys).
+_AUTH_OPTIONAL: list[dict[str, list[str]]] = [{}, {"bearer": []}]
+_AUTH_REQUIRED: list[dict[str, list[str]]] = [{"bearer": []}]
+
 
 @cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(*, auth_required: bool) -> dict[str, Any]:
+    """The document for a server that requires API keys (``Config.auth_required``) or not.
+
+    Cached and shared: callers must not change it."""
     return {
         "openapi": "3.0.3",
         "info": {
@@ -425,5 +548,5 @@ def openapi_document() -> dict[str, Any]:
             "schemas": _SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "security": [{}, {"bearer": []}],
+        "security": _AUTH_REQUIRED if auth_required else _AUTH_OPTIONAL,
     }

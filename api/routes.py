@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, request
+from flask import Blueprint, Response, current_app, g, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 
 from api.openapi import openapi_document
@@ -24,14 +24,28 @@ def _runtime() -> Runtime:
     return runtime
 
 
-@blueprint.before_request
+@blueprint.before_app_request
 def authenticate() -> None:
+    """Every ``/v1/`` request needs a key when API_KEYS is set, including one that matches no route: a
+    blueprint's ``before_request`` would not run for those, and their 404 or 405 would tell a client
+    without a key which paths and methods exist."""
     config = _runtime().config
     if not config.auth_required or not request.path.startswith("/v1/"):
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, key) for key in config.api_keys):
+    matched = [key for key in config.api_keys if hmac.compare_digest(token, key)]
+    if scheme.lower() != "bearer" or not matched:
         raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required", field="Authorization")
+    g.api_key = matched[0]
+
+
+def _idempotency_scope() -> str:
+    """Who sent the request: Idempotency-Keys are scoped to it.
+
+    With API_KEYS, the API key (in the header's usual spelling, so ``bearer`` and ``Bearer`` are one
+    scope, as they always were one key); without, whatever Authorization header came."""
+    api_key: str | None = g.get("api_key")
+    return f"Bearer {api_key}" if api_key is not None else request.headers.get("Authorization", "")
 
 
 @blueprint.post("/v1/images/generations")
@@ -45,7 +59,7 @@ def submit() -> Response:
     accepted = rt.submissions.submit(
         _read_body(rt.config.max_body_bytes),
         idempotency_key=request.headers.get("Idempotency-Key"),
-        scope=request.headers.get("Authorization", ""),
+        scope=_idempotency_scope(),
     )
     response = jsonify(accepted.body)
     response.status_code = accepted.status
@@ -132,4 +146,4 @@ def readyz() -> Response:
 
 @blueprint.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(auth_required=_runtime().config.auth_required))

@@ -206,6 +206,22 @@ def test_api_keys_are_required_when_configured(stack: Stack, keyed_api: ApiServe
     assert stack.http.get(f"{keyed_api.url}/healthz").status_code == 200
 
 
+def test_without_a_key_no_v1_path_answers_but_401(stack: Stack, keyed_api: ApiServer) -> None:
+    """Not even one that matches no route, or not with this method: a 404 or 405 would tell which exist."""
+    for method, path in [
+        ("GET", "/v1/nothing-here"),
+        ("GET", "/v1/tasks/some-id/cancel"),
+        ("DELETE", "/v1/tasks/some-id"),
+        ("GET", "/v1/images/generations"),
+    ]:
+        response = stack.http.request(method, f"{keyed_api.url}{path}")
+        assert_error(response, 401, "unauthorized", "Authorization")
+    keyed = {"Authorization": "Bearer k-one"}
+    assert_error(stack.http.get(f"{keyed_api.url}/v1/nothing-here", headers=keyed), 404, "not_found")
+    assert_error(stack.http.delete(f"{keyed_api.url}/v1/tasks/x", headers=keyed), 405, "method_not_allowed")
+    assert_error(stack.http.get(f"{keyed_api.url}/nothing-here"), 404, "not_found")
+
+
 def test_health_and_readiness(stack: Stack) -> None:
     assert stack.http.get(f"{stack.api_url}/healthz").json() == {"status": "ok"}
     ready = stack.http.get(f"{stack.api_url}/readyz")

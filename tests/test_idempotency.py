@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
-from tests.stack import Stack, directive_key, seed_body, with_directive
+from tests.stack import ApiServer, Stack, directive_key, seed_body, with_directive
 
 
 def post(stack: Stack, body: dict, key: str, **headers: str) -> httpx.Response:
@@ -43,6 +46,36 @@ def test_keys_are_scoped_to_the_api_key(stack: Stack) -> None:
     # The stack's API is open; a different Authorization header is a different scope all the same.
     other_scope = post(stack, seed_body(), key, Authorization="Bearer someone-else")
     assert other_scope.status_code == 202 and other_scope.json()["id"] != first.json()["id"]
+
+
+@pytest.fixture
+def keyed_api(stack: Stack) -> Iterator[ApiServer]:
+    api = ApiServer(dataclasses.replace(stack.config, api_keys=frozenset({"key-a", "key-b"})))
+    yield api
+    api.stop()
+
+
+def test_with_api_keys_a_key_is_scoped_to_the_api_key_that_sent_it(
+    stack: Stack, keyed_api: ApiServer
+) -> None:
+    url = f"{keyed_api.url}/v1/images/generations"
+
+    def post_as(authorization: str, key: str) -> httpx.Response:
+        headers = {"Authorization": authorization, "Idempotency-Key": key}
+        response = stack.http.post(url, json=seed_body(), headers=headers)
+        assert response.status_code == 202, response.text
+        return response
+
+    key = uuid.uuid4().hex
+    first = post_as("Bearer key-a", key)
+    again = post_as("Bearer key-a", key)
+    assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    # The same key sent with the scheme spelled otherwise is still API key A (RFC 9110: case-insensitive).
+    assert post_as("bearer key-a", key).json()["id"] == first.json()["id"]
+    other = post_as("Bearer key-b", key)
+    assert other.json()["id"] != first.json()["id"] and "Idempotent-Replayed" not in other.headers
+    assert post_as("Bearer key-b", key).json()["id"] == other.json()["id"], "B's replay is B's task"
+    assert post_as("Bearer key-a", key).json()["id"] == first.json()["id"], "A's task is still A's"
 
 
 def test_a_rejected_request_gives_its_key_back(stack: Stack) -> None:

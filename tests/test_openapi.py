@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import httpx
@@ -11,7 +12,7 @@ from openapi_spec_validator import validate
 from referencing import Registry, Resource
 
 from devstack.processes import free_port, wait_until
-from tests.stack import Stack, seed_body, with_directive
+from tests.stack import ApiServer, Stack, seed_body, with_directive
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,29 @@ def check(document: dict[str, Any], path: str, method: str, response: httpx.Resp
     if "$ref" in schema:
         schema = {"$ref": "urn:spec" + schema["$ref"]}
     OAS30Validator(schema, registry=registry).validate(response.json())
+
+
+def test_security_describes_the_server(document: dict[str, Any], stack: Stack) -> None:
+    """Without API_KEYS a bearer token is optional; with them it is required, on /v1/ only."""
+    assert document["security"] == [{}, {"bearer": []}]
+    api = ApiServer(dataclasses.replace(stack.config, api_keys=frozenset({"k"})))
+    try:
+        keyed = stack.http.get(f"{api.url}/openapi.json")
+    finally:
+        api.stop()
+    assert keyed.status_code == 200, "the document needs no key"
+    validate(keyed.json())
+    assert keyed.json()["security"] == [{"bearer": []}]
+    assert {key: value for key, value in keyed.json().items() if key != "security"} == {
+        key: value for key, value in document.items() if key != "security"
+    }
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
+                assert "security" not in operation, "the document's security applies"
+                assert "401" in operation["responses"]
+            else:
+                assert operation["security"] == [], f"{path} is open"
 
 
 def test_every_path_is_served(document: dict[str, Any], stack: Stack) -> None:
