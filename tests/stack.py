@@ -128,7 +128,7 @@ class Stack:
     def simulator_url(self) -> str:
         return self.env["UPSTREAM_BASE_URL"]
 
-    def start(self, worker_count: int = 1) -> Stack:
+    def start(self, worker_count: int = 1, *, webhook_worker: bool = True) -> Stack:
         self.redis_port = free_port()
         self.start_redis()
         s3_port, sim_port, api_port = free_port(), free_port(), free_port()
@@ -146,7 +146,8 @@ class Stack:
         Storage(self.config).ensure_bucket()
         for number in range(worker_count):
             self.start_worker(f"worker{number}")
-        self.start_worker("webhook-worker", queues="webhooks")
+        if webhook_worker:
+            self.start_worker("webhook-worker", queues="webhooks")
         self.api = ApiServer(self.config, api_port)
         self.wait_ready([name for name in self.children if "worker" in name])
         return self
@@ -235,9 +236,12 @@ class Stack:
 
 
 @contextmanager
-def running_stack(root: Path, worker_count: int = 1, **overrides: str) -> Iterator[Stack]:
+def running_stack(
+    root: Path, worker_count: int = 1, *, webhook_worker: bool = True, **overrides: str
+) -> Iterator[Stack]:
+    """A stack with ``worker_count`` generation workers and, unless told not to, a webhook worker."""
     stack = Stack(root, overrides)
     try:
-        yield stack.start(worker_count)
+        yield stack.start(worker_count, webhook_worker=webhook_worker)
     finally:
         stack.stop()

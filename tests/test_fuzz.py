@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from api.openapi import openapi_document
 from devstack.processes import HOST, free_port
-from tests.stack import ApiServer, Stack
+from tests.stack import ApiServer, Stack, running_stack
 
 KEY, STATEFUL_KEY = "fuzz-key-one", "fuzz-key-two"
 WRONG_KEY = "fuzz-key-wrong"
@@ -66,10 +66,19 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def keyed_api(stack: Stack) -> Iterator[ApiServer]:
+def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of its own, with NO webhook worker: generated webhook URLs (any host, public ones too,
+    in negative mode as well) are accepted and their events kept, so that redeliver runs on real
+    events, but nothing is ever sent to them."""
+    with running_stack(tmp_path_factory.mktemp("fuzz"), webhook_worker=False) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def keyed_api(fuzz_stack: Stack) -> Iterator[ApiServer]:
     port = free_port()
     config = dataclasses.replace(
-        stack.config, api_keys=frozenset({KEY, STATEFUL_KEY}), public_base_url=f"http://{HOST}:{port}"
+        fuzz_stack.config, api_keys=frozenset({KEY, STATEFUL_KEY}), public_base_url=f"http://{HOST}:{port}"
     )
     api = ApiServer(config, port)
     yield api
