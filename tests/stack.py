@@ -107,6 +107,7 @@ class Stack:
     api: ApiServer | None = None
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
     supervisor: Supervisor = field(default_factory=Supervisor)
+    _log_offsets: dict[str, int] = field(default_factory=dict)  # worker name -> its log's size at start
 
     @property
     def log_dir(self) -> Path:
@@ -143,6 +144,8 @@ class Stack:
         for number in range(worker_count):
             self.start_worker(f"worker{number}")
         self.start_worker("webhook-worker", queues="webhooks")
+        for name in self.worker_names:
+            self.wait_ready(name)
         self.api = ApiServer(self.config)
         return self
 
@@ -153,9 +156,37 @@ class Stack:
         self, name: str, extra_env: Mapping[str, str] | None = None, *, queues: str = "generation"
     ) -> Child:
         env = {**self.env, **(extra_env or {})}
+        log_path = self.log_dir / f"{name}.log"
+        self._log_offsets[name] = log_path.stat().st_size if log_path.exists() else 0
         child = self.supervisor.watch(start_worker(env, log_dir=self.log_dir, name=name, queues=queues))
         self.children[name] = child
         return child
+
+    @property
+    def worker_names(self) -> list[str]:
+        return list(self._log_offsets)
+
+    def wait_ready(self, name: str, timeout: float = 60) -> None:
+        """Wait until worker ``name`` (as last started by ``start_worker``) consumes its queues.
+
+        Celery logs "<hostname> ready." once its consumer is consuming and the ``worker_ready`` handlers
+        (worker/tasks.py: the runtime and the sweeper) have run; a test that submits before that may find
+        all its tasks taken by the worker that happened to start first.
+        """
+        child = self.children[name]
+        path, offset = self.log_dir / f"{name}.log", self._log_offsets[name]
+
+        def ready() -> bool:
+            with open(path, "rb") as log:
+                log.seek(offset)
+                return any(
+                    f" {name}@".encode() in line and line.rstrip().endswith(b" ready.") for line in log
+                )
+
+        try:
+            wait_until(ready, timeout=timeout, what=f"worker {name} to be ready")
+        except TimeoutError:
+            raise AssertionError(f"worker {name} not ready after {timeout}s:\n{child.tail(30)}") from None
 
     def stop(self) -> None:
         self.supervisor.stop()
