@@ -220,11 +220,22 @@ class Stack:
         assert response.status_code == 202, response.text
         return self.wait_final(response.json()["id"], timeout)
 
+    def stored(self, task_id: str) -> dict[str, Any]:
+        """The task's record as the store holds it: its attempts keep the ``worker`` (host:pid:thread)
+        that ran them, which the API's view leaves out."""
+        assert self.api is not None
+        return self.api.app.extensions["runtime"].store.get(task_id)
+
     def sim_stats(self) -> dict[str, Any]:
         return self.http.get(f"{self.simulator_url}/_sim/stats").json()
 
     def sim_calls(self, key: str) -> int:
         return self.sim_stats()["by_key"].get(key, 0)
+
+    def sim_call_log(self) -> list[dict[str, Any]]:
+        """Every call the simulator received: key, outcome, status (None: the caller went away before
+        the answer), started, finished (None: still in flight)."""
+        return self.http.get(f"{self.simulator_url}/_sim/calls").json()
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{child.tail(30)}" for name, child in self.children.items())
