@@ -32,6 +32,7 @@ from devstack.processes import (
 )
 from services import presence
 from services.config import Config, load_config
+from services.records import TaskRecord
 from services.runtime import Runtime
 from services.storage import Storage
 from services.webhook_signing import generate_secret
@@ -217,6 +218,11 @@ class Stack:
         assert response.status_code == 202, response.text
         return self.wait_final(response.json()["id"], timeout)
 
+    def stored(self, task_id: str) -> TaskRecord:
+        """The task's record as the store holds it: its attempts keep the ``worker`` (host:pid:thread)
+        that ran them, which the API's view leaves out."""
+        return self.runtime.store.get(task_id)
+
     def sim_stats(self) -> dict[str, Any]:
         return self.http.get(f"{self.simulator_url}/_sim/stats").json()
 
@@ -230,6 +236,11 @@ class Stack:
             for name, child in self.children.items()
             if name.startswith("worker") and child.log_path is not None and child.log_path.exists()
         )
+
+    def sim_call_log(self) -> list[dict[str, Any]]:
+        """Every call the simulator received: key, outcome, status (None: the caller went away before
+        the answer), started, finished (None: still in flight)."""
+        return self.http.get(f"{self.simulator_url}/_sim/calls").json()
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{child.tail(30)}" for name, child in self.children.items())
