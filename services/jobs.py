@@ -25,6 +25,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from services.clock import parse_iso
 from services.config import Config
@@ -150,8 +151,10 @@ class JobRunner:
                 status, saved, result = self._upstream_result(attempt)
                 outputs = self._store_outputs_or_save(lease, saved, result, uploaded)
                 closing.set()
-                self._store.succeed(
-                    lease, outputs=outputs, text=result.texts, usage=result.usage, upstream_status=status
+                self._while_the_store_is_down(
+                    lambda: self._store.succeed(
+                        lease, outputs=outputs, text=result.texts, usage=result.usage, upstream_status=status
+                    )
                 )
             except StoreUnavailable:
                 raise  # whether a closing write was applied is unknown: its objects stay
@@ -219,14 +222,40 @@ class JobRunner:
             )
         return outputs
 
+    def _while_the_store_is_down(self, write: Callable[[], object]) -> None:
+        """Make a closing write that records a paid-for answer, trying again while the store cannot be
+        reached (a Redis restart), for up to a lease: given up at once, the task would run, and be paid
+        for, again. Written meanwhile by a try whose answer was lost, the write is refused as a change
+        of a final task, and ``_delete_quietly`` keeps the objects the record points to."""
+        deadline = time.monotonic() + self._config.task_lease_seconds
+        pause = 0.1
+        while True:
+            try:
+                write()
+                return
+            except StoreUnavailable:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(2 * pause, 2.0)
+
     def _delete_quietly(self, task_id: str, keys: list[str]) -> None:
-        """Delete objects no record will point to; if storage refuses, say which (they are not used)."""
+        """Delete objects of this attempt that the task's record does not point to; if the record cannot
+        be read, keep them (an unused object rather than a lost one); if storage refuses, say which."""
         if not keys:
             return
         try:
-            self._storage.delete(keys)
+            recorded = {output["key"] for output in self._store.get(task_id)["outputs"]}
+        except (StoreUnavailable, NotFound) as exc:
+            log.error("task %s: outputs %s kept, the record could not be read: %s", task_id, keys, exc)
+            return
+        unused = [key for key in keys if key not in recorded]
+        if not unused:
+            return
+        try:
+            self._storage.delete(unused)
         except StorageUnavailable as exc:
-            log.error("task %s: could not delete unused outputs %s: %s", task_id, keys, exc.message)
+            log.error("task %s: could not delete unused outputs %s: %s", task_id, unused, exc.message)
 
     def _after_failure(self, task: TaskRecord, lease: Lease, error: JobError) -> None:
         task_id = task["id"]

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from tests import report
+from tests.fault_kit import FAULT_ENV
 from tests.redis_server import running_redis
 from tests.stack import Stack, running_stack
 
@@ -41,3 +43,14 @@ def redis_client(redis_server: str) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture
+def fault_stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A fault test's own stack (two generation workers unless its ``stack`` marker says otherwise),
+    which it may break as it likes."""
+    marker = request.node.get_closest_marker("stack")
+    options = dict(marker.kwargs) if marker else {}
+    workers = options.pop("workers", 2)
+    with running_stack(tmp_path, worker_count=workers, **{**FAULT_ENV, **options}) as running:
+        yield running

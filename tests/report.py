@@ -1,4 +1,8 @@
-"""The fault report: each fault test adds a row; tests/conftest.py prints the table after the run."""
+"""The fault report: each fault test adds a row; tests/conftest.py prints the table after the run.
+
+"duplicate upstream calls" is measured from the simulator's own call log, never assumed: calls beyond
+one per task (paid ones: refusals and errors are the retries the row expects). A row that does not
+measure it says "not measured"."""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def table() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
-        duplicates = "n/a" if row.duplicate_calls is None else str(row.duplicate_calls)
+        duplicates = "not measured" if row.duplicate_calls is None else str(row.duplicate_calls)
         lines.append(
             f"| {row.fault} | {row.accepted} | {row.as_expected} | {row.lost} | {row.stuck} | {duplicates} "
             f"| {row.recovery} | {row.note} |"

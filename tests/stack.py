@@ -229,6 +229,12 @@ class Stack:
     def sim_calls(self, key: str) -> int:
         return self.sim_stats()["by_key"].get(key, 0)
 
+    def output_objects(self, task_id: str) -> list[str]:
+        """The keys of the task's objects in the bucket, whatever attempt stored them."""
+        storage = Storage(self.config)
+        listed = storage._client.list_objects_v2(Bucket=storage.bucket, Prefix=f"outputs/{task_id}/")
+        return sorted(item["Key"] for item in listed.get("Contents", []))
+
     def worker_logs(self) -> str:
         """Everything the generation workers have logged so far."""
         return "\n".join(

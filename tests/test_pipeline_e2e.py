@@ -225,12 +225,6 @@ def test_refusals_hold_the_task_then_fail_at_the_deadline(stack: Stack, script: 
     assert stack.sim_calls(key) == len(task["attempts"]) > stack.config.max_attempts, "429s use no attempt"
 
 
-def output_keys(stack: Stack, task_id: str) -> list[str]:
-    storage = Storage(stack.config)
-    listed = storage._client.list_objects_v2(Bucket=storage.bucket, Prefix=f"outputs/{task_id}/")
-    return [item["Key"] for item in listed.get("Contents", [])]
-
-
 def test_an_answer_whose_image_url_fails_to_download_is_kept_and_not_paid_again(stack: Stack) -> None:
     """The upstream answered with an image URL, and its download failed: the retry downloads from the
     saved answer instead of calling (and paying) the upstream again."""
@@ -244,7 +238,7 @@ def test_an_answer_whose_image_url_fails_to_download_is_kept_and_not_paid_again(
     ]
     assert stack.sim_calls(key) == 1, "the upstream was called once"
     assert stack.sim_stats()["downloads_by_key"][key] == 2
-    assert output_keys(stack, task["id"]) == [output["key"] for output in task["outputs"]]
+    assert stack.output_objects(task["id"]) == [output["key"] for output in task["outputs"]]
 
 
 def test_cancel_a_running_task_drops_its_late_result(stack: Stack) -> None:
@@ -260,7 +254,7 @@ def test_cancel_a_running_task_drops_its_late_result(stack: Stack) -> None:
     assert stack.sim_calls(directive_key(body)) == 1
     task = stack.task(task_id)
     assert task["status"] == "canceled" and task["outputs"] == [] and task["finished_at"]
-    assert output_keys(stack, task_id) == [], "the refused attempt's upload is deleted"
+    assert stack.output_objects(task_id) == [], "the refused attempt's upload is deleted"
     again = stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_transition"
     missing = stack.http.post(f"{stack.api_url}/v1/tasks/nope/cancel")
