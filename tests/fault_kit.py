@@ -45,6 +45,14 @@ def settle(stack: Stack, ids: list[str], timeout: float = 90) -> tuple[dict[str,
     return tasks, lost, stuck
 
 
+def settle_succeeded(stack: Stack, ids: list[str], timeout: float = 90) -> dict[str, dict]:
+    """Wait for every task to be final, and assert the promise: none lost, none stuck, all succeeded."""
+    tasks, lost, stuck = settle(stack, ids, timeout)
+    assert (lost, stuck) == (0, 0), f"{lost} lost, {stuck} stuck"
+    assert_all_succeeded(tasks)
+    return tasks
+
+
 def assert_all_succeeded(tasks: dict[str, dict]) -> None:
     failed = [task for task in tasks.values() if task["status"] != "succeeded"]
     assert not failed, f"{len(failed)} task(s) did not succeed, e.g. {failed[0]}"
