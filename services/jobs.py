@@ -19,10 +19,8 @@ each job a multi-megabyte Redis write to cover that.)
 from __future__ import annotations
 
 import logging
-import os
 import random
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from services.errors import (
 from services.images import inspect_image
 from services.leases import LeaseKeeper
 from services.limits import UpstreamLimiter
+from services.presence import process_name
 from services.records import OutputRecord, TaskRecord
 from services.storage import Storage, output_key
 from services.store import Attempt, GiveUp, JobStore, Lease
@@ -53,8 +52,8 @@ log = logging.getLogger(__name__)
 
 
 def worker_name() -> str:
-    """Who runs an attempt: host, process and thread, as recorded on the attempt."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    """Who runs an attempt: host, process (as the process announces itself) and thread."""
+    return f"{process_name()}:{threading.get_ident()}"
 
 
 # Errors that cost the upstream nothing and are waited out instead of using up a task's attempts.

@@ -81,13 +81,3 @@ class Runtime:
     @functools.cached_property
     def runner(self) -> JobRunner:
         return JobRunner(self.config, self.store, self.storage, self.upstream, self.limiter, self.keeper)
-
-    def close(self) -> None:
-        """Stop the lease keeper and close the clients (a worker's shutdown)."""
-        if "keeper" in self.__dict__:
-            self.keeper.stop()
-        if "webhooks" in self.__dict__:
-            self.webhooks.close()
-        if "upstream" in self.__dict__:
-            self.upstream.close()
-        self.redis.close()
