@@ -33,7 +33,7 @@ def authenticate() -> None:
     if not config.auth_required or not request.path.startswith("/v1/"):
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    matched = [key for key in config.api_keys if hmac.compare_digest(token, key)]
+    matched = [key for _, key in config.api_keys if hmac.compare_digest(token, key)]
     if scheme.lower() != "bearer" or not matched:
         raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required", field="Authorization")
     g.api_key = matched[0]

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from services.errors import ConfigError
+from services.errors import ConfigError, ServiceError
+from services.tenants import check_tenant_name
 
 T = TypeVar("T")
 
@@ -60,8 +61,23 @@ class Config:
     limiter_max_wait: float = 60.0
     upstream_hold_seconds: float = 86400.0
     upstream_quota_retry_seconds: float = 900.0
+    upstream_max_retry_delay: float = 300.0
+    max_upstream_response_bytes: int = 256 * 1024 * 1024
 
-    api_keys: frozenset[str] = frozenset()
+    # image URLs in an upstream answer on another origin than the upstream's (services/upstream_client.py)
+    max_output_image_bytes: int = 64 * 1024 * 1024
+    image_download_timeout: float = 60.0
+    image_url_allow_private: bool = False
+    image_url_allow_http: bool = False
+
+    # tenants (services/tenants.py): API_KEYS is "tenant:key" pairs; a bare key is the tenant "default"
+    api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    allow_open_api: bool = True
+    tenant_max_concurrency: int = 0
+    tenant_max_queued: int = 10000
+    tenant_rate_per_minute: float = 0.0
+    tenant_weight: float = 1.0
     max_body_bytes: int = 32 * 1024 * 1024
     max_input_images: int = 14
     max_inline_image_bytes: int = 7 * 1024 * 1024
@@ -77,11 +93,13 @@ class Config:
     webhook_dispatch_interval: float = 0.05
     webhook_allow_private: bool = False
     webhook_allow_http: bool = False
+    webhook_secret_grace: float = 86400.0
     public_base_url: str = "http://127.0.0.1:8000"
 
     @property
     def auth_required(self) -> bool:
-        return bool(self.api_keys)
+        """Keys are required once any exist: from API_KEYS, or made through the admin API."""
+        return bool(self.api_keys) or self.admin_api_key is not None
 
 
 def _str(value: str) -> str:
@@ -142,6 +160,27 @@ def _pool(value: str) -> str:
 
 def _csv_set(value: str) -> frozenset[str]:
     return frozenset(item.strip() for item in value.split(",") if item.strip())
+
+
+def _tenant_keys(value: str) -> tuple[tuple[str, str], ...]:
+    """``tenant:key`` pairs, comma-separated; a bare key belongs to the tenant ``default``."""
+    pairs: list[tuple[str, str]] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        tenant, sep, key = item.partition(":")
+        if not sep:
+            tenant, key = "default", item
+        tenant, key = tenant.strip(), key.strip()
+        if not key:
+            raise ValueError("each entry must be tenant:key or key, with a non-empty key")
+        try:
+            check_tenant_name(tenant)
+        except ServiceError as exc:
+            raise ValueError(exc.message) from None
+        pairs.append((tenant, key))
+    return tuple(pairs)
 
 
 def _bool(value: str) -> bool:
@@ -206,7 +245,19 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LIMITER_MAX_WAIT": ("limiter_max_wait", _non_negative_float),
     "UPSTREAM_HOLD_SECONDS": ("upstream_hold_seconds", _positive_float),
     "UPSTREAM_QUOTA_RETRY_SECONDS": ("upstream_quota_retry_seconds", _positive_float),
-    "API_KEYS": ("api_keys", _csv_set),
+    "UPSTREAM_MAX_RETRY_DELAY": ("upstream_max_retry_delay", _positive_float),
+    "MAX_UPSTREAM_RESPONSE_BYTES": ("max_upstream_response_bytes", _positive_int),
+    "MAX_OUTPUT_IMAGE_BYTES": ("max_output_image_bytes", _positive_int),
+    "IMAGE_DOWNLOAD_TIMEOUT": ("image_download_timeout", _positive_float),
+    "IMAGE_URL_ALLOW_PRIVATE": ("image_url_allow_private", _bool),
+    "IMAGE_URL_ALLOW_HTTP": ("image_url_allow_http", _bool),
+    "API_KEYS": ("api_keys", _tenant_keys),
+    "ADMIN_API_KEY": ("admin_api_key", _str),
+    "ALLOW_OPEN_API": ("allow_open_api", _bool),
+    "TENANT_MAX_CONCURRENCY": ("tenant_max_concurrency", _non_negative_int),
+    "TENANT_MAX_QUEUED": ("tenant_max_queued", _non_negative_int),
+    "TENANT_RATE_PER_MINUTE": ("tenant_rate_per_minute", _non_negative_float),
+    "TENANT_WEIGHT": ("tenant_weight", _positive_float),
     "MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
     "MAX_INPUT_IMAGES": ("max_input_images", _positive_int),
     "MAX_INLINE_IMAGE_BYTES": ("max_inline_image_bytes", _positive_int),
@@ -220,6 +271,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WEBHOOK_DISPATCH_INTERVAL": ("webhook_dispatch_interval", _positive_float),
     "WEBHOOK_ALLOW_PRIVATE": ("webhook_allow_private", _bool),
     "WEBHOOK_ALLOW_HTTP": ("webhook_allow_http", _bool),
+    "WEBHOOK_SECRET_GRACE_SECONDS": ("webhook_secret_grace", _non_negative_float),
     "PUBLIC_BASE_URL": ("public_base_url", _url),
 }
 

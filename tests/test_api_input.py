@@ -188,7 +188,7 @@ def test_body_over_the_limit_is_413_before_it_is_read(stack: Stack, small_limit_
 
 @pytest.fixture
 def keyed_api(stack: Stack) -> Iterator[ApiServer]:
-    api = ApiServer(dataclasses.replace(stack.config, api_keys=frozenset({"k-one", "k-two"})))
+    api = ApiServer(dataclasses.replace(stack.config, api_keys=(("default", "k-one"), ("default", "k-two"))))
     yield api
     api.stop()
 

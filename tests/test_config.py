@@ -21,7 +21,7 @@ def test_values_are_parsed() -> None:
     config = load_config(
         {"API_KEYS": "a, b,,", "UPSTREAM_TIMEOUT": "12.5", "UPSTREAM_BASE_URL": "http://x.test/"}
     )
-    assert config.api_keys == frozenset({"a", "b"}) and config.auth_required
+    assert config.api_keys == (("default", "a"), ("default", "b")) and config.auth_required
     assert config.upstream_timeout == 12.5
     assert config.upstream_base_url == "http://x.test"
 

@@ -78,7 +78,9 @@ def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def keyed_api(fuzz_stack: Stack) -> Iterator[ApiServer]:
     port = free_port()
     config = dataclasses.replace(
-        fuzz_stack.config, api_keys=frozenset({KEY, STATEFUL_KEY}), public_base_url=f"http://{HOST}:{port}"
+        fuzz_stack.config,
+        api_keys=(("default", KEY), ("default", STATEFUL_KEY)),
+        public_base_url=f"http://{HOST}:{port}",
     )
     api = ApiServer(config, port)
     yield api

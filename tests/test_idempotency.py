@@ -50,7 +50,7 @@ def test_keys_are_scoped_to_the_api_key(stack: Stack) -> None:
 
 @pytest.fixture
 def keyed_api(stack: Stack) -> Iterator[ApiServer]:
-    api = ApiServer(dataclasses.replace(stack.config, api_keys=frozenset({"key-a", "key-b"})))
+    api = ApiServer(dataclasses.replace(stack.config, api_keys=(("default", "key-a"), ("default", "key-b"))))
     yield api
     api.stop()
 

@@ -43,7 +43,7 @@ def check(document: dict[str, Any], path: str, method: str, response: httpx.Resp
 def test_security_describes_the_server(document: dict[str, Any], stack: Stack) -> None:
     """Without API_KEYS a bearer token is optional; with them it is required, on /v1/ only."""
     assert document["security"] == [{}, {"bearer": []}]
-    api = ApiServer(dataclasses.replace(stack.config, api_keys=frozenset({"k"})))
+    api = ApiServer(dataclasses.replace(stack.config, api_keys=(("default", "k"),)))
     try:
         keyed = stack.http.get(f"{api.url}/openapi.json")
     finally:
