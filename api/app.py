@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from api import errors, routes
+from api import admin, auth, errors, routes
 from services.config import Config, load_config
 from services.runtime import Runtime
 
@@ -19,7 +19,9 @@ def create_app(config: Config | None = None) -> Flask:
     app.config.from_mapping(MAX_CONTENT_LENGTH=config.max_body_bytes, JSON_SORT_KEYS=False)
     app.extensions["runtime"] = Runtime(config)
     if not config.auth_required:
-        log.warning("API_KEYS is unset: the API is open to anyone who can reach it")
+        log.warning("API_KEYS and ADMIN_API_KEY are unset: the API is open to anyone who can reach it")
     errors.register(app)
+    app.register_blueprint(auth.blueprint)
     app.register_blueprint(routes.blueprint)
+    app.register_blueprint(admin.blueprint)
     return app

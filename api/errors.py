@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
@@ -23,8 +24,8 @@ _HTTP_CODES = {
 def error_response(error: ServiceError) -> Response:
     response = jsonify(error.to_body())
     response.status_code = error.status
-    if error.status == 503:
-        response.headers["Retry-After"] = "1"
+    if error.status in (429, 503):
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after or 1)))
     return response
 
 

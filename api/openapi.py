@@ -415,10 +415,7 @@ _PATHS: dict[str, Any] = {
                     ),
                     "links": _TASK_LINKS,
                 },
-                "400": _error(
-                    "Invalid JSON, body or field; `webhooks_not_configured` when a webhook_url is given but "
-                    "the server has no WEBHOOK_SIGNING_SECRET"
-                ),
+                "400": _error("Invalid JSON, body or field"),
                 "401": _error(_UNAUTHORIZED),
                 "409": _error("A request with this Idempotency-Key is still being handled"),
                 "413": _error("Body over the configured limit (MAX_BODY_BYTES)"),

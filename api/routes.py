@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 
-from flask import Blueprint, Response, current_app, g, jsonify, redirect, request
+from flask import Blueprint, Response, current_app, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 
+from api.auth import current_tenant
 from api.openapi import openapi_document
-from services.errors import NotFound, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
+from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
 from services.runtime import Runtime
 from services.task_view import task_view
+from services.usage import MAX_DAYS
 
 log = logging.getLogger(__name__)
 
@@ -22,30 +23,6 @@ blueprint = Blueprint("api", __name__)
 def _runtime() -> Runtime:
     runtime: Runtime = current_app.extensions["runtime"]  # set by api.app.create_app
     return runtime
-
-
-@blueprint.before_app_request
-def authenticate() -> None:
-    """Every ``/v1/`` request needs a key when API_KEYS is set, including one that matches no route: a
-    blueprint's ``before_request`` would not run for those, and their 404 or 405 would tell a client
-    without a key which paths and methods exist."""
-    config = _runtime().config
-    if not config.auth_required or not request.path.startswith("/v1/"):
-        return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    matched = [key for _, key in config.api_keys if hmac.compare_digest(token, key)]
-    if scheme.lower() != "bearer" or not matched:
-        raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required", field="Authorization")
-    g.api_key = matched[0]
-
-
-def _idempotency_scope() -> str:
-    """Who sent the request: Idempotency-Keys are scoped to it.
-
-    With API_KEYS, the API key (in the header's usual spelling, so ``bearer`` and ``Bearer`` are one
-    scope, as they always were one key); without, whatever Authorization header came."""
-    api_key: str | None = g.get("api_key")
-    return f"Bearer {api_key}" if api_key is not None else request.headers.get("Authorization", "")
 
 
 @blueprint.post("/v1/images/generations")
@@ -59,7 +36,7 @@ def submit() -> Response:
     accepted = rt.submissions.submit(
         _read_body(rt.config.max_body_bytes),
         idempotency_key=request.headers.get("Idempotency-Key"),
-        scope=_idempotency_scope(),
+        tenant=current_tenant(),
     )
     response = jsonify(accepted.body)
     response.status_code = accepted.status
@@ -92,12 +69,12 @@ def _read_body(limit: int) -> bytes:
 
 @blueprint.get("/v1/tasks/<task_id>")
 def get_task(task_id: str) -> Response:
-    return _task_response(_runtime().store.get(task_id))
+    return _task_response(_runtime().store.get(task_id, tenant=current_tenant()))
 
 
 @blueprint.post("/v1/tasks/<task_id>/cancel")
 def cancel_task(task_id: str) -> Response:
-    return _task_response(_runtime().store.cancel(task_id))
+    return _task_response(_runtime().store.cancel(task_id, tenant=current_tenant()))
 
 
 def _task_response(task: TaskRecord) -> Response:
@@ -109,7 +86,7 @@ def _task_response(task: TaskRecord) -> Response:
 @blueprint.post("/v1/tasks/<task_id>/webhook/redeliver")
 def redeliver_webhook(task_id: str) -> Response:
     rt = _runtime()
-    response = jsonify(rt.webhooks.redeliver(rt.store.get(task_id)))
+    response = jsonify(rt.webhooks.redeliver(rt.store.get(task_id, tenant=current_tenant())))
     response.status_code = 202
     return response
 
@@ -117,10 +94,29 @@ def redeliver_webhook(task_id: str) -> Response:
 @blueprint.get("/v1/tasks/<task_id>/outputs/<int:index>")
 def get_output(task_id: str, index: int) -> ResponseReturnValue:
     rt = _runtime()
-    outputs = rt.store.get(task_id)["outputs"]
+    outputs = rt.store.get(task_id, tenant=current_tenant())["outputs"]
     if not 0 <= index < len(outputs):
         raise NotFound(f"task {task_id!r} has no output {index}", field="index")
     return redirect(rt.storage.presigned_url(outputs[index]["key"]), code=302)
+
+
+@blueprint.get("/v1/usage")
+def usage() -> Response:
+    days = request.args.get("days", "30")
+    if not days.isdigit() or not 1 <= int(days) <= MAX_DAYS:
+        raise InvalidRequest(f"days must be a whole number from 1 to {MAX_DAYS}", field="days")
+    tenant = current_tenant()
+    return jsonify({"tenant": tenant, "days": _runtime().usage.daily(tenant, int(days))})
+
+
+@blueprint.get("/v1/webhooks/secret")
+def webhook_secret() -> Response:
+    return jsonify({"key": _runtime().webhooks.secrets.current(current_tenant())})
+
+
+@blueprint.post("/v1/webhooks/secret/rotate")
+def rotate_webhook_secret() -> Response:
+    return jsonify(_runtime().webhooks.secrets.rotate(current_tenant()))
 
 
 @blueprint.get("/healthz")

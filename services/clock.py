@@ -40,3 +40,8 @@ def parse_iso(value: str) -> datetime:
 def epoch_ms(value: str) -> int:
     """ISO-8601 text as whole epoch milliseconds."""
     return round(parse_iso(value).timestamp() * 1000)
+
+
+def day(epoch: float | None = None) -> str:
+    """The UTC date of ``epoch`` (default: now) as ``YYYY-MM-DD``."""
+    return datetime.fromtimestamp(time.time() if epoch is None else epoch, UTC).strftime("%Y-%m-%d")

@@ -12,10 +12,11 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
     │   │   │                              invalid_base64, unsupported_mime_type, unsupported_model,
     │   │   │                              too_many_images, inline_image_too_large, metadata_too_large,
     │   │   │                              invalid_idempotency_key)
-    │   │   ├── WebhooksNotConfigured 400 webhooks_not_configured (WEBHOOK_SIGNING_SECRET is unset)
     │   │   └── AddressNotAllowed     400 address_not_allowed    (a webhook host we never connect to)
     │   ├── Unauthorized              401 unauthorized
-    │   ├── NotFound                  404 not_found
+    │   ├── Forbidden                 403 forbidden              (an admin endpoint without the admin key)
+    │   ├── NotFound                  404 not_found              (also another tenant's task)
+    │   ├── TooManyRequests           429 tenant_queue_full, rate_limited (a tenant's limits; Retry-After)
     │   ├── NoWebhook                 409 no_webhook             (nothing to redeliver)
     │   ├── IdempotencyConflict       409 idempotency_in_progress (the same key is being handled)
     │   ├── IdempotencyKeyReused      422 idempotency_key_reused  (the same key with another body)
@@ -55,6 +56,7 @@ class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
     retryable: bool = False
+    retry_after: float | None = None  # seconds: the API sends it as Retry-After
 
     def __init__(
         self,
@@ -99,17 +101,6 @@ class InvalidRequest(RequestError):
     code = "invalid_field"
 
 
-class WebhooksNotConfigured(InvalidRequest):
-    code = "webhooks_not_configured"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "webhooks are not configured on this server (WEBHOOK_SIGNING_SECRET is unset): "
-            "nothing would be signed",
-            field="webhook_url",
-        )
-
-
 class AddressNotAllowed(InvalidRequest):
     """A webhook's host is, or resolves to, an address we do not deliver to."""
 
@@ -119,6 +110,22 @@ class AddressNotAllowed(InvalidRequest):
 class Unauthorized(RequestError):
     status = 401
     code = "unauthorized"
+
+
+class Forbidden(RequestError):
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(RequestError):
+    """A tenant's limit refused a submission (``tenant_queue_full``, ``rate_limited``); retry after."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, code: str, retry_after: float) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class NotFound(RequestError):

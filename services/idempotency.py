@@ -1,4 +1,4 @@
-"""Idempotent submission: one ``Idempotency-Key`` (per API key), one task, however often it is sent.
+"""Idempotent submission: one ``Idempotency-Key`` (per tenant), one task, however often it is sent.
 
 A key moves through two records (``services/keys.py``):
 

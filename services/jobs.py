@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from services.admission import Admission
 from services.clock import parse_iso
 from services.config import Config
 from services.errors import (
@@ -45,8 +46,10 @@ from services.presence import process_name
 from services.records import OutputRecord, TaskRecord
 from services.storage import Storage, output_key
 from services.store import Attempt, GiveUp, JobStore, Lease
+from services.tenants import tenant_of
 from services.upstream_client import UpstreamClient
 from services.upstream_response import UpstreamResult, encode_result, parse_success
+from services.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ class JobRunner:
         upstream: UpstreamClient,
         limiter: UpstreamLimiter,
         keeper: LeaseKeeper,
+        admission: Admission,
+        usage: Usage,
     ) -> None:
         self._config = config
         self._store = store
@@ -111,8 +116,17 @@ class JobRunner:
         self._upstream = upstream
         self._limiter = limiter
         self._keeper = keeper
+        self._admission = admission
+        self._usage = usage
 
     def run(self, task_id: str) -> None:
+        """Run the task's next attempt; then admit the next waiting tasks into the place it frees."""
+        try:
+            self._run(task_id)
+        finally:
+            self._admit_next()
+
+    def _run(self, task_id: str) -> None:
         token = f"{worker_name()}:{secrets.token_hex(6)}"
         try:
             self._limiter.acquire(token)
@@ -125,6 +139,12 @@ class JobRunner:
                 self._attempt(task_id)
         finally:
             self._limiter.release(token)
+
+    def _admit_next(self) -> None:
+        try:
+            self._admission.admit()
+        except ServiceError as exc:  # the sweeper admits them on its next tick
+            log.warning("admission after a job failed: %s", exc.message)
 
     def _attempt(self, task_id: str) -> None:
         attempt = self._store.start_attempt(
@@ -183,8 +203,18 @@ class JobRunner:
             return 200, True, parse_success(attempt.saved_result)
         if attempt.payload is None:
             raise NotFound(f"the payload of task {task_id!r} is missing", field="id")
-        status, body = self._upstream.generate(attempt.payload)
+        try:
+            status, body = self._upstream.generate(attempt.payload)
+        finally:
+            self._count_call(attempt.task)
         return status, False, parse_success(body)
+
+    def _count_call(self, task: TaskRecord) -> None:
+        """One upstream call in the tenant's usage; not worth failing the job over."""
+        try:
+            self._usage.count(tenant_of(task), "upstream_calls")
+        except StoreUnavailable as exc:
+            log.warning("task %s: upstream call not counted in usage: %s", task["id"], exc.message)
 
     def _store_outputs_or_save(
         self, lease: Lease, saved: bool, result: UpstreamResult, uploaded: list[str]

@@ -13,9 +13,22 @@ Tasks: written by ``services/store.py`` only, every change with one compare-and-
   {p}:lease:{id}           string  the running attempt's lease token (``host:pid:thread:random``)
                                    TTL: the lease (PX), renewed by its holder; deleted when not running
   {p}:active               set     ids of the tasks that are not final
-  {p}:queued               zset    queued task id -> when its message was sent (ms)
+  {p}:queued               zset    admitted queued task id -> when its message was sent (ms)
   {p}:delayed              zset    task id waiting for a retry -> when it is due (ms)
   {p}:running              zset    running task id -> its lease's deadline (ms)
+
+Tenants and admission (``services/tenants.py``, ``services/admission.py``); ``{t}`` is a tenant's name
+  {p}:tenants              hash    tenant -> its own settings (JSON: max_concurrency, max_queued, ...)
+  {p}:apikeys              hash    sha256 of an API key made by the admin API -> JSON {id, tenant, created_at}
+  {p}:apikey_ids           hash    key id -> the sha256 it stands for (to revoke by id)
+  {p}:t:{t}:active         set     the tenant's tasks that are not final (``max_queued``)
+  {p}:t:{t}:ready          zset    the tenant's queued tasks not yet admitted -> order (ms)
+  {p}:t:{t}:admitted       zset    the tenant's admitted tasks (message sent, or running) -> since (ms)
+  {p}:t:{t}:rate           hash    the tenant's submission token bucket: ``tokens``, ``at`` (ms)
+  {p}:t:{t}:whsec          hash    webhook secrets: ``current``, ``previous``, ``previous_until`` (ms)
+  {p}:t:{t}:usage:{day}    hash    the tenant's counts of one UTC day (submitted, succeeded, ...). TTL 400 d
+  {p}:ready_tenants        set     tenants whose ready set is not empty (maybe: admission cleans it)
+  {p}:admitted             zset    every admitted task -> since (ms); at most UPSTREAM_MAX_CONCURRENCY
 
 Webhooks: the outbox (``services/webhooks/outbox.py``); events are written by the store with the change
   {p}:wh:event:{event id}  string  one event: its task as it was then (JSON). TTL: kept; 30 d once done
@@ -81,6 +94,45 @@ class Keys:
     @property
     def running(self) -> str:
         return self._key("running")
+
+    # tenants and admission ------------------------------------------------------------------------
+    @property
+    def tenants(self) -> str:
+        return self._key("tenants")
+
+    @property
+    def api_keys(self) -> str:
+        return self._key("apikeys")
+
+    @property
+    def api_key_ids(self) -> str:
+        return self._key("apikey_ids")
+
+    def tenant_active(self, tenant: str) -> str:
+        return self._key("t", tenant, "active")
+
+    def tenant_ready(self, tenant: str) -> str:
+        return self._key("t", tenant, "ready")
+
+    def tenant_admitted(self, tenant: str) -> str:
+        return self._key("t", tenant, "admitted")
+
+    def tenant_rate(self, tenant: str) -> str:
+        return self._key("t", tenant, "rate")
+
+    def tenant_webhook_secrets(self, tenant: str) -> str:
+        return self._key("t", tenant, "whsec")
+
+    def tenant_usage(self, tenant: str, day: str) -> str:
+        return self._key("t", tenant, "usage", day)
+
+    @property
+    def ready_tenants(self) -> str:
+        return self._key("ready_tenants")
+
+    @property
+    def admitted(self) -> str:
+        return self._key("admitted")
 
     # webhooks ---------------------------------------------------------------------------------------
     def webhook_event(self, event_id: str) -> str:

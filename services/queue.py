@@ -12,8 +12,11 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 
 import redis
+
+from services.redis_errors import mapped_redis_errors
 
 GENERATION_QUEUE = "generation"
 GENERATE_TASK = "imagegen.generate"
@@ -24,7 +27,7 @@ DELIVER_WEBHOOK_TASK = "imagegen.deliver_webhook"
 
 
 def generation_message(task_id: str) -> tuple[str, bytes]:
-    """The broker message of one generation job, as (Redis list, message): what ``enqueue_generation``
+    """The broker message of one generation job, as (Redis list, message): what ``enqueue_generations``
     would publish, built directly so that the API can push it in the same transaction that stores the
     task (``JobStore.create``), one round trip for both.
 
@@ -90,8 +93,14 @@ def _origin_of(pid: int) -> str:
     return f"gen{pid}@{socket.gethostname()}"
 
 
-def enqueue_generation(client: redis.Redis, task_id: str) -> None:
-    """Send one generation job: the same message the API pushes with the task (``generation_message``),
-    so there is one way to enqueue. Retries are not sent with a countdown: they wait in the store until
-    due, and the sweeper sends them (services/sweeper.py)."""
-    client.lpush(*generation_message(task_id))
+def enqueue_generations(client: redis.Redis, task_ids: Sequence[str]) -> None:
+    """Send generation jobs, in one round trip: the same message the API pushes with a task it admits
+    at once (``generation_message``), so there is one way to enqueue. Retries are not sent with a
+    countdown: they wait in the store until due, and admission sends them (services/admission.py)."""
+    if not task_ids:
+        return
+    with mapped_redis_errors():
+        pipe = client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.lpush(*generation_message(task_id))
+        pipe.execute()

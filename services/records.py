@@ -45,6 +45,7 @@ class WebhookSubscription(TypedDict):
 
 class TaskRecord(TypedDict):
     id: str
+    tenant: str  # who owns it (``services/tenants.py``); not shown to clients
     status: str  # a TaskStatus value
     model: str
     created_at: str

@@ -7,20 +7,25 @@ nothing is created at import time, and what only workers use is built on first u
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
 
+from services.admission import Admission
 from services.config import Config
 from services.idempotency import IdempotencyStore
 from services.jobs import JobRunner
 from services.keys import Keys
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
+from services.queue import enqueue_generations
 from services.storage import Storage
 from services.store import JobStore
 from services.submission import SubmissionService
+from services.tenants import Tenants, TenantSettings
 from services.upstream_client import UpstreamClient
+from services.usage import Usage
 from services.webhooks.service import WebhookService
 
 
@@ -43,10 +48,49 @@ class Runtime:
     storage: Storage = field(init=False)
 
     def __post_init__(self) -> None:
-        self.redis = redis_client(self.config)
-        self.store = JobStore(self.redis, self.config.key_prefix)
+        config = self.config
+        self.redis = redis_client(config)
+        self.store = JobStore(
+            self.redis,
+            config.key_prefix,
+            tenant_defaults=self.tenant_defaults,
+            admission_window=config.upstream_max_concurrency,
+        )
         self.keys = self.store.keys
         self.storage = Storage(self.config, max_pool_connections=max(10, self.config.worker_concurrency))
+
+    @property
+    def tenant_defaults(self) -> TenantSettings:
+        """The limits of a tenant without settings of its own (the ``TENANT_*`` variables)."""
+        config = self.config
+        return TenantSettings(
+            max_concurrency=config.tenant_max_concurrency,
+            max_queued=config.tenant_max_queued,
+            rate_per_minute=config.tenant_rate_per_minute,
+            weight=config.tenant_weight,
+        )
+
+    @functools.cached_property
+    def tenants(self) -> Tenants:
+        return Tenants(self.redis, self.keys, defaults=self.tenant_defaults, static_keys=self.config.api_keys)
+
+    @functools.cached_property
+    def usage(self) -> Usage:
+        return Usage(self.redis, self.keys)
+
+    @functools.cached_property
+    def admission(self) -> Admission:
+        return Admission(
+            self.redis,
+            self.keys,
+            self.enqueue,
+            window=self.config.upstream_max_concurrency,
+            defaults=self.tenant_defaults,
+        )
+
+    def enqueue(self, task_ids: Sequence[str]) -> None:
+        """Send generation jobs to the broker."""
+        enqueue_generations(self.redis, task_ids)
 
     # the API ----------------------------------------------------------------------------------------
     @functools.cached_property
@@ -80,4 +124,13 @@ class Runtime:
 
     @functools.cached_property
     def runner(self) -> JobRunner:
-        return JobRunner(self.config, self.store, self.storage, self.upstream, self.limiter, self.keeper)
+        return JobRunner(
+            self.config,
+            self.store,
+            self.storage,
+            self.upstream,
+            self.limiter,
+            self.keeper,
+            self.admission,
+            self.usage,
+        )

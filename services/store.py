@@ -40,12 +40,14 @@ from typing import Any, cast
 import redis
 
 from services import clock
-from services.errors import InvalidTransition, JobError, LeaseLost, NotFound
+from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, TooManyRequests
 from services.keys import Keys
 from services.lua import Script
 from services.records import AttemptRecord, ErrorRecord, OutputRecord, TaskRecord, WebhookSubscription
 from services.redis_errors import mapped_redis_errors
 from services.serialization import dumps
+from services.tenants import DEFAULT_TENANT, TenantSettings, tenant_of
+from services.usage import RETENTION_SECONDS as USAGE_RETENTION_SECONDS
 from services.webhooks.outbox import event_for_change
 
 
@@ -88,6 +90,72 @@ end
 redis.call('SET', KEYS[1], ARGV[2])
 for _, write in ipairs(extra.writes) do redis.call(write[1], KEYS[write[2]], unpack(write, 3)) end
 return 1
+"""
+
+# Submitting one task. KEYS: see ``_create``'s names. ARGV: the new task's id, record and payload, now and
+# its order in the tenant's ready set (ms), the tenant, the defaults of its limits, the admission window
+# (0: none), the idempotency record to write with it ('' for none) and its TTL, the broker message ('' for
+# none), the usage TTL. Refuses with {-1, 0} when the tenant has max_queued unfinished tasks, {-2, ms to
+# wait} when its submission rate is used up; else writes everything and returns {1, admitted}: admitted
+# (1) means the task went straight to the broker, because nothing of its tenant waits and the window
+# and the tenant's max_concurrency have room (``services/admission.py`` applies the same rule to the
+# tasks that wait); otherwise it waits in the tenant's ready set.
+_CREATE = """
+local now = tonumber(ARGV[4])
+local tenant = ARGV[6]
+local own = redis.call('HGET', KEYS[10], tenant)
+local settings = own and cjson.decode(own) or {}
+local max_queued = tonumber(settings.max_queued or ARGV[7])
+if max_queued > 0 and redis.call('SCARD', KEYS[4]) >= max_queued then return {-1, 0} end
+local rate = tonumber(settings.rate_per_minute or ARGV[8])
+if rate > 0 then
+  local capacity = math.max(1, rate)
+  local state = redis.call('HMGET', KEYS[11], 'tokens', 'at')
+  local elapsed = now - tonumber(state[2] or now)
+  local tokens = math.min(capacity, tonumber(state[1] or capacity) + elapsed * rate / 60000)
+  if tokens < 1 then return {-2, math.ceil((1 - tokens) * 60000 / rate)} end
+  redis.call('HSET', KEYS[11], 'tokens', tokens - 1, 'at', now)
+  redis.call('PEXPIRE', KEYS[11], math.ceil(capacity * 60000 / rate) + 1000)
+end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[12], 'submitted', 1)
+redis.call('EXPIRE', KEYS[12], ARGV[14])
+if ARGV[11] ~= '' then redis.call('SET', KEYS[13], ARGV[11], 'EX', ARGV[12]) end
+local window = tonumber(ARGV[10])
+local max_concurrency = tonumber(settings.max_concurrency or ARGV[9])
+if redis.call('ZCARD', KEYS[5]) == 0
+  and (window == 0 or redis.call('ZCARD', KEYS[7]) < window)
+  and (max_concurrency == 0 or redis.call('ZCARD', KEYS[8]) < max_concurrency) then
+  redis.call('ZADD', KEYS[7], now, ARGV[1])
+  redis.call('ZADD', KEYS[8], now, ARGV[1])
+  redis.call('ZADD', KEYS[9], now, ARGV[1])
+  if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[14], ARGV[13]) end
+  return {1, 1}
+end
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+redis.call('SADD', KEYS[6], tenant)
+return {1, 0}
+"""
+
+# KEYS[1]: the delayed set, KEYS[2]: the set of tenants with ready tasks, KEYS[3..]: the ready set of
+# each candidate's tenant. ARGV[1]: now (ms); then per candidate its id, tenant and order (ms). Moves each
+# candidate still due from delayed to its tenant's ready set. Returns the ids moved.
+_CLAIM_DUE = """
+local moved = {}
+for index = 2, #ARGV, 3 do
+  local member = ARGV[index]
+  local score = redis.call('ZSCORE', KEYS[1], member)
+  if score and tonumber(score) <= tonumber(ARGV[1]) then
+    redis.call('ZREM', KEYS[1], member)
+    redis.call('ZADD', KEYS[2 + (index + 1) / 3], ARGV[index + 2], member)
+    redis.call('SADD', KEYS[2], ARGV[index + 1])
+    moved[#moved + 1] = member
+  end
+end
+return moved
 """
 
 # KEYS[1]: the sorted set to claim from, KEYS[2]: the one to move claimed members to (may be the same).
@@ -146,6 +214,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
 return 1
 """
+
+
+# Without settings of its own, a tenant is limited only by the window (tests build stores this way).
+NO_LIMITS = TenantSettings(max_concurrency=0, max_queued=0, rate_per_minute=0.0, weight=1.0)
+QUEUE_FULL_RETRY_AFTER = 5.0  # seconds: when some of a full queue is likely done; a hint, not a promise
 
 
 def new_task_id() -> str:
@@ -219,11 +292,59 @@ class JobStore:
         *,
         task_retention: int = 30 * 86400,
         payload_retention: int = 86400,
+        tenant_defaults: TenantSettings = NO_LIMITS,
+        admission_window: int = 0,
     ) -> None:
         self._redis = client
         self.keys = Keys(prefix)
         self._task_retention = task_retention
         self._payload_retention = payload_retention
+        self._tenant_defaults = tenant_defaults
+        self._admission_window = admission_window
+        self._create = Script(
+            client,
+            _CREATE,
+            keys=[
+                "task",
+                "payload_key",
+                "active",
+                "tenant_active",
+                "tenant_ready",
+                "ready_tenants",
+                "admitted",
+                "tenant_admitted",
+                "queued",
+                "tenants",
+                "tenant_rate",
+                "usage",
+                "also_key",
+                "queue",
+            ],
+            args=[
+                "task_id",
+                "document",
+                "payload",
+                "now_ms",
+                "order",
+                "tenant",
+                "max_queued",
+                "rate_per_minute",
+                "max_concurrency",
+                "window",
+                "also_value",
+                "also_ttl",
+                "message",
+                "usage_ttl",
+            ],
+        )
+        self._claim_due = Script(
+            client,
+            _CLAIM_DUE,
+            keys=["delayed", "ready_tenants"],
+            args=["now_ms"],
+            more_keys="ready",
+            more_args="candidates",
+        )
         self._cas = Script(
             client,
             _COMPARE_AND_SET,
@@ -251,12 +372,14 @@ class JobStore:
         )
 
     # reads ------------------------------------------------------------------------------------------
-    def get(self, task_id: str) -> TaskRecord:
+    def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord:
+        """The task; with ``tenant``, only if that tenant owns it: another's task is not found either."""
         with mapped_redis_errors():
             raw = self._redis.get(self.keys.task(task_id))
         if raw is None:
             raise NotFound(f"no task with id {task_id!r}", field="id")
         task: TaskRecord = json.loads(raw)
+        _require_owner(task, tenant)
         return task
 
     def save_result(self, lease: Lease, body: bytes) -> None:
@@ -279,9 +402,42 @@ class JobStore:
 
     # what the sweeper claims: each member is handed to one caller only -------------------------------
     def claim_due_retries(self, limit: int = 500) -> list[str]:
-        """Tasks whose retry is due now; they move to ``queued`` and the caller must enqueue them."""
+        """Tasks whose retry is due now: they go back to their tenant's ready set, in their first order
+        (their creation), for admission to send (``services/admission.py``). Returns their ids.
+
+        Three round trips when any is due: the candidates, their records (for their tenants), the move.
+        """
         now = clock.now_ms()
-        return self._claim_members(self.keys.delayed, self.keys.queued, now, now, limit)
+        keys = self.keys
+        with mapped_redis_errors():
+            found = cast(
+                "list[bytes]", self._redis.zrangebyscore(keys.delayed, "-inf", now, start=0, num=limit)
+            )
+            if not found:
+                return []
+            candidates = [member.decode() for member in found]
+            records = cast(
+                "list[bytes | None]", self._redis.mget([keys.task(task_id) for task_id in candidates])
+            )
+            ready: list[str] = []
+            values: list[str | int] = []
+            for task_id, raw in zip(candidates, records, strict=True):
+                if raw is None:  # expired or deleted meanwhile: nothing to run
+                    self._redis.zrem(keys.delayed, task_id)
+                    continue
+                task: TaskRecord = json.loads(raw)
+                ready.append(keys.tenant_ready(tenant_of(task)))
+                values += [task_id, tenant_of(task), clock.epoch_ms(task["created_at"])]
+            if not ready:
+                return []
+            moved = self._claim_due(
+                delayed=keys.delayed,
+                ready_tenants=keys.ready_tenants,
+                ready=ready,
+                now_ms=now,
+                candidates=values,
+            )
+        return [member.decode() for member in moved]
 
     def claim_expired_leases(self, lease_seconds: float, limit: int = 500) -> list[str]:
         """Running tasks whose lease expired (their worker is gone); the caller must enqueue them.
@@ -328,19 +484,24 @@ class JobStore:
         payload: bytes,
         metadata: dict[str, Any] | None,
         webhook: WebhookSubscription | None = None,
+        tenant: str = DEFAULT_TENANT,
         also_set: Callable[[TaskRecord], tuple[str, str, int]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> TaskRecord:
-        """Store a new queued task and its payload atomically; return the record.
+        """Store a new queued task of ``tenant`` and its payload atomically; return the record.
 
-        ``also_set(task)`` may name one more record (key, value, ttl) to write in the same transaction;
-        ``message(task_id)`` a (list, message) to push onto a list in it: the job's broker message, so
-        that a task is never stored without being enqueued, nor enqueued without being stored.
+        One script checks the tenant's limits first (``TooManyRequests``: ``tenant_queue_full`` or
+        ``rate_limited``, nothing written), then writes the task, its payload, its bookkeeping and its
+        usage, and admits it at once if it may run now (``_CREATE``). ``also_set(task)`` may name one more
+        record (key, value, ttl) to write in the same step; ``message(task_id)`` the (list, message) of
+        the job's broker message, pushed when the task is admitted, so that a task is never stored
+        without being either enqueued or waiting for admission, nor enqueued without being stored.
         """
         task_id = new_task_id()
         now = time.time()
         task: TaskRecord = {
             "id": task_id,
+            "tenant": tenant,
             "status": TaskStatus.QUEUED.value,
             "model": model,
             "created_at": clock.iso(now),
@@ -355,18 +516,56 @@ class JobStore:
             "next_attempt_at": None,
             "webhook": webhook,
         }
+        keys = self.keys
+        also_key, also_value, also_ttl = (
+            also_set(task) if also_set is not None else (keys.task(task_id), "", 0)
+        )
+        queue, body = message(task_id) if message is not None else (keys.queued, b"")
+        defaults = self._tenant_defaults
+        now_ms = round(now * 1000)
         with mapped_redis_errors():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(self.keys.payload(task_id), payload)
-            pipe.set(self.keys.task(task_id), dumps(task))
-            pipe.sadd(self.keys.active, task_id)
-            pipe.zadd(self.keys.queued, {task_id: round(now * 1000)})
-            if also_set is not None:
-                key, value, ttl = also_set(task)
-                pipe.set(key, value, ex=ttl)
-            if message is not None:
-                pipe.lpush(*message(task_id))
-            pipe.execute()
+            outcome, value = self._create(
+                task=keys.task(task_id),
+                payload_key=keys.payload(task_id),
+                active=keys.active,
+                tenant_active=keys.tenant_active(tenant),
+                tenant_ready=keys.tenant_ready(tenant),
+                ready_tenants=keys.ready_tenants,
+                admitted=keys.admitted,
+                tenant_admitted=keys.tenant_admitted(tenant),
+                queued=keys.queued,
+                tenants=keys.tenants,
+                tenant_rate=keys.tenant_rate(tenant),
+                usage=keys.tenant_usage(tenant, clock.day(now)),
+                also_key=also_key,
+                queue=queue,
+                task_id=task_id,
+                document=dumps(task),
+                payload=payload,
+                now_ms=now_ms,
+                order=now_ms,
+                tenant=tenant,
+                max_queued=defaults.max_queued,
+                rate_per_minute=defaults.rate_per_minute,
+                max_concurrency=defaults.max_concurrency,
+                window=self._admission_window,
+                also_value=also_value,
+                also_ttl=also_ttl,
+                message=body,
+                usage_ttl=USAGE_RETENTION_SECONDS,
+            )
+        if outcome == -1:
+            raise TooManyRequests(
+                f"tenant {tenant!r} has as many unfinished tasks as it may queue; retry when some are done",
+                code="tenant_queue_full",
+                retry_after=QUEUE_FULL_RETRY_AFTER,
+            )
+        if outcome == -2:
+            raise TooManyRequests(
+                f"tenant {tenant!r} submits faster than its rate_per_minute allows",
+                code="rate_limited",
+                retry_after=value / 1000,
+            )
         return task
 
     # leases -----------------------------------------------------------------------------------------
@@ -513,8 +712,9 @@ class JobStore:
 
         return self._change_required(lease.task_id, change, known=lease.document)
 
-    def cancel(self, task_id: str) -> TaskRecord:
-        """Cancel a queued or running task; a final one raises ``InvalidTransition`` (409).
+    def cancel(self, task_id: str, *, tenant: str | None = None) -> TaskRecord:
+        """Cancel a queued or running task (of ``tenant``, if given: another's is not found); a final one
+        raises ``InvalidTransition`` (409).
 
         A running attempt is closed as ``canceled`` and its lease dropped: the worker's call may still be
         in flight, but its result is discarded (the task can no longer succeed, and the worker's other
@@ -522,6 +722,7 @@ class JobStore:
         """
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
+            _require_owner(task, tenant)
             _check(TaskStatus(task["status"]), TaskStatus.CANCELED)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="canceled")
@@ -569,13 +770,31 @@ class JobStore:
     def _consequences(self, old: TaskRecord, new: TaskRecord, extra: _Change) -> None:
         """The bookkeeping that follows from a change, written in the same atomic step."""
         task_id = new["id"]
+        tenant = tenant_of(new)
         keys = self.keys
         status = TaskStatus(new["status"])
         if status.is_final:
             extra.write("SREM", keys.active, task_id)
+            extra.write("SREM", keys.tenant_active(tenant), task_id)
             extra.write("EXPIRE", keys.task(task_id), self._task_retention)
             extra.write("EXPIRE", keys.payload(task_id), self._payload_retention)
             extra.write("DEL", keys.result(task_id))
+            usage = keys.tenant_usage(tenant, clock.day())
+            extra.write("HINCRBY", usage, status.value, 1)
+            if new["outputs"]:
+                extra.write("HINCRBY", usage, "images", len(new["outputs"]))
+                extra.write(
+                    "HINCRBY", usage, "bytes_stored", sum(output["bytes"] for output in new["outputs"])
+                )
+            extra.write("EXPIRE", usage, USAGE_RETENTION_SECONDS)
+        if status == TaskStatus.RUNNING:  # admitted, even if a stray message started it
+            extra.write("ZREM", keys.tenant_ready(tenant), task_id)
+            extra.write("ZADD", keys.admitted, "NX", clock.now_ms(), task_id)
+            extra.write("ZADD", keys.tenant_admitted(tenant), "NX", clock.now_ms(), task_id)
+        else:  # final, or waiting for a retry: its admission ends, its place goes to the next task
+            extra.write("ZREM", keys.tenant_ready(tenant), task_id)
+            extra.write("ZREM", keys.admitted, task_id)
+            extra.write("ZREM", keys.tenant_admitted(tenant), task_id)
         if status == TaskStatus.QUEUED and new["next_attempt_at"]:
             extra.write("ZADD", keys.delayed, clock.epoch_ms(new["next_attempt_at"]), task_id)
             extra.write("ZREM", keys.queued, task_id)
@@ -589,6 +808,13 @@ class JobStore:
         if event is not None:
             extra.write("SET", keys.webhook_event(event.id), event.document, "NX")
             extra.write("ZADD", keys.webhooks_due, "NX", clock.now_ms(), event.id)
+
+
+def _require_owner(task: TaskRecord, tenant: str | None) -> None:
+    """With a ``tenant``, the task must be its own: another tenant's task is not found (404, not 403:
+    whether an id exists is not the caller's business)."""
+    if tenant is not None and tenant_of(task) != tenant:
+        raise NotFound(f"no task with id {task['id']!r}", field="id")
 
 
 def _require_open_attempt(task: TaskRecord, lease: Lease) -> None:

@@ -49,27 +49,29 @@ class SubmissionService:
             allowed_models=config.allowed_models,
         )
 
-    def submit(self, raw: bytes, *, idempotency_key: str | None, scope: str) -> Accepted:
-        """Accept the body ``raw``; ``scope`` is who sent it (idempotency keys are scoped to it)."""
+    def submit(self, raw: bytes, *, idempotency_key: str | None, tenant: str) -> Accepted:
+        """Accept the body ``raw`` from ``tenant`` (its idempotency keys are its own)."""
         if idempotency_key is None:
-            return self._accept(raw, None)
-        claim = self._idempotency.claim(idempotency_key, scope=scope, body=raw)
+            return self._accept(raw, tenant, None)
+        claim = self._idempotency.claim(idempotency_key, scope=tenant, body=raw)
         if isinstance(claim, Replay):
             return Accepted(claim.status, claim.body, replayed=True)
         try:
-            return self._accept(raw, claim)
+            return self._accept(raw, tenant, claim)
         except RequestError:
-            # Rejected before anything was stored: the client may fix the body and reuse the key. (On a
-            # store error the key is kept: the task may exist; the pending record expires on its own.)
+            # Rejected before anything was stored (a bad body, a tenant's limit): the client may fix the
+            # body, or wait, and reuse the key. (On a store error the key is kept: the task may exist;
+            # the pending record expires on its own.)
             self._idempotency.release(claim)
             raise
 
-    def _accept(self, raw: bytes, claim: Claim | None) -> Accepted:
+    def _accept(self, raw: bytes, tenant: str, claim: Claim | None) -> Accepted:
         """Validate, store and enqueue one submission.
 
-        The task, its payload and its broker message are written in one transaction (one round trip):
-        stored means enqueued. (A message the broker loses later is found by the sweeper: a queued task
-        whose message is missing.)
+        The tenant's limits are checked and the task, its payload and its broker message (or its place
+        in the tenant's ready set) are written in one script (one round trip): stored means enqueued or
+        waiting for admission (``services/admission.py``). (A message the broker loses later is found by
+        the sweeper: a queued task whose message is missing.)
         """
         try:
             body = json.loads(raw)
@@ -82,6 +84,7 @@ class SubmissionService:
             payload=dumps_bytes(submission.upstream_body),
             metadata=submission.metadata,
             webhook=webhook,
+            tenant=tenant,
             also_set=(lambda task: claim.done_record(202, self._summary(task))) if claim else None,
             message=generation_message,
         )

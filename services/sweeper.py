@@ -1,10 +1,15 @@
 """The sweeper: the store, not the broker, decides what must run, and this puts it on the queue.
 
 Every worker process runs one in a thread; any number of copies are safe, because each claim is atomic
-and hands a task to one sweeper only. Each tick it enqueues:
+and hands a task to one sweeper only. Each tick it:
 
-- tasks whose retry is due (retries wait in the store's ``delayed`` set, not in a Celery countdown that
-  a dying worker would take along for the broker's visibility timeout, an hour by default);
+- puts tasks whose retry is due back in their tenant's ready set (retries wait in the store's
+  ``delayed`` set, not in a Celery countdown that a dying worker would take along for the broker's
+  visibility timeout, an hour by default), and admits waiting tasks while there is room
+  (``services/admission.py``);
+
+and enqueues:
+
 - running tasks whose lease expired: their worker was SIGKILLed or its host vanished. They run again
   within ``TASK_LEASE_SECONDS`` (the new attempt closes the lost one as ``worker_lost``);
 - queued tasks whose message was lost (an API process killed between storing and enqueueing, a broker
@@ -17,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from services.admission import Admission
 from services.periodic import Periodic
 from services.store import JobStore
 
@@ -31,13 +37,15 @@ class Sweeper:
     def __init__(
         self,
         store: JobStore,
-        enqueue: Callable[[str], None],
+        admission: Admission,
+        enqueue: Callable[[Sequence[str]], None],
         broker_backlog: Callable[[], int],
         *,
         lease_seconds: float,
         interval: float,
     ) -> None:
         self._store = store
+        self._admission = admission
         self._enqueue = enqueue
         self._broker_backlog = broker_backlog
         self._lease_seconds = lease_seconds
@@ -46,18 +54,23 @@ class Sweeper:
         self._periodic = Periodic("sweeper", interval, lambda: len(self.tick()) >= CLAIM_BATCH)
 
     def tick(self) -> list[str]:
-        """Claim and enqueue what is due now; return the ids enqueued."""
-        ids = self._store.claim_due_retries(CLAIM_BATCH)
-        ids += self._store.claim_expired_leases(self._lease_seconds, CLAIM_BATCH)
+        """Claim and enqueue what is due now; return the ids enqueued (admitted ones included)."""
+        ready = self._store.claim_due_retries(CLAIM_BATCH)
+        ids = self._store.claim_expired_leases(self._lease_seconds, CLAIM_BATCH)
         if time.monotonic() >= self._next_lost_check:
             self._next_lost_check = time.monotonic() + self._lease_seconds / 3
             if self._broker_backlog() == 0:
                 ids += self._store.claim_lost_messages(older_than=self._lease_seconds, limit=CLAIM_BATCH)
-        for task_id in ids:
-            self._enqueue(task_id)
-        if ids:
-            log.info("sweeper enqueued %d task(s)", len(ids))
-        return ids
+        self._enqueue(ids)
+        admitted = self._admission.admit()
+        if ids or ready or admitted:
+            log.info(
+                "sweeper: %d due retries ready, %d admitted, %d recovered",
+                len(ready),
+                len(admitted),
+                len(ids),
+            )
+        return ids + admitted
 
     def start(self) -> None:
         self._periodic.start()

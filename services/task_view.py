@@ -10,6 +10,7 @@ from typing import Any
 from services.records import TaskRecord
 from services.storage import Storage
 
+_INTERNAL_TASK_FIELDS = ("tenant",)
 _INTERNAL_ATTEMPT_FIELDS = ("worker",)
 
 
@@ -17,7 +18,7 @@ def task_view(
     task: TaskRecord, storage: Storage, *, base_url: str, deliveries: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """``deliveries``: the task's webhook delivery log, shown under ``webhook`` (url, events, deliveries)."""
-    view: dict[str, Any] = dict(task)
+    view: dict[str, Any] = {key: value for key, value in task.items() if key not in _INTERNAL_TASK_FIELDS}
     webhook = task["webhook"]
     view["webhook"] = None
     if webhook:

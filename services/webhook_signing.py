@@ -6,7 +6,8 @@ Every request carries three headers:
 - ``webhook-timestamp``: when this attempt was signed, integer seconds since the epoch (receivers
   refuse messages more than a few minutes off, which stops replays);
 - ``webhook-signature``: ``v1,`` + base64 of HMAC-SHA256 over ``{id}.{timestamp}.{body}`` with the
-  secret's key (the base64 after ``whsec_``).
+  secret's key (the base64 after ``whsec_``); while a rotated secret is still valid, one signature per
+  secret, space-separated (the Standard allows several: a receiver accepts a message if any matches).
 
 The reference implementation (``pip install standardwebhooks``) verifies them:
 ``Webhook(secret).verify(body, headers)``; the tests check our signatures with it.
@@ -20,6 +21,7 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 SECRET_PREFIX = "whsec_"
@@ -41,12 +43,15 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signed_headers(secret: str, msg_id: str, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:
+def signed_headers(
+    secrets_: Sequence[str], msg_id: str, body: bytes, *, timestamp: int | None = None
+) -> dict[str, str]:
+    """The three headers of one message, signed by each of ``secrets_`` (the current one first)."""
     timestamp = int(time.time()) if timestamp is None else timestamp
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, msg_id, timestamp, body),
+        "webhook-signature": " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets_),
     }
 
 

@@ -26,16 +26,19 @@ from PIL import Image
 
 from devstack.processes import wait_until
 from services import clock
+from services.admission import Admission
 from services.config import Config, load_config
 from services.errors import Deferred, StorageUnavailable
 from services.images import ImageInfo
 from services.jobs import JobRunner, attempts_used, out_of_attempts
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
+from services.queue import enqueue_generations
 from services.records import TaskRecord
 from services.storage import Storage, StoredObject
-from services.store import JobStore, TaskStatus
+from services.store import NO_LIMITS, JobStore, TaskStatus
 from services.upstream_client import UpstreamClient
+from services.usage import Usage
 
 SHARED = Path(os.environ.get("IMAGEGEN_SHARED_DIR", Path(__file__).parents[2] / "shared"))
 SAMPLES = SHARED / "upstream" / "samples"
@@ -168,7 +171,18 @@ class Harness:
     def runner(self, limiter: UpstreamLimiter | None = None, **overrides: Any) -> JobRunner:
         config: Config = dataclasses.replace(self.config, **overrides)
         storage = cast(Storage, self.storage)
-        return JobRunner(config, self.store, storage, self.client, limiter or self.limiter, self.keeper)
+        redis_client = self.store._redis
+        admission = Admission(
+            redis_client,
+            self.store.keys,
+            lambda ids: enqueue_generations(redis_client, ids),
+            window=config.upstream_max_concurrency,
+            defaults=NO_LIMITS,
+        )
+        usage = Usage(redis_client, self.store.keys)
+        return JobRunner(
+            config, self.store, storage, self.client, limiter or self.limiter, self.keeper, admission, usage
+        )
 
     def submit(self) -> str:
         return self.store.create(model="gemini-2.5-flash-image", payload=REQUEST, metadata=None)["id"]

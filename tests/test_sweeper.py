@@ -1,5 +1,6 @@
-"""services.sweeper.Sweeper.tick() with a real JobStore: what it enqueues (due retries, tasks whose lease
-expired, lost messages when the broker's queue is empty), and that each id is handed out once.
+"""services.sweeper.Sweeper.tick() with a real JobStore: what it enqueues (due retries, through admission;
+tasks whose lease expired, lost messages when the broker's queue is empty), and that each id is handed
+out once.
 
 The broker is a seam (``Broker``): what was enqueued, and the backlog the sweeper asks about.
 """
@@ -8,15 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 import redis
 
 from devstack.processes import wait_until
+from services.admission import Admission
 from services.errors import JobError
 from services.jobs import out_of_attempts
 from services.leases import LeaseKeeper
-from services.store import JobStore, Lease, TaskStatus
+from services.store import NO_LIMITS, JobStore, Lease, TaskStatus
 from services.sweeper import Sweeper
 
 LEASE = 30.0  # the sweeper's TASK_LEASE_SECONDS where a test does not wait for one
@@ -31,9 +34,9 @@ class Broker:
         self.asked = 0
         self._lock = threading.Lock()
 
-    def enqueue(self, task_id: str) -> None:
+    def enqueue(self, task_ids: Sequence[str]) -> None:
         with self._lock:
-            self.sent.append(task_id)
+            self.sent.extend(task_ids)
 
     def backlog(self) -> int:
         self.asked += 1
@@ -51,7 +54,11 @@ def broker() -> Broker:
 
 
 def sweeper(store: JobStore, broker: Broker, lease_seconds: float = LEASE) -> Sweeper:
-    return Sweeper(store, broker.enqueue, broker.backlog, lease_seconds=lease_seconds, interval=0.05)
+    """A sweeper whose admission and recovery both send to ``broker``."""
+    admission = Admission(store._redis, store.keys, broker.enqueue, window=0, defaults=NO_LIMITS)
+    return Sweeper(
+        store, admission, broker.enqueue, broker.backlog, lease_seconds=lease_seconds, interval=0.05
+    )
 
 
 def new_task(store: JobStore) -> str:

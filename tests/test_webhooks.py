@@ -381,7 +381,12 @@ def test_we_connect_to_the_address_we_checked_and_keep_the_host_name(
     path = new_path()
     sender = WebhookSender(config, resolver=fake_resolver({"hooks.example.test": ["127.0.0.1"]}))
     try:
-        result = sender.send(f"http://hooks.example.test:{receiver.port}{path}", "msg_x", b"{}")
+        result = sender.send(
+            f"http://hooks.example.test:{receiver.port}{path}",
+            "msg_x",
+            b"{}",
+            [stack.env["WEBHOOK_SIGNING_SECRET"]],
+        )
     finally:
         sender.close()
     assert result.delivered, result
@@ -406,7 +411,7 @@ def test_resolved_addresses_are_checked_before_connecting(addresses: list[str], 
     )
     sender = WebhookSender(config, resolver=fake_resolver({"hooks.example.test": addresses}))
     try:
-        result = sender.send("http://hooks.example.test/x", "msg_x", b"{}")
+        result = sender.send("http://hooks.example.test/x", "msg_x", b"{}", [generate_secret()])
     finally:
         sender.close()
     assert result.refused and result.status_code is None and "refused" in result.error
@@ -435,7 +440,9 @@ def test_a_receiver_that_trickles_its_answer_times_out_as_a_whole() -> None:
     )
     sender = WebhookSender(config)
     try:
-        result = sender.send(f"http://127.0.0.1:{server.getsockname()[1]}/slow", "msg_x", b"{}")
+        result = sender.send(
+            f"http://127.0.0.1:{server.getsockname()[1]}/slow", "msg_x", b"{}", [generate_secret()]
+        )
     finally:
         stop.set()
         sender.close()
@@ -482,7 +489,6 @@ def test_address_classes(address: str, reason: str | None) -> None:
         ("https://169.254.169.254/latest", {"WEBHOOK_ALLOW_PRIVATE": "true"}, "invalid_field"),
         ("https://localhost/h", {}, "invalid_field"),
         ("http://hooks.example.com/h", {}, "invalid_field"),  # plain http needs WEBHOOK_ALLOW_HTTP
-        ("https://hooks.example.com/h", {"WEBHOOK_SIGNING_SECRET": ""}, "webhooks_not_configured"),
     ],
 )
 def test_submit_refuses_what_we_would_never_deliver(

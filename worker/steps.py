@@ -20,7 +20,7 @@ from celery import Celery, bootsteps
 from celery.signals import worker_shutting_down
 
 from services.presence import Presence
-from services.queue import DELIVER_WEBHOOK_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE, enqueue_generation
+from services.queue import DELIVER_WEBHOOK_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
 from services.runtime import Runtime
 from services.sweeper import Sweeper
 from services.webhooks.dispatcher import WebhookDispatcher
@@ -69,7 +69,8 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is u
         rt = runtime_of(worker.app)
         self.sweeper = Sweeper(
             rt.store,
-            lambda task_id: enqueue_generation(rt.redis, task_id),
+            rt.admission,
+            rt.enqueue,
             lambda: int(rt.redis.llen(GENERATION_QUEUE)),
             lease_seconds=rt.config.task_lease_seconds,
             interval=rt.config.sweep_interval,
@@ -86,15 +87,7 @@ class DispatcherStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery i
     requires = (RuntimeStep,)
 
     def include_if(self, worker: Any) -> bool:
-        if WEBHOOK_QUEUE not in worker.app.amqp.queues.consume_from:
-            return False
-        if runtime_of(worker.app).config.webhook_signing_secret is None:
-            log.error(
-                "WEBHOOK_SIGNING_SECRET is unset: this worker delivers NO webhooks (they wait in the "
-                "outbox until a worker with the secret runs)"
-            )
-            return False
-        return True
+        return WEBHOOK_QUEUE in worker.app.amqp.queues.consume_from
 
     def create(self, worker: Any) -> WebhookDispatcher:
         app = worker.app

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
 
 from services.config import Config
-from services.errors import AddressNotAllowed, WebhooksNotConfigured
+from services.errors import AddressNotAllowed
 from services.netguard import Resolver, deadline, guarded_transport
 from services.retry_after import parse_retry_after
 from services.webhook_signing import signed_headers
@@ -52,14 +53,12 @@ class WebhookSender:
     def close(self) -> None:
         self._client.close()
 
-    def send(self, url: str, msg_id: str, body: bytes) -> AttemptResult:
-        secret = self._config.webhook_signing_secret
-        if secret is None:
-            raise WebhooksNotConfigured()
+    def send(self, url: str, msg_id: str, body: bytes, secrets: Sequence[str]) -> AttemptResult:
+        """POST ``body`` to ``url``, signed with each of ``secrets``."""
         started = time.monotonic()
         if urlsplit(url).scheme != "https" and not self._config.webhook_allow_http:
             return AttemptResult(None, "refused: plain http (WEBHOOK_ALLOW_HTTP is not set)", 0, refused=True)
-        headers = {"content-type": "application/json", **signed_headers(secret, msg_id, body)}
+        headers = {"content-type": "application/json", **signed_headers(secrets, msg_id, body)}
         try:
             # connect, then the answer: each within WEBHOOK_TIMEOUT, and the whole within twice that
             with deadline(2 * self._config.webhook_timeout):

@@ -8,8 +8,9 @@ A delivery, step by step (a worker killed between any two steps loses nothing):
 2. ``deliver`` starts the attempt atomically, only if its claim is still current (a message redelivered
    by the broker long after, or one superseded by a redeliver, does nothing): ``attempts`` + 1 and the
    lease renewed from now.
-3. One POST, signed (``services/webhook_signing.py``), through the address guard
-   (``services/netguard.py``), no redirects, ``WEBHOOK_TIMEOUT`` for connect and read (``sender.py``).
+3. One POST, signed with the task's tenant's secrets (``services/webhook_secrets.py``), through the
+   address guard (``services/netguard.py``), no redirects, ``WEBHOOK_TIMEOUT`` for connect and read
+   (``sender.py``).
 4. One script records the attempt in the log and either removes the event from ``due`` (delivered,
    410 Gone, refused address, schedule exhausted) or sets its next due time.
 
@@ -30,13 +31,15 @@ import redis
 
 from services import clock
 from services.config import Config
-from services.errors import NoWebhook, WebhooksNotConfigured
+from services.errors import NoWebhook
 from services.keys import Keys
 from services.netguard import Resolver, check_webhook_url
 from services.records import TaskRecord, WebhookSubscription
 from services.serialization import dumps_bytes
 from services.storage import Storage
 from services.task_view import task_view
+from services.tenants import tenant_of
+from services.webhook_secrets import WebhookSecrets
 from services.webhooks.outbox import DEFAULT_EVENTS, WebhookOutbox, event_status
 from services.webhooks.sender import AttemptResult, WebhookSender
 
@@ -59,6 +62,12 @@ class WebhookService:
     ) -> None:
         self.config = config
         self.outbox = WebhookOutbox(client, keys)
+        self.secrets = WebhookSecrets(
+            client,
+            keys,
+            grace_seconds=config.webhook_secret_grace,
+            default_secret=config.webhook_signing_secret,
+        )
         self._storage = storage
         self._resolver = resolver
         self._sender: WebhookSender | None = None
@@ -80,8 +89,6 @@ class WebhookService:
         """The ``webhook`` a submission asks for, checked (400 if refused); None without a URL."""
         if url is None:
             return None
-        if self.config.webhook_signing_secret is None:
-            raise WebhooksNotConfigured()
         check_webhook_url(
             url, allow_http=self.config.webhook_allow_http, allow_private=self.config.webhook_allow_private
         )
@@ -102,13 +109,6 @@ class WebhookService:
     # worker -----------------------------------------------------------------------------------------
     def deliver(self, event_id: str, claim: str) -> str | None:
         """One delivery attempt of a claimed event; its outcome, or None when there was nothing to do."""
-        if self.config.webhook_signing_secret is None:
-            log.error(
-                "webhook %s NOT sent: WEBHOOK_SIGNING_SECRET is unset on this worker; it stays in the "
-                "outbox for a worker that has the secret",
-                event_id,
-            )
-            return None
         started = self.outbox.begin(event_id, claim, self.config.webhook_lease_seconds)
         if started is None:
             return None
@@ -116,7 +116,8 @@ class WebhookService:
         attempted_at = clock.now_iso()
         try:
             body = self.payload(event)
-            result = self.sender.send(event["task"]["webhook"]["url"], event["id"], body)
+            signing = self.secrets.signing_secrets(tenant_of(event["task"]))
+            result = self.sender.send(event["task"]["webhook"]["url"], event["id"], body, signing)
         except Exception as exc:  # a bug must not lose the event: record it and retry on schedule
             log.exception("webhook %s: attempt %d failed unexpectedly", event_id, started.attempt)
             result = AttemptResult(None, f"internal error: {type(exc).__name__}", 0)

@@ -1,0 +1,151 @@
+"""Admission: the store, not the broker's FIFO, decides which queued task goes to the workers next.
+
+A new task goes straight to the broker when nothing of its tenant is waiting and there is room
+(``JobStore.create``'s script). Otherwise it waits in its tenant's ready set (``{p}:t:{t}:ready``, in
+submission order), and ``Admission.admit`` hands waiting tasks to the broker as room appears:
+
+- the window: at most ``UPSTREAM_MAX_CONCURRENCY`` tasks admitted at once (``{p}:admitted``: sent to the
+  broker or running), so the broker's queue stays short and a burst from one tenant cannot bury the
+  others' tasks behind it (0: no cap, no window);
+- each tenant: at most its ``max_concurrency`` admitted (``{p}:t:{t}:admitted``);
+- fair share: each free place goes to the tenant with the fewest admitted tasks per unit of ``weight``
+  (ties: the oldest waiting task), so free upstream slots are shared in proportion to the weights, not
+  in arrival order.
+
+A task leaves the admitted sets in the store's own change that makes it final or puts it off for a retry
+(``JobStore._consequences``); a due retry waits in its tenant's ready set again, in its first order.
+Admission runs where places free up: after every job a worker runs (``JobRunner``), and on every sweep
+(``services/sweeper.py``), which also covers a worker that died. Any number of processes may run it at
+once: the pick is one script. A task picked but whose message was never pushed (its process died between
+the two steps) is in ``{p}:queued`` like any admitted task, and the sweeper's lost-message check sends it.
+
+The global limiter (``services/limits.py``) still guards the cap itself: admission orders the work,
+the limiter is the hard bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import redis
+
+from services import clock
+from services.keys import Keys
+from services.lua import Script
+from services.redis_errors import mapped_redis_errors
+from services.tenants import TenantSettings
+
+# KEYS: admitted, queued, ready_tenants, tenants; then per tenant its ready and its admitted set.
+# ARGV: now (ms), window (0: none), the defaults of max_concurrency and weight, the most to admit in this
+# call; then the tenants' names (in the order of their keys). Returns the admitted task ids.
+_ADMIT = """
+local now = tonumber(ARGV[1])
+local room = tonumber(ARGV[5])
+local window = tonumber(ARGV[2])
+if window > 0 then room = math.min(room, window - redis.call('ZCARD', KEYS[1])) end
+local tenants = {}
+for index = 6, #ARGV do
+  local ready = KEYS[5 + (index - 6) * 2]
+  local admitted = KEYS[6 + (index - 6) * 2]
+  local own = redis.call('HGET', KEYS[4], ARGV[index])
+  local settings = own and cjson.decode(own) or {}
+  if redis.call('ZCARD', ready) == 0 then
+    redis.call('SREM', KEYS[3], ARGV[index])
+  else
+    tenants[#tenants + 1] = {
+      name = ARGV[index], ready = ready, admitted = admitted,
+      count = redis.call('ZCARD', admitted),
+      max = tonumber(settings.max_concurrency or ARGV[3]),
+      weight = tonumber(settings.weight or ARGV[4]),
+    }
+  end
+end
+local picked = {}
+while room > 0 do
+  local best, best_share, best_order = nil, 0, 0
+  for _, tenant in ipairs(tenants) do
+    if tenant.max == 0 or tenant.count < tenant.max then
+      local head = redis.call('ZRANGE', tenant.ready, 0, 0, 'WITHSCORES')
+      if #head > 0 then
+        local share = (tenant.count + 1) / tenant.weight
+        local order = tonumber(head[2])
+        if best == nil or share < best_share or (share == best_share and order < best_order) then
+          best, best_share, best_order = tenant, share, order
+        end
+      end
+    end
+  end
+  if best == nil then break end
+  local id = redis.call('ZPOPMIN', best.ready)[1]
+  redis.call('ZADD', KEYS[1], now, id)
+  redis.call('ZADD', best.admitted, now, id)
+  redis.call('ZADD', KEYS[2], now, id)
+  best.count = best.count + 1
+  picked[#picked + 1] = id
+  room = room - 1
+end
+for _, tenant in ipairs(tenants) do
+  if redis.call('ZCARD', tenant.ready) == 0 then redis.call('SREM', KEYS[3], tenant.name) end
+end
+return picked
+"""
+
+BATCH = 500  # the most admitted by one call; a full batch is followed by another at once
+
+
+class Admission:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        send: Callable[[Sequence[str]], None],
+        *,
+        window: int,
+        defaults: TenantSettings,
+    ) -> None:
+        """``send``: enqueues the admitted tasks (``services.queue.enqueue_generations``)."""
+        self._redis = client
+        self._keys = keys
+        self._send = send
+        self._window = window
+        self._defaults = defaults
+        self._admit = Script(
+            client,
+            _ADMIT,
+            keys=["admitted", "queued", "ready_tenants", "tenants"],
+            args=["now_ms", "window", "max_concurrency", "weight", "limit"],
+            more_keys="tenant_keys",
+            more_args="tenant_names",
+        )
+
+    def admit(self) -> list[str]:
+        """Send waiting tasks to the broker while there is room, fairly; return their ids.
+
+        One round trip when no tenant waits; else three: the waiting tenants, the pick, the messages.
+        """
+        keys = self._keys
+        with mapped_redis_errors():
+            members = cast("set[bytes]", self._redis.smembers(keys.ready_tenants))
+            if not members:
+                return []
+            names = sorted(member.decode() for member in members)
+            tenant_keys: list[str] = []
+            for name in names:
+                tenant_keys += [keys.tenant_ready(name), keys.tenant_admitted(name)]
+            picked = self._admit(
+                admitted=keys.admitted,
+                queued=keys.queued,
+                ready_tenants=keys.ready_tenants,
+                tenants=keys.tenants,
+                tenant_keys=tenant_keys,
+                now_ms=clock.now_ms(),
+                window=self._window,
+                max_concurrency=self._defaults.max_concurrency,
+                weight=self._defaults.weight,
+                limit=BATCH,
+                tenant_names=names,
+            )
+        task_ids = [member.decode() for member in picked]
+        self._send(task_ids)
+        return task_ids
