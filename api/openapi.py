@@ -8,6 +8,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from services.usage import FIELDS as USAGE_FIELDS
+from services.usage import MAX_DAYS as USAGE_MAX_DAYS
 from services.validation import (
     ASPECT_RATIOS,
     IMAGE_SIZES,
@@ -47,6 +49,11 @@ def _error(description: str) -> dict[str, Any]:
 
 def _unavailable(description: str) -> dict[str, Any]:
     """A 503: the error format and ``Retry-After`` (api/errors.py)."""
+    return _retry_later(description)
+
+
+def _retry_later(description: str) -> dict[str, Any]:
+    """A 429 or 503: the error format and ``Retry-After`` (api/errors.py)."""
     return _json(
         _ref("Error"),
         description,
@@ -332,6 +339,72 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "Usage": {
+        "type": "object",
+        "required": ["tenant", "days"],
+        "properties": {
+            "tenant": {"type": "string"},
+            "days": {
+                "type": "array",
+                "description": "newest first; days without any count are left out",
+                "items": {
+                    "type": "object",
+                    "required": ["date", *USAGE_FIELDS],
+                    "properties": {
+                        "date": {"type": "string", "format": "date"},
+                        **{name: {"type": "integer", "minimum": 0} for name in USAGE_FIELDS},
+                    },
+                },
+            },
+        },
+    },
+    "WebhookSecret": {
+        "type": "object",
+        "required": ["key"],
+        "properties": {
+            "key": {"type": "string", "pattern": "^whsec_", "description": "verify webhooks with it"},
+            "previous_valid_until": {
+                **_TIME,
+                "description": "after a rotation: until then webhooks are signed by the old secret too",
+            },
+        },
+    },
+    "TenantSettings": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "all optional; null resets one to the server's default (the TENANT_* variables)",
+        "properties": {
+            "max_concurrency": {"type": "integer", "minimum": 0, "nullable": True},
+            "max_queued": {"type": "integer", "minimum": 0, "nullable": True},
+            "rate_per_minute": {"type": "number", "minimum": 0, "nullable": True},
+            "weight": {"type": "number", "minimum": 0.001, "maximum": 1000, "nullable": True},
+        },
+    },
+    "Tenant": {
+        "type": "object",
+        "required": ["tenant", "settings"],
+        "properties": {"tenant": {"type": "string"}, "settings": _ref("TenantSettings")},
+    },
+    "TenantList": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "array", "items": {"type": "object"}}},
+    },
+    "ApiKey": {
+        "type": "object",
+        "required": ["id", "tenant", "created_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "tenant": {"type": "string"},
+            "created_at": _TIME,
+            "key": {"type": "string", "description": "only when created: it is not kept, only its hash"},
+        },
+    },
+    "ApiKeyList": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "array", "items": _ref("ApiKey")}},
+    },
     "Readiness": {
         "type": "object",
         "required": ["status", "checks"],
@@ -369,6 +442,18 @@ _SUBMIT_EXAMPLE: dict[str, Any] = {
 }
 
 _OPEN: dict[str, Any] = {"security": []}  # health checks and this document: no API key, ever
+_ADMIN: dict[str, Any] = {"security": [{"admin": []}]}  # ADMIN_API_KEY, whether tenants need keys or not
+_ADMIN_ERRORS: dict[str, Any] = {
+    "401": _error("Missing or wrong admin key"),
+    "404": _error("The admin API is off (ADMIN_API_KEY is unset), or no such key"),
+    "503": _unavailable("The store is unavailable"),
+}
+_TENANT = {
+    "name": "tenant",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+}
 
 _PATHS: dict[str, Any] = {
     "/v1/images/generations": {
@@ -421,6 +506,10 @@ _PATHS: dict[str, Any] = {
                 "413": _error("Body over the configured limit (MAX_BODY_BYTES)"),
                 "415": _error("Content-Type is not application/json"),
                 "422": _error("This Idempotency-Key was used with a different body"),
+                "429": _retry_later(
+                    "`tenant_queue_full`: the tenant has max_queued unfinished tasks; `rate_limited`: it "
+                    "submits faster than its rate_per_minute"
+                ),
                 "503": _unavailable("The store or the queue is unavailable; nothing was accepted"),
             },
         }
@@ -494,6 +583,103 @@ _PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/usage": {
+        "get": {
+            "summary": "The caller's tenant's counts per UTC day",
+            "operationId": "getUsage",
+            "parameters": [
+                {
+                    "name": "days",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": USAGE_MAX_DAYS, "default": 30},
+                }
+            ],
+            "responses": {
+                "200": _json(_ref("Usage"), "Counts per day"),
+                "400": _error("days out of range"),
+                "401": _error(_UNAUTHORIZED),
+                "503": _unavailable("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/webhooks/secret": {
+        "get": {
+            "summary": "The caller's tenant's webhook signing secret (made when first asked for)",
+            "operationId": "getWebhookSecret",
+            "responses": {
+                "200": _json(_ref("WebhookSecret"), "The current secret"),
+                "401": _error(_UNAUTHORIZED),
+                "503": _unavailable("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/webhooks/secret/rotate": {
+        "post": {
+            "summary": "A new webhook secret; the old one keeps signing for WEBHOOK_SECRET_GRACE_SECONDS",
+            "operationId": "rotateWebhookSecret",
+            "responses": {
+                "200": _json(_ref("WebhookSecret"), "The new secret"),
+                "401": _error(_UNAUTHORIZED),
+                "503": _unavailable("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/admin/tenants": {
+        "get": {
+            "summary": "Every tenant: settings, keys, tasks unfinished, waiting and admitted, usage today",
+            "operationId": "adminListTenants",
+            **_ADMIN,
+            "responses": {"200": _json(_ref("TenantList"), "The tenants"), **_ADMIN_ERRORS},
+        }
+    },
+    "/v1/admin/tenants/{tenant}": {
+        "put": {
+            "summary": "Create a tenant or change its settings",
+            "operationId": "adminPutTenant",
+            **_ADMIN,
+            "parameters": [_TENANT],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("TenantSettings")}},
+            },
+            "responses": {
+                "200": _json(_ref("Tenant"), "The tenant's settings now"),
+                "400": _error("An unknown field, a value out of range, or an invalid tenant name"),
+                **_ADMIN_ERRORS,
+            },
+        }
+    },
+    "/v1/admin/tenants/{tenant}/keys": {
+        "post": {
+            "summary": "A new API key for the tenant, shown once",
+            "operationId": "adminCreateKey",
+            **_ADMIN,
+            "parameters": [_TENANT],
+            "responses": {
+                "201": _json(_ref("ApiKey"), "The key (store it: it cannot be shown again)"),
+                "400": _error("An invalid tenant name"),
+                **_ADMIN_ERRORS,
+            },
+        }
+    },
+    "/v1/admin/keys": {
+        "get": {
+            "summary": "The keys made through the admin API (without the keys themselves)",
+            "operationId": "adminListKeys",
+            **_ADMIN,
+            "responses": {"200": _json(_ref("ApiKeyList"), "The keys"), **_ADMIN_ERRORS},
+        }
+    },
+    "/v1/admin/keys/{key_id}": {
+        "delete": {
+            "summary": "Revoke a key: refused at once by every API process",
+            "operationId": "adminRevokeKey",
+            **_ADMIN,
+            "parameters": [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"204": {"description": "Revoked"}, **_ADMIN_ERRORS},
+        }
+    },
     "/healthz": {
         "get": {
             "summary": "The process is alive",
@@ -543,7 +729,10 @@ def openapi_document(*, auth_required: bool) -> dict[str, Any]:
         "paths": _PATHS,
         "components": {
             "schemas": _SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "a tenant's API key"},
+                "admin": {"type": "http", "scheme": "bearer", "description": "ADMIN_API_KEY"},
+            },
         },
         "security": _AUTH_REQUIRED if auth_required else _AUTH_OPTIONAL,
     }

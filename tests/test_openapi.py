@@ -56,7 +56,10 @@ def test_security_describes_the_server(document: dict[str, Any], stack: Stack) -
     }
     for path, operations in document["paths"].items():
         for operation in operations.values():
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/admin/"):
+                assert operation["security"] == [{"admin": []}], f"{path} needs the admin key"
+                assert "401" in operation["responses"]
+            elif path.startswith("/v1/"):
                 assert "security" not in operation, "the document's security applies"
                 assert "401" in operation["responses"]
             else:
@@ -64,7 +67,12 @@ def test_security_describes_the_server(document: dict[str, Any], stack: Stack) -
 
 
 def test_every_path_is_served(document: dict[str, Any], stack: Stack) -> None:
-    routes = {rule.rule.replace("<task_id>", "{task_id}") for rule in stack.api.app.url_map.iter_rules()}
+    routes = {
+        rule.rule.replace("<task_id>", "{task_id}")
+        .replace("<tenant>", "{tenant}")
+        .replace("<key_id>", "{key_id}")
+        for rule in stack.api.app.url_map.iter_rules()
+    }
     routes = {
         route.replace("<int:index>", "{index}") for route in routes if route != "/static/<path:filename>"
     }
