@@ -322,13 +322,21 @@ class Submitted:
         return self.finished - self.started
 
 
-def submit_jobs(api_url: str, bodies: Sequence[Any], *, parallelism: int = 16) -> Submitted:
-    """POST every body to ``/v1/images/generations`` from ``parallelism`` threads; 202 expected."""
+def submit_jobs(
+    api_url: str,
+    bodies: Sequence[Any],
+    *,
+    parallelism: int = 16,
+    headers: Mapping[str, str] | None = None,
+) -> Submitted:
+    """POST every body to ``/v1/images/generations`` from ``parallelism`` threads; 202 expected.
+
+    ``headers``: sent with every request (``Authorization`` for a tenant's key)."""
     ids: list[str | None] = [None] * len(bodies)
     post_seconds: list[float] = [0.0] * len(bodies)
     errors: list[str] = []
     limits = httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism)
-    with httpx.Client(base_url=api_url, timeout=60, limits=limits) as client:
+    with httpx.Client(base_url=api_url, timeout=60, limits=limits, headers=headers) as client:
 
         def post(index: int) -> None:
             began = time.monotonic()
@@ -352,7 +360,12 @@ def submit_jobs(api_url: str, bodies: Sequence[Any], *, parallelism: int = 16) -
 
 
 def wait_all_final(
-    api_url: str, ids: Sequence[str], *, timeout: float, interval: float = 0.2
+    api_url: str,
+    ids: Sequence[str],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[float, dict[str, dict[str, Any]]]:
     """Block until every task is final; return when that was seen (time.time()) and the final records.
 
@@ -360,11 +373,12 @@ def wait_all_final(
     it is measured: each poll walks the unfinished ids in submission order and stops at the first one
     that is not final (jobs finish roughly in that order); a final record is kept and never asked for
     again. About one request per task plus one per poll. TimeoutError after ``timeout`` seconds.
+    ``headers``: sent with every request (the tenant's key: another tenant's task is a 404).
     """
     pending = list(ids)
     final: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=api_url, timeout=30) as client:
+    with httpx.Client(base_url=api_url, timeout=30, headers=headers) as client:
         while pending:
             still: list[str] = []
             for position, task_id in enumerate(pending):
@@ -387,9 +401,15 @@ def wait_all_final(
     return time.time(), final
 
 
-def fetch_tasks(api_url: str, ids: Sequence[str], *, parallelism: int = 16) -> list[dict[str, Any]]:
+def fetch_tasks(
+    api_url: str,
+    ids: Sequence[str],
+    *,
+    parallelism: int = 16,
+    headers: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """GET /v1/tasks/{id} for every id (after the measurement)."""
-    with httpx.Client(base_url=api_url, timeout=30) as client:
+    with httpx.Client(base_url=api_url, timeout=30, headers=headers) as client:
 
         def get(task_id: str) -> dict[str, Any]:
             response = client.get(f"/v1/tasks/{task_id}")

@@ -13,7 +13,14 @@ from services.clock import parse_iso
 from tests.stack import FINAL, Stack, directive_key, with_directive
 
 LEASE = 3.0
-FAULT_ENV = {"TASK_LEASE_SECONDS": str(LEASE), "WORKER_CONCURRENCY": "60", "UPSTREAM_TIMEOUT": "5"}
+# Two tenants: every fault test submits as each in turn (``Stack.submit``), so the promises are shown
+# with tenant isolation, per-tenant bookkeeping and fair-share admission in the path.
+FAULT_ENV = {
+    "TASK_LEASE_SECONDS": str(LEASE),
+    "WORKER_CONCURRENCY": "60",
+    "UPSTREAM_TIMEOUT": "5",
+    "API_KEYS": "fault-a:fault-key-a,fault-b:fault-key-b",
+}
 
 
 def submit_many(stack: Stack, bodies: list[dict[str, Any]]) -> list[str]:
@@ -31,7 +38,7 @@ def settle(stack: Stack, ids: list[str], timeout: float = 90) -> tuple[dict[str,
     while time.monotonic() < deadline:
         tasks, lost = {}, 0
         for task_id in ids:
-            response = stack.http.get(f"{stack.api_url}/v1/tasks/{task_id}")
+            response = stack.get_task(task_id)
             if response.status_code == 404:
                 lost += 1
             else:

@@ -111,6 +111,17 @@ class Stack:
     api: ApiServer | None = None
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
     supervisor: Supervisor = field(default_factory=Supervisor)
+    owners: dict[str, str] = field(default_factory=dict)  # task id -> the tenant that submitted it
+    _turn: int = 0
+
+    @property
+    def tenant_keys(self) -> dict[str, str]:
+        """Tenant -> its key, from the stack's API_KEYS (empty: an open API)."""
+        return {tenant: key for tenant, key in self.config.api_keys}
+
+    def headers(self, tenant: str | None) -> dict[str, str]:
+        """The Authorization header of ``tenant`` (none on an open API)."""
+        return {"Authorization": f"Bearer {self.tenant_keys[tenant]}"} if tenant is not None else {}
 
     @property
     def log_dir(self) -> Path:
@@ -195,11 +206,29 @@ class Stack:
         self.http.close()
 
     # client helpers ---------------------------------------------------------------------------------
-    def submit(self, body: Any, **kwargs: Any) -> httpx.Response:
-        return self.http.post(f"{self.api_url}/v1/images/generations", json=body, **kwargs)
+    def submit(self, body: Any, *, tenant: str | None = None, **kwargs: Any) -> httpx.Response:
+        """Submit ``body`` as ``tenant``; on a stack with API_KEYS and no tenant named, as each tenant
+        in turn, so that every test on it runs with tasks of several tenants."""
+        tenants = sorted(self.tenant_keys)
+        if tenant is None and tenants:
+            tenant = tenants[self._turn % len(tenants)]
+            self._turn += 1
+        headers = {**self.headers(tenant), **kwargs.pop("headers", {})}
+        response = self.http.post(
+            f"{self.api_url}/v1/images/generations", json=body, headers=headers, **kwargs
+        )
+        if response.status_code == 202 and tenant is not None:
+            self.owners[response.json()["id"]] = tenant
+        return response
+
+    def get_task(self, task_id: str) -> httpx.Response:
+        """``GET /v1/tasks/{id}`` as the tenant that submitted it."""
+        return self.http.get(
+            f"{self.api_url}/v1/tasks/{task_id}", headers=self.headers(self.owners.get(task_id))
+        )
 
     def task(self, task_id: str) -> dict[str, Any]:
-        response = self.http.get(f"{self.api_url}/v1/tasks/{task_id}")
+        response = self.get_task(task_id)
         assert response.status_code == 200, response.text
         return response.json()
 

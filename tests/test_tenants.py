@@ -1,0 +1,389 @@
+"""Tenants on the real stack: isolation, keys hashed at rest and revoked everywhere at once, the admin
+API, per-tenant webhook secrets (verified with the ``standardwebhooks`` package), each limit's 429,
+usage, and fair share of the upstream's slots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from devstack.processes import HOST, wait_until
+from services.clock import epoch_ms
+from tests.fault_kit import settle_succeeded, slow_bodies
+from tests.receiver import Receiver
+from tests.stack import ApiServer, Stack, directive_key, seed_body, with_directive
+
+ADMIN_KEY = "test-admin-key-" + uuid.uuid4().hex
+
+
+class Tenants:
+    """An API with two tenants' keys and the admin API, on the session stack; tenant names are fresh
+    for each test, so that settings one test sets never reach another."""
+
+    def __init__(self, stack: Stack) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.a, self.b = f"a-{suffix}", f"b-{suffix}"
+        self.keys = {self.a: f"key-a-{suffix}", self.b: f"key-b-{suffix}"}
+        config = dataclasses.replace(stack.config, api_keys=tuple(self.keys.items()), admin_api_key=ADMIN_KEY)
+        self.stack = stack
+        self.api = ApiServer(config)
+        self.url = self.api.url
+
+    def as_(self, tenant: str | None) -> dict[str, str]:
+        key = ADMIN_KEY if tenant == "admin" else self.keys.get(tenant or "", "")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def call(self, method: str, path: str, tenant: str | None, **kwargs: Any) -> httpx.Response:
+        return self.stack.http.request(method, f"{self.url}{path}", headers=self.as_(tenant), **kwargs)
+
+    def submit(self, tenant: str, body: dict[str, Any]) -> httpx.Response:
+        return self.call("POST", "/v1/images/generations", tenant, json=body)
+
+    def task(self, tenant: str, task_id: str) -> dict[str, Any]:
+        response = self.call("GET", f"/v1/tasks/{task_id}", tenant)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_final(self, tenant: str, task_id: str) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            task = self.task(tenant, task_id)
+            return task if task["status"] in ("succeeded", "failed", "canceled") else None
+
+        return wait_until(final, timeout=30, what=f"task {task_id} to finish")  # type: ignore[return-value]
+
+    def settings(self, tenant: str, **values: Any) -> None:
+        response = self.call("PUT", f"/v1/admin/tenants/{tenant}", "admin", json=values)
+        assert response.status_code == 200, response.text
+
+
+@pytest.fixture
+def tenants(stack: Stack) -> Iterator[Tenants]:
+    running = Tenants(stack)
+    yield running
+    running.api.stop()
+
+
+def assert_error(response: httpx.Response, status: int, code: str, field: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    if field is not None:
+        assert error["field"] == field, error
+
+
+# --------------------------------------------------------------------------------------------------
+# isolation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_task_endpoint_is_404_for_another_tenant(tenants: Tenants) -> None:
+    receiver = Receiver("whsec_unused")
+    try:
+        body = {**seed_body(), "webhook_url": receiver.url("/cross")}
+        task_id = tenants.submit(tenants.a, body).json()["id"]
+        tenants.wait_final(tenants.a, task_id)
+        receiver.wait_for("/cross", 1)
+        slow_id = tenants.submit(tenants.a, with_directive(delay_ms="1500")).json()["id"]
+        endpoints = [
+            ("GET", f"/v1/tasks/{task_id}"),
+            ("GET", f"/v1/tasks/{task_id}/outputs/0"),
+            ("POST", f"/v1/tasks/{task_id}/webhook/redeliver"),
+            ("POST", f"/v1/tasks/{task_id}/cancel"),
+            ("POST", f"/v1/tasks/{slow_id}/cancel"),
+        ]
+        seen: dict[tuple[str, str], int] = {}
+        for tenant in (tenants.b, tenants.a):  # the other tenant first: its cancel must change nothing
+            for method, path in endpoints:
+                response = tenants.call(method, path, tenant, follow_redirects=False)
+                seen[
+                    (tenant[0], f"{method} {path.replace(task_id, '{done}').replace(slow_id, '{queued}')}")
+                ] = response.status_code
+                if tenant == tenants.b:
+                    assert_error(response, 404, "not_found", "id")
+                    # the same answer as for an id that does not exist: no oracle of which ids exist
+                    unknown = str(uuid.uuid4())
+                    missing = tenants.call(
+                        method, path.replace(task_id, unknown).replace(slow_id, unknown), tenant
+                    )
+                    assert response.json() == json.loads(missing.text.replace(unknown, path.split("/")[3]))
+    finally:
+        receiver.stop()
+    assert seen == {
+        ("b", "GET /v1/tasks/{done}"): 404,
+        ("b", "GET /v1/tasks/{done}/outputs/0"): 404,
+        ("b", "POST /v1/tasks/{done}/webhook/redeliver"): 404,
+        ("b", "POST /v1/tasks/{done}/cancel"): 404,
+        ("b", "POST /v1/tasks/{queued}/cancel"): 404,
+        ("a", "GET /v1/tasks/{done}"): 200,
+        ("a", "GET /v1/tasks/{done}/outputs/0"): 302,
+        ("a", "POST /v1/tasks/{done}/webhook/redeliver"): 202,
+        ("a", "POST /v1/tasks/{done}/cancel"): 409,
+        ("a", "POST /v1/tasks/{queued}/cancel"): 200,
+    }
+    print("\n".join(f"| {tenant} | {endpoint} | {status} |" for (tenant, endpoint), status in seen.items()))
+
+
+def test_no_key_a_wrong_key_and_the_admin_key_are_refused_on_task_endpoints(tenants: Tenants) -> None:
+    path = "/v1/tasks/00000000-0000-4000-8000-000000000000"
+    assert_error(tenants.call("GET", path, None), 401, "unauthorized", "Authorization")
+    wrong = tenants.stack.http.get(f"{tenants.url}{path}", headers={"Authorization": "Bearer nope"})
+    assert_error(wrong, 401, "unauthorized", "Authorization")
+    assert_error(tenants.call("GET", path, "admin"), 403, "forbidden", "Authorization")
+    assert_error(tenants.call("GET", "/v1/admin/tenants", tenants.a), 401, "unauthorized", "Authorization")
+
+
+def raw_request(port: int, authorization: bytes) -> tuple[int, bytes]:
+    """One GET with an Authorization header of exactly these bytes (no client library would send some
+    of them); the status line's code and the body."""
+    request = (
+        b"GET /v1/usage HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nAuthorization: " + authorization
+        + b"\r\nConnection: close\r\n\r\n"
+    )  # fmt: skip
+    with socket.create_connection((HOST, port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+ODD_AUTHORIZATION = [
+    b"",
+    b"Bearer",
+    b"Bearer ",
+    b"Basic dXNlcjpwYXNz",
+    b"Bearer two tokens",
+    b"bEaReR    spaced-out   ",
+    "Bearer ключ".encode(),  # UTF-8
+    "Bearer clé".encode("latin-1"),  # a byte that is no UTF-8
+    b"Bearer \x01\x02control",
+    b"Bearer " + b"x" * 8000,
+    b"\xff\xfe\xfd",
+]
+
+
+@pytest.mark.parametrize("authorization", ODD_AUTHORIZATION, ids=range(len(ODD_AUTHORIZATION)))
+def test_any_authorization_header_is_401_never_500(tenants: Tenants, authorization: bytes) -> None:
+    status, body = raw_request(tenants.api.port, authorization)
+    assert status == 401, body[:300]
+    assert b'"unauthorized"' in body
+
+
+# --------------------------------------------------------------------------------------------------
+# keys and the admin API
+# --------------------------------------------------------------------------------------------------
+
+
+def redis_values(stack: Stack) -> list[bytes]:
+    """Every string and hash value in Redis, and every hash field."""
+    client = stack.runtime.redis
+    found: list[bytes] = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            found.append(client.get(key) or b"")
+        elif kind == b"hash":
+            for field, value in client.hgetall(key).items():
+                found += [field, value]
+    return found
+
+
+def test_keys_are_hashed_at_rest_and_revocation_reaches_every_api_process(tenants: Tenants) -> None:
+    other_process = ApiServer(tenants.api.app.extensions["runtime"].config)
+    try:
+        created = tenants.call("POST", f"/v1/admin/tenants/{tenants.a}/keys", "admin")
+        assert created.status_code == 201, created.text
+        key, key_id = created.json()["key"], created.json()["id"]
+        assert created.json()["tenant"] == tenants.a
+        assert not any(key.encode() in value for value in redis_values(tenants.stack)), "kept in plain text"
+        listed = tenants.call("GET", "/v1/admin/keys", "admin").json()["data"]
+        assert {"id": key_id, "tenant": tenants.a} in [
+            {"id": item["id"], "tenant": item["tenant"]} for item in listed
+        ] and "key" not in str(listed).replace("'key_", "")
+
+        usage_url = f"{other_process.url}/v1/usage"
+        as_new_key = {"Authorization": f"Bearer {key}"}
+        assert tenants.stack.http.get(usage_url, headers=as_new_key).json()["tenant"] == tenants.a
+        revoked = tenants.call("DELETE", f"/v1/admin/keys/{key_id}", "admin")
+        assert revoked.status_code == 204
+        for url in (usage_url, f"{tenants.url}/v1/usage"):  # the next request, on either process
+            assert_error(tenants.stack.http.get(url, headers=as_new_key), 401, "unauthorized")
+        assert_error(tenants.call("DELETE", f"/v1/admin/keys/{key_id}", "admin"), 404, "not_found")
+    finally:
+        other_process.stop()
+
+
+def test_admin_api_settings_are_checked_and_listed(tenants: Tenants) -> None:
+    path = f"/v1/admin/tenants/{tenants.a}"
+    for body, field in [
+        ({"weight": 0}, "weight"),
+        ({"max_queued": -1}, "max_queued"),
+        ({"max_concurrency": 1.5}, "max_concurrency"),
+        ({"rate_per_minute": "fast"}, "rate_per_minute"),
+        ({"max_concurrency": True}, "max_concurrency"),
+        ({"colour": "blue"}, "colour"),
+    ]:
+        assert_error(tenants.call("PUT", path, "admin", json=body), 400, "invalid_field", field)
+    assert_error(tenants.call("PUT", "/v1/admin/tenants/Bad%20Name", "admin", json={}), 400, "invalid_tenant")
+    assert_error(tenants.call("PUT", path, "admin", json=[1]), 400, "invalid_body")
+    changed = tenants.call("PUT", path, "admin", json={"weight": 3, "max_concurrency": 7})
+    assert changed.json()["settings"]["weight"] == 3 and changed.json()["settings"]["max_concurrency"] == 7
+    reset = tenants.call("PUT", path, "admin", json={"weight": None}).json()["settings"]
+    assert reset["weight"] == 1 and reset["max_concurrency"] == 7, "null resets one, the others stay"
+    listed = {
+        item["tenant"]: item for item in tenants.call("GET", "/v1/admin/tenants", "admin").json()["data"]
+    }
+    assert listed[tenants.a]["settings"]["max_concurrency"] == 7 and listed[tenants.a]["keys"] == 1
+    assert listed[tenants.b]["settings"]["max_concurrency"] == 0, "the other tenant keeps the defaults"
+
+
+def test_the_admin_api_is_off_without_an_admin_key(stack: Stack) -> None:
+    response = stack.http.get(f"{stack.api_url}/v1/admin/tenants")
+    assert_error(response, 404, "not_found")
+
+
+# --------------------------------------------------------------------------------------------------
+# webhook secrets
+# --------------------------------------------------------------------------------------------------
+
+
+def verifies(secret: str, received: Any) -> bool:
+    try:
+        Webhook(secret).verify(received.body, received.headers)
+    except WebhookVerificationError:
+        return False
+    return True
+
+
+def test_each_tenant_signs_with_its_own_secret_and_a_rotation_signs_with_both(tenants: Tenants) -> None:
+    secret = {
+        tenant: tenants.call("GET", "/v1/webhooks/secret", tenant).json()["key"] for tenant in tenants.keys
+    }
+    assert secret[tenants.a] != secret[tenants.b] and all(key.startswith("whsec_") for key in secret.values())
+    assert tenants.call("GET", "/v1/webhooks/secret", tenants.a).json()["key"] == secret[tenants.a], "stable"
+    receiver = Receiver("whsec_unused")
+    try:
+        for tenant in tenants.keys:
+            body = {**seed_body(), "webhook_url": receiver.url(f"/{tenant}")}
+            assert tenants.submit(tenant, body).status_code == 202
+        for tenant, other in ((tenants.a, tenants.b), (tenants.b, tenants.a)):
+            [received] = receiver.wait_for(f"/{tenant}", 1)
+            assert verifies(secret[tenant], received), "signed with its tenant's secret"
+            assert not verifies(secret[other], received), "and not verifiable with another's"
+
+        rotated = tenants.call("POST", "/v1/webhooks/secret/rotate", tenants.a).json()
+        assert rotated["key"] != secret[tenants.a] and rotated["previous_valid_until"]
+        assert tenants.call("GET", "/v1/webhooks/secret", tenants.a).json()["key"] == rotated["key"]
+        body = {**seed_body(), "webhook_url": receiver.url("/rotated")}
+        assert tenants.submit(tenants.a, body).status_code == 202
+        [received] = receiver.wait_for("/rotated", 1)
+        assert len(received.headers["webhook-signature"].split(" ")) == 2, "one signature per valid secret"
+        assert verifies(rotated["key"], received) and verifies(secret[tenants.a], received)
+        assert not verifies(secret[tenants.b], received)
+    finally:
+        receiver.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# limits and usage
+# --------------------------------------------------------------------------------------------------
+
+
+def test_max_queued_refuses_with_429_until_tasks_finish(tenants: Tenants) -> None:
+    tenants.settings(tenants.a, max_queued=2)
+    first = [tenants.submit(tenants.a, with_directive(delay_ms="800")) for _ in range(2)]
+    assert [response.status_code for response in first] == [202, 202]
+    refused = tenants.submit(tenants.a, seed_body())
+    assert_error(refused, 429, "tenant_queue_full")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert tenants.submit(tenants.b, seed_body()).status_code == 202, "another tenant is not held back"
+    for response in first:
+        tenants.wait_final(tenants.a, response.json()["id"])
+    assert tenants.submit(tenants.a, seed_body()).status_code == 202, "room again once they are done"
+
+
+def test_rate_per_minute_refuses_with_429_and_retry_after(tenants: Tenants) -> None:
+    tenants.settings(tenants.a, rate_per_minute=2)
+    assert [tenants.submit(tenants.a, seed_body()).status_code for _ in range(2)] == [202, 202]
+    refused = tenants.submit(tenants.a, seed_body())
+    assert_error(refused, 429, "rate_limited")
+    assert 1 <= int(refused.headers["Retry-After"]) <= 31, "a token every 30 s"
+    assert tenants.submit(tenants.b, seed_body()).status_code == 202
+
+
+def intervals(stack: Stack, keys: set[str]) -> list[tuple[float, float]]:
+    """(started, finished) of the simulator's calls for these directive keys."""
+    return [(call["started"], call["finished"]) for call in stack.sim_call_log() if call["key"] in keys]
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_max_concurrency_bounds_a_tenants_calls_in_flight(tenants: Tenants) -> None:
+    tenants.settings(tenants.a, max_concurrency=1)
+    bodies = slow_bodies(4, 300)
+    ids = [tenants.submit(tenants.a, body).json()["id"] for body in bodies]
+    for task_id in ids:
+        assert tenants.wait_final(tenants.a, task_id)["status"] == "succeeded"
+    spans = intervals(tenants.stack, {directive_key(body) for body in bodies})
+    assert len(spans) == 4 and most_at_once(spans) == 1, spans
+
+
+def test_usage_counts_per_day_for_the_callers_tenant_only(tenants: Tenants) -> None:
+    ids = [tenants.submit(tenants.a, seed_body()).json()["id"] for _ in range(2)]
+    outputs = [tenants.wait_final(tenants.a, task_id)["outputs"] for task_id in ids]
+    [today] = tenants.call("GET", "/v1/usage", tenants.a).json()["days"]
+    assert today["submitted"] == 2 and today["succeeded"] == 2 and today["failed"] == 0
+    assert today["upstream_calls"] == 2
+    assert today["images"] == sum(len(items) for items in outputs)
+    assert today["bytes_stored"] == sum(item["bytes"] for items in outputs for item in items) > 0
+    assert tenants.call("GET", "/v1/usage", tenants.b).json() == {"tenant": tenants.b, "days": []}
+    assert_error(tenants.call("GET", "/v1/usage?days=0", tenants.a), 400, "invalid_field", "days")
+
+
+# --------------------------------------------------------------------------------------------------
+# fair share (a stack of its own: a global cap of 4)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.stack(workers=1, UPSTREAM_MAX_CONCURRENCY="4", WORKER_CONCURRENCY="8")
+def test_a_backlog_of_one_tenant_does_not_hold_back_another(fault_stack: Stack) -> None:
+    stack = fault_stack
+    backlog = slow_bodies(40, 500)
+    a_ids = submit_many_as(stack, "fault-a", backlog)
+    wait_until(lambda: len(stack.sim_call_log()) >= 4, timeout=30, what="A's first calls")
+    b_bodies = slow_bodies(4, 500)
+    b_ids = submit_many_as(stack, "fault-b", b_bodies)
+    tasks = settle_succeeded(stack, a_ids + b_ids, timeout=120)
+    started = {task_id: epoch_ms(task["attempts"][0]["started_at"]) for task_id, task in tasks.items()}
+    last_b = max(started[task_id] for task_id in b_ids)
+    a_after_b = sum(1 for task_id in a_ids if started[task_id] > last_b)
+    # FIFO would start B's after all 40 of A's; fair share starts them within a few of A's completions.
+    assert a_after_b >= 25, f"only {a_after_b} of A's 40 started after B's last"
+    spans = intervals(stack, {directive_key(body) for body in backlog + b_bodies})
+    assert most_at_once(spans) <= 4, "the global cap holds"
+
+
+def submit_many_as(stack: Stack, tenant: str, bodies: list[dict[str, Any]]) -> list[str]:
+    ids = []
+    for body in bodies:
+        response = stack.submit(body, tenant=tenant)
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
