@@ -165,9 +165,12 @@ def test_a_task_whose_message_was_lost_is_run_by_the_sweeper(fault_stack: Stack)
     lost_bodies = slow_bodies(10, 100)
     created = time.time()
     lost_ids = [
-        store.create(model=body["model"], payload=json.dumps(body).encode(), metadata=None)["id"]
+        store.create(model=body["model"], payload=json.dumps(body).encode(), metadata=None, tenant="fault-a")[
+            "id"
+        ]
         for body in lost_bodies
     ]
+    stack.owners.update(dict.fromkeys(lost_ids, "fault-a"))
     sent_bodies = slow_bodies(10, 100)
     ids = lost_ids + submit_many(stack, sent_bodies)
     tasks = settle_succeeded(stack, ids, timeout=60)
