@@ -21,6 +21,7 @@ SCENARIOS: dict[str, str] = {
     "p3": "bench.p3",
     "p4": "bench.p4",
     "p5": "bench.p5",
+    "fairness": "bench.fairness",
 }
 # what `python -m bench all` runs: the performance targets of bench/README.md, at their default sizes
 PERFORMANCE = ("p1a", "p1b", "p2", "p3", "p4", "p5")
