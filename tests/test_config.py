@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,30 @@ def test_values_are_parsed() -> None:
     ],
 )
 def test_invalid_value_names_the_variable(name: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=name):
+    with pytest.raises(ConfigError, match=f"^{name} is invalid: must ") as raised:
         load_config({name: value})
+    assert value not in raised.value.message
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("name", ["UPSTREAM_TIMEOUT", "RETRY_BASE_DELAY", "WEBHOOK_RETRY_SCHEDULE"])
+def test_numbers_must_be_finite(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name} is invalid"):
+        load_config({name: value})
+
+
+SECRET = "sk-live-7f3a9c1e2b"
+
+
+@pytest.mark.parametrize("name", VARIABLES)
+@pytest.mark.parametrize("value", [SECRET, f"0,{SECRET}", f"whsec_{SECRET}", f"tenant:{SECRET},bad tenant:x"])
+def test_an_error_never_shows_the_value(name: str, value: str) -> None:
+    """A secret pasted into the wrong variable (or a malformed secret) must not end up in a log."""
+    try:
+        load_config({name: value})
+    except ConfigError as exc:
+        assert name in exc.message
+        assert SECRET not in "".join(traceback.format_exception(exc)), "a traceback shows it"
 
 
 def test_visibility_timeout_must_outlast_a_call() -> None:
