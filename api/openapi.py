@@ -334,10 +334,16 @@ _SCHEMAS: dict[str, Any] = {
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     "Readiness": {
         "type": "object",
-        "required": ["status", "checks"],
+        "required": ["status"],
         "properties": {
             "status": {"type": "string", "enum": ["ready", "unavailable"]},
-            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+            "checks": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Only with `Authorization: Bearer <ADMIN_API_KEY>`: each dependency, `ok` or "
+                "what failed (never a host or an address).",
+                "example": {"redis": "the task store is unavailable (ConnectionError)", "storage": "ok"},
+            },
         },
     },
 }

@@ -130,6 +130,9 @@ def healthz() -> Response:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
+    """Ready (200) or unavailable (503), for anyone: a load balancer, an orchestrator. With the admin key
+    (``Authorization: Bearer <ADMIN_API_KEY>``), each check too, in words that name no host or address
+    (``services/redis_errors.py``, ``services/storage.py``)."""
     rt = _runtime()
     checks: dict[str, str] = {}
     for name, ping in (("redis", rt.store.ping), ("storage", rt.storage.ping)):
@@ -139,9 +142,29 @@ def readyz() -> Response:
         except ServiceError as exc:
             checks[name] = exc.message
     ready = all(value == "ok" for value in checks.values())
-    response = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
+    body: dict[str, object] = {"status": "ready" if ready else "unavailable"}
+    if _is_admin(rt.config.admin_api_key):
+        body["checks"] = checks
+    response = jsonify(body)
     response.status_code = 200 if ready else 503
     return response
+
+
+def _is_admin(admin_api_key: str | None) -> bool:
+    """Whether the request carries ``Authorization: Bearer <admin_api_key>`` (compared in constant time).
+    Any other header, however odd its text, is simply not the admin's."""
+    if admin_api_key is None:
+        return False
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(_utf8(token.strip()), _utf8(admin_api_key))
+
+
+def _utf8(text: str) -> bytes:
+    """Any str as bytes, for compare_digest: headers arrive as latin-1 text, and a variable that is not
+    UTF-8 holds surrogates (os.environ's surrogateescape), which plain encode() refuses."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 @blueprint.get("/openapi.json")

@@ -6,6 +6,7 @@ import base64
 import copy
 import dataclasses
 import json
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -225,20 +226,85 @@ def test_without_a_key_no_v1_path_answers_but_401(stack: Stack, keyed_api: ApiSe
 def test_health_and_readiness(stack: Stack) -> None:
     assert stack.http.get(f"{stack.api_url}/healthz").json() == {"status": "ok"}
     ready = stack.http.get(f"{stack.api_url}/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "storage": "ok"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}, "no detail without the admin key"
+
+
+ADMIN_KEY = "admin-key-for-readyz"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def admin_api(stack: Stack) -> Iterator[ApiServer]:
+    api = ApiServer(dataclasses.replace(stack.config, admin_api_key=ADMIN_KEY))
+    yield api
+    api.stop()
+
+
+# Authorization headers that are not the admin's, odd ones included: each gets the plain answer, never a 500.
+NOT_THE_ADMIN: list[bytes] = [
+    b"Bearer",
+    b"Bearer ",
+    b"Bearer wrong",
+    b"Basic " + base64.b64encode(f"admin:{ADMIN_KEY}".encode()),
+    f"Bearer {ADMIN_KEY}x".encode(),
+    f"Bearer {ADMIN_KEY[:-1]}".encode(),
+    f"Token {ADMIN_KEY}".encode(),
+    f"Bearer\t{ADMIN_KEY}".encode(),
+    b"Bearer \xff\xfe\x80 not utf-8",
+    "Bearer cl\u00e9".encode("latin-1"),
+    "Bearer cl\u00e9".encode(),
+    b"Bearer " + b"k" * 8000,
+]
+
+
+def raw_get(api: ApiServer, path: str, authorization: bytes) -> tuple[int, Any]:
+    """GET with an Authorization header of any bytes (httpx refuses to send some), over a plain socket."""
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as connection:
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+        connection.sendall(head + b"Authorization: " + authorization + b"\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_readiness_detail_is_for_the_admin_only(stack: Stack, admin_api: ApiServer) -> None:
+    assert stack.http.get(f"{admin_api.url}/readyz").json() == {"status": "ready"}
+    for value in NOT_THE_ADMIN:
+        assert raw_get(admin_api, "/readyz", value) == (200, {"status": "ready"}), value
+    detail = {"status": "ready", "checks": {"redis": "ok", "storage": "ok"}}
+    for spelling in (f"Bearer {ADMIN_KEY}", f"bearer {ADMIN_KEY}", f"BEARER  {ADMIN_KEY} "):
+        assert raw_get(admin_api, "/readyz", spelling.encode()) == (200, detail), spelling
 
 
 def test_not_ready_and_503_when_redis_is_unreachable(stack: Stack) -> None:
+    """Clients learn what is down, never where: no host, port or library text (the log has them)."""
+    port = free_port()
     dead = dataclasses.replace(
-        stack.config, redis_url=f"redis://127.0.0.1:{free_port()}/0", store_timeout=0.5
+        stack.config,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        store_timeout=0.5,
+        s3_bucket="no-such-bucket",
+        admin_api_key=ADMIN_KEY,
+        api_keys=(("default", "k-one"),),
     )
     api = ApiServer(dead)
     try:
         ready = stack.http.get(f"{api.url}/readyz")
-        assert ready.status_code == 503 and ready.json()["checks"]["redis"] != "ok"
-        assert_error(
-            stack.http.post(f"{api.url}/v1/images/generations", json=seed_body()), 503, "store_unavailable"
-        )
-        assert_error(stack.http.get(f"{api.url}/v1/tasks/anything"), 503, "store_unavailable")
+        assert ready.status_code == 503 and ready.json() == {"status": "unavailable"}
+        detail = stack.http.get(f"{api.url}/readyz", headers=ADMIN)
+        assert detail.status_code == 503
+        assert detail.json()["checks"] == {
+            "redis": "the task store is unavailable (ConnectionError)",
+            "storage": "storage could not reach the bucket (ClientError 404)",
+        }
+        keyed = {"Authorization": "Bearer k-one"}
+        submitted = stack.http.post(f"{api.url}/v1/images/generations", json=seed_body(), headers=keyed)
+        assert_error(submitted, 503, "store_unavailable")
+        assert_error(stack.http.get(f"{api.url}/v1/tasks/anything", headers=keyed), 503, "store_unavailable")
+        for response in (detail, submitted):
+            assert "127.0.0.1" not in response.text and str(port) not in response.text
+            assert "no-such-bucket" not in response.text and "Error 111" not in response.text
     finally:
         api.stop()
