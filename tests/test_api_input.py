@@ -94,6 +94,55 @@ BAD_BODIES = [
         "generationConfig.imageConfig.imageSize",
     ),
     ("metadata not an object", mutated(lambda b: b.update(metadata=[1])), "invalid_field", "metadata"),
+    # every field the task record keeps is bounded
+    ("model too long", mutated(lambda b: b.update(model="g" * 129)), "invalid_field", "model"),
+    ("model of 1 MB", mutated(lambda b: b.update(model="g" * 1_000_000)), "invalid_field", "model"),
+    ("model with a space", mutated(lambda b: b.update(model="gemini 2.5")), "invalid_field", "model"),
+    ("model with a newline", mutated(lambda b: b.update(model="gemini\nx")), "invalid_field", "model"),
+    ("model with markup", mutated(lambda b: b.update(model="<img src=x>")), "invalid_field", "model"),
+    ("model not ASCII", mutated(lambda b: b.update(model="gémini")), "invalid_field", "model"),
+    (
+        "metadata too large",
+        mutated(lambda b: b.update(metadata={"k": "x" * 5000})),
+        "metadata_too_large",
+        "metadata",
+    ),
+    (
+        "metadata key too large",
+        mutated(lambda b: b.update(metadata={"k" * 5000: 1})),
+        "metadata_too_large",
+        "metadata",
+    ),
+    (
+        "metadata 6 levels deep",
+        mutated(lambda b: b.update(metadata={"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}})),
+        "invalid_field",
+        "metadata",
+    ),
+    (
+        "metadata array 6 deep",
+        mutated(lambda b: b.update(metadata={"a": [[[[[1]]]]]})),
+        "invalid_field",
+        "metadata",
+    ),
+    (
+        "webhook_url too long",
+        mutated(lambda b: b.update(webhook_url="https://hooks.example.com/" + "a" * 2048)),
+        "invalid_field",
+        "webhook_url",
+    ),
+    (
+        "webhook_url with a control character",
+        mutated(lambda b: b.update(webhook_url="https://hooks.example.com/\x00")),
+        "invalid_field",
+        "webhook_url",
+    ),
+    (
+        "webhook_events repeated",
+        mutated(lambda b: b.update(webhook_url="https://hooks.example.com/", webhook_events=["failed"] * 2)),
+        "invalid_field",
+        "webhook_events",
+    ),
 ]
 
 
@@ -133,6 +182,72 @@ def test_non_json_body(stack: Stack) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert_error(response, 400, "invalid_json")
+
+
+def seed_with(fragment: str) -> bytes:
+    """The seed body's JSON text with ``fragment`` (raw JSON text: ``"key": value``) added at the end,
+    where it overrides a key of the seed's (the last of a repeated key wins)."""
+    return (json.dumps(seed_body())[:-1] + ", " + fragment + "}").encode()
+
+
+def deep(levels: int, opening: str = "[", closing: str = "]") -> str:
+    return opening * levels + closing * levels
+
+
+# Until services/submission.py parses the body with services.validation.parse_json_body, these still get
+# through json.loads: a 500 (RecursionError), a 202 (NaN, deep nesting) or another 400.
+NEEDS_PARSE_JSON_BODY = pytest.mark.xfail(
+    strict=True, reason="services/submission.py does not call validation.parse_json_body yet"
+)
+
+
+def wired(name: str, raw: bytes, field: str | None) -> Any:
+    return pytest.param(raw, field, id=name, marks=NEEDS_PARSE_JSON_BODY)
+
+
+BAD_JSON = [
+    pytest.param(b"", None, id="empty body"),
+    pytest.param(b"\xff\xfe{}", None, id="not UTF-8"),
+    pytest.param('{"model": "gémini"}'.encode("latin-1"), None, id="Latin-1 text"),
+    pytest.param(json.dumps(seed_body()).encode()[:-1], None, id="truncated"),
+    wired("100,000 nested arrays", deep(100_000).encode(), None),
+    wired("100,000 nested objects", deep(100_000, '{"a":', "}").encode(), None),
+    wired("65 levels in contents", seed_with(f'"contents": [{{"parts": {deep(64)}}}]'), "contents"),
+    wired("900 levels in metadata", seed_with(f'"metadata": {{"a": {deep(900)}}}'), "metadata"),
+    wired("70 levels in a pass-through field", seed_with(f'"tools": {deep(70)}'), "tools"),
+    wired("NaN in a pass-through field", seed_with('"temperature": NaN'), None),
+    wired("Infinity in metadata", seed_with('"metadata": {"k": Infinity}'), None),
+    wired(
+        "lone surrogate in a prompt",
+        seed_with('"contents": [{"parts": [{"text": "a \\ud800 b"}]}]'),
+        "contents",
+    ),
+    wired("lone surrogate in metadata", seed_with('"metadata": {"k": "\\udfff"}'), "metadata"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), BAD_JSON)
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_bad_json_is_400(stack: Stack, raw: bytes, field: str | None) -> None:
+    response = stack.http.post(
+        f"{stack.api_url}/v1/images/generations", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_json", field)
+
+
+@pytest.mark.parametrize("fragment", ['"metadata": {"k": "\\udfff"}', f'"metadata": {{"a": {deep(500)}}}'])
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_metadata_json_loads_takes_is_refused_all_the_same(stack: Stack, fragment: str) -> None:
+    """json.loads takes these, json.dumps (the size check) did not: 500s. validate_submission refuses them
+    (invalid_field); parse_json_body, once submission.py calls it, refuses them first (invalid_json)."""
+    response = stack.http.post(
+        f"{stack.api_url}/v1/images/generations",
+        content=seed_with(fragment),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] in ("invalid_field", "invalid_json")
+    assert response.json()["error"]["field"] == "metadata"
 
 
 @pytest.mark.usefixtures("nothing_enqueued")
@@ -221,6 +336,43 @@ def test_without_a_key_no_v1_path_answers_but_401(stack: Stack, keyed_api: ApiSe
     assert_error(stack.http.get(f"{keyed_api.url}/v1/nothing-here", headers=keyed), 404, "not_found")
     assert_error(stack.http.delete(f"{keyed_api.url}/v1/tasks/x", headers=keyed), 405, "method_not_allowed")
     assert_error(stack.http.get(f"{keyed_api.url}/nothing-here"), 404, "not_found")
+
+
+ODD_NON_ASCII = {
+    b"Bearer \xff\xfe\x80 not utf-8",
+    "Bearer cl\u00e9".encode("latin-1"),
+    "Bearer cl\u00e9".encode(),
+}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(
+            value,
+            marks=pytest.mark.xfail(
+                value in ODD_NON_ASCII,
+                strict=True,
+                reason="api/routes.py authenticate (being rewritten) gives hmac.compare_digest two str: "
+                "TypeError on non-ASCII, a 500",
+            ),
+        )
+        for value in [
+            b"Bearer",
+            b"Bearer wrong",
+            b"Basic " + base64.b64encode(b"default:k-one"),
+            b"Token k-one",
+            b"Bearer k-one-and-more",
+            b"Bearer " + b"k" * 8000,
+            b"Bearer \xff\xfe\x80 not utf-8",
+            "Bearer cl\u00e9".encode("latin-1"),
+            "Bearer cl\u00e9".encode(),
+        ]
+    ],
+)
+def test_odd_authorization_headers_get_401(keyed_api: ApiServer, value: bytes) -> None:
+    status, body = raw_get(keyed_api, "/v1/tasks/some-id", value)
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
 
 
 def test_health_and_readiness(stack: Stack) -> None:
