@@ -140,6 +140,17 @@ def nested(levels: int, innermost: Any = None) -> Any:
     return value
 
 
+BAD_MODEL_NAMES = {
+    "too-long": "g" * 129,
+    "leading-space": " gemini-2.5-flash-image",
+    "newline": "gemini\n",
+    "leading-dash": "-gemini",
+    "inner-space": "gemini 2.5",
+    "non-ascii": "gémini",
+    "nul": "gemini\x00",
+    "leading-dot": "../../etc/passwd",
+    "markup": "<script>",
+}
 P3 = "contents[0].parts[3]"
 BIG = base64.b64encode(bytes(LIMITS.max_inline_image_bytes + 1)).decode()
 MAX = base64.b64encode(bytes(LIMITS.max_inline_image_bytes)).decode()
@@ -152,15 +163,10 @@ MAX = base64.b64encode(bytes(LIMITS.max_inline_image_bytes)).decode()
         pytest.param(body(model=None), "missing_field", "model", id="no-model"),
         pytest.param(body(model=""), "invalid_field", "model", id="empty-model"),
         pytest.param(body(model=3), "invalid_field", "model", id="model-not-string"),
-        pytest.param(body(model="g" * 129), "invalid_field", "model", id="model-too-long"),
-        pytest.param(body(model=" gemini-2.5-flash-image"), "invalid_field", "model", id="model-space"),
-        pytest.param(body(model="gemini\n"), "invalid_field", "model", id="model-newline"),
-        pytest.param(body(model="-gemini"), "invalid_field", "model", id="model-leading-dash"),
-        pytest.param(body(model="gemini 2.5"), "invalid_field", "model", id="model-inner-space"),
-        pytest.param(body(model="gémini"), "invalid_field", "model", id="model-non-ascii"),
-        pytest.param(body(model="gemini\x00"), "invalid_field", "model", id="model-nul"),
-        pytest.param(body(model="../../etc/passwd"), "invalid_field", "model", id="model-path"),
-        pytest.param(body(model="<script>"), "invalid_field", "model", id="model-markup"),
+        *[
+            pytest.param(body(model=model), "invalid_field", "model", id=f"model-{name}")
+            for name, model in BAD_MODEL_NAMES.items()
+        ],
         pytest.param(body(contents=None), "missing_field", "contents", id="no-contents"),
         pytest.param(body(contents=[]), "invalid_field", "contents", id="empty-contents"),
         pytest.param(body(contents={"parts": []}), "invalid_field", "contents", id="contents-object"),
