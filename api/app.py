@@ -8,6 +8,7 @@ from flask import Flask
 
 from api import admin, auth, errors, routes
 from services.config import Config, load_config
+from services.errors import ConfigError
 from services.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -15,6 +16,11 @@ log = logging.getLogger(__name__)
 
 def create_app(config: Config | None = None) -> Flask:
     config = config or load_config()
+    if not config.auth_required and not config.allow_open_api:
+        raise ConfigError(
+            "the API would be open to anyone who can reach it: set API_KEYS or ADMIN_API_KEY, or "
+            "ALLOW_OPEN_API=true to run it without keys on purpose"
+        )
     app = Flask(__name__)
     app.config.from_mapping(MAX_CONTENT_LENGTH=config.max_body_bytes, JSON_SORT_KEYS=False)
     app.extensions["runtime"] = Runtime(config)

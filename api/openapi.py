@@ -14,7 +14,10 @@ from services.validation import (
     ASPECT_RATIOS,
     IMAGE_SIZES,
     INPUT_MIME_TYPES,
+    MAX_METADATA_DEPTH,
+    MAX_MODEL_LENGTH,
     MAX_WEBHOOK_URL_LENGTH,
+    MODEL_NAME,
     RESPONSE_MODALITIES,
     WEBHOOK_EVENTS,
 )
@@ -150,9 +153,11 @@ _SCHEMAS: dict[str, Any] = {
             "model": {
                 "type": "string",
                 "minLength": 1,
-                "pattern": "\\S",
+                "maxLength": MAX_MODEL_LENGTH,
+                "pattern": f"^{MODEL_NAME.pattern}$",
                 "example": "gemini-2.5-flash-image",
-                "description": "not blank; with ALLOWED_MODELS, one of those",
+                "description": "a model name: letters, digits and . _ - / : @; with ALLOWED_MODELS, one of "
+                "those",
             },
             "contents": {
                 "type": "array",
@@ -191,7 +196,8 @@ _SCHEMAS: dict[str, Any] = {
             "metadata": _nullable(
                 {
                     "type": "object",
-                    "description": "Echoed back on the task; at most 4096 bytes as compact JSON.",
+                    "description": "Echoed back on the task; at most 4096 bytes as compact JSON, objects "
+                    f"and arrays nested at most {MAX_METADATA_DEPTH} levels deep (this one included).",
                 }
             ),
             "webhook_url": {
@@ -407,10 +413,16 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Readiness": {
         "type": "object",
-        "required": ["status", "checks"],
+        "required": ["status"],
         "properties": {
             "status": {"type": "string", "enum": ["ready", "unavailable"]},
-            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+            "checks": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Only with `Authorization: Bearer <ADMIN_API_KEY>`: each dependency, `ok` or "
+                "what failed (never a host or an address).",
+                "example": {"redis": "the task store is unavailable (ConnectionError)", "storage": "ok"},
+            },
         },
     },
 }

@@ -7,7 +7,7 @@ import logging
 from flask import Blueprint, Response, current_app, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 
-from api.auth import current_tenant
+from api.auth import bearer_token, current_tenant, is_admin_key
 from api.openapi import openapi_document
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
@@ -126,6 +126,9 @@ def healthz() -> Response:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
+    """Ready (200) or unavailable (503), for anyone: a load balancer, an orchestrator. With the admin key
+    (``Authorization: Bearer <ADMIN_API_KEY>``), each check too, in words that name no host or address
+    (``services/redis_errors.py``, ``services/storage.py``)."""
     rt = _runtime()
     checks: dict[str, str] = {}
     for name, ping in (("redis", rt.store.ping), ("storage", rt.storage.ping)):
@@ -135,7 +138,11 @@ def readyz() -> Response:
         except ServiceError as exc:
             checks[name] = exc.message
     ready = all(value == "ok" for value in checks.values())
-    response = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
+    body: dict[str, object] = {"status": "ready" if ready else "unavailable"}
+    admin_key = rt.config.admin_api_key
+    if admin_key is not None and is_admin_key(bearer_token(request.headers.get("Authorization")), admin_key):
+        body["checks"] = checks
+    response = jsonify(body)
     response.status_code = 200 if ready else 503
     return response
 

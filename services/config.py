@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -121,32 +122,33 @@ def _redis_url(value: str) -> str:
     return value
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive integer")
+def _number(convert: Callable[[str], T], value: str, valid: Callable[[T], bool], requirement: str) -> T:
+    """``convert(value)`` if it parses and is ``valid``; else ``ValueError(requirement)``, which, unlike
+    int()'s and float()'s own messages, never repeats the value (it may be a secret put in the wrong
+    variable)."""
+    try:
+        number = convert(value)
+    except ValueError:
+        raise ValueError(requirement) from None
+    if not valid(number):
+        raise ValueError(requirement)
     return number
+
+
+def _positive_int(value: str) -> int:
+    return _number(int, value, lambda number: number > 0, "must be a positive integer")
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be zero or a positive integer")
-    return number
+    return _number(int, value, lambda number: number >= 0, "must be zero or a positive integer")
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be a positive number")
-    return number
+    return _number(float, value, lambda number: 0 < number < math.inf, "must be a positive number")
 
 
 def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise ValueError("must be zero or a positive number")
-    return number
+    return _number(float, value, lambda number: 0 <= number < math.inf, "must be zero or a positive number")
 
 
 def _pool(value: str) -> str:
@@ -207,9 +209,10 @@ def _webhook_secret(value: str) -> str:
 
 
 def _schedule(value: str) -> tuple[float, ...]:
-    delays = tuple(float(item) for item in value.split(","))
-    if any(not 0 <= delay < float("inf") for delay in delays):
-        raise ValueError("must be comma-separated seconds, each zero or more")
+    requirement = "must be comma-separated seconds, each zero or more"
+    delays = tuple(
+        _number(float, item, lambda delay: 0 <= delay < math.inf, requirement) for item in value.split(",")
+    )
     if delays[0] != 0:
         raise ValueError("must start with 0: the first attempt is made at once")
     return delays
@@ -293,7 +296,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         try:
             values[field_name] = parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+            # the name and what the value must be, never the value: it may be a secret
+            raise ConfigError(f"{name} is invalid: {exc}") from None
     config = Config(**values)
     _check(config)
     return config

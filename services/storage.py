@@ -5,13 +5,16 @@ Objects go to the user's own bucket under deterministic keys, one prefix per att
 URLs are presigned GETs signed fresh on every read; nothing we hand out depends on an expiring copy.
 Each upload carries the image's SHA-256 as its S3 checksum (the server verifies the body against it)
 and in the object's metadata (``sha256``, hex).
-botocore's errors are mapped to ``StorageUnavailable`` here and go no further.
+botocore's errors are mapped to ``StorageUnavailable`` here and go no further: its message says what
+failed in fixed words (it becomes a failed task's error, which clients see); botocore's text, which may
+name the endpoint, goes to the log and the exception chain.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ from services.images import ImageInfo
 
 if TYPE_CHECKING:  # the stubs (boto3-stubs[s3]) are a test dependency only
     from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,8 @@ class Storage:
                 Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
             )
         if response.get("Errors"):
-            raise StorageUnavailable(f"storage could not delete {response['Errors']}")
+            log.warning("storage could not delete: %s", response["Errors"])
+            raise StorageUnavailable(f"storage could not delete {len(response['Errors'])} objects")
 
     def presigned_url(self, key: str) -> str:
         with _mapped_errors("presign"):
@@ -137,4 +143,15 @@ def _mapped_errors(action: str) -> Iterator[None]:
     try:
         yield
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise StorageUnavailable(f"storage could not {action}: {exc}") from exc
+        log.warning("storage could not %s: %s: %s", action, type(exc).__name__, exc)
+        raise StorageUnavailable(f"storage could not {action} ({_kind(exc)})") from exc
+
+
+def _kind(exc: Exception) -> str:
+    """What went wrong, in words that name no host: the error's class, and S3's error code if any
+    (``ClientError AccessDenied``)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code.isalnum() and len(code) <= 64:
+            return f"{type(exc).__name__} {code}"
+    return type(exc).__name__

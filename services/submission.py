@@ -6,19 +6,18 @@ The API's view only reads HTTP (the body, two headers) and writes the ``Accepted
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from services.config import Config
-from services.errors import InvalidRequest, RequestError
+from services.errors import RequestError
 from services.idempotency import Claim, IdempotencyStore, Replay
 from services.queue import generation_message
 from services.records import TaskRecord
 from services.serialization import dumps_bytes
 from services.store import JobStore
 from services.task_view import task_links
-from services.validation import Limits, validate_submission
+from services.validation import Limits, parse_json_body, validate_submission
 from services.webhooks.service import WebhookService
 
 
@@ -73,11 +72,7 @@ class SubmissionService:
         waiting for admission (``services/admission.py``). (A message the broker loses later is found by
         the sweeper: a queued task whose message is missing.)
         """
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        submission = validate_submission(body, self._limits)
+        submission = validate_submission(parse_json_body(raw), self._limits)
         webhook = self._webhooks.subscription(submission.webhook_url, submission.webhook_events)
         task = self._store.create(
             model=submission.model,

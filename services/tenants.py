@@ -59,8 +59,9 @@ def tenant_of(task: TaskRecord) -> str:
 
 
 def key_digest(key: str) -> str:
-    """The SHA-256 (hex) an API key is known by. A key from a header may hold any character."""
-    return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+    """The SHA-256 (hex) an API key is known by. Any text can be hashed: a header arrives as latin-1
+    text, and a variable that is not UTF-8 holds surrogates (os.environ's surrogateescape)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,22 @@
 """Validation of a client's submission to ``POST /v1/images/generations``.
 
-``validate_submission`` is a pure function over the parsed JSON body: it checks what the upstream requires
+``parse_json_body`` turns the raw body into JSON, strictly and to a bounded depth. ``validate_submission``
+is a pure function over the parsed JSON body: it checks what the upstream requires
 (see ``shared/upstream/README.md``), splits off our own top-level fields (``metadata``, ``webhook_url``,
 ``webhook_events``) and returns the rest, unchanged, as the body to forward. Every rejection is an
 ``InvalidRequest`` whose ``field`` is the JSON path of the offending value (``contents[0].parts[1]...``).
 Both spellings the Gemini REST API accepts (camelCase and snake_case) are accepted; paths in errors use
 the spelling the client sent. Our fields may be null, meaning absent. Cheap checks run first; each inline
-image is base64-decoded once.
+image is base64-decoded once. Everything of a submission that the task record keeps is bounded: ``model``
+(length and characters), ``metadata`` (size and depth), ``webhook_url`` (length), ``webhook_events``.
 """
 
 from __future__ import annotations
 
 import binascii
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +29,15 @@ INPUT_MIME_TYPES: tuple[str, ...] = ("image/png", "image/jpeg", "image/webp", "i
 RESPONSE_MODALITIES: tuple[str, ...] = ("TEXT", "IMAGE")
 WEBHOOK_EVENTS: tuple[str, ...] = ("running", "succeeded", "failed", "canceled")
 MAX_WEBHOOK_URL_LENGTH = 2048
+MAX_MODEL_LENGTH = 128
+# Model names as the Gemini API and gateways spell them: gemini-2.5-flash-image-preview,
+# models/gemini-3-pro-image-preview, google/gemini-2.5-flash-image, imagen-4.0@001.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*")
+# Containers inside containers: a Gemini request nests about 6 deep (contents[].parts[].inline_data.data),
+# a JSON schema in generationConfig or tools some more. Deeper is refused before anything recurses into it
+# (json.dumps, Redis's cjson, the upstream).
+MAX_JSON_DEPTH = 64
+MAX_METADATA_DEPTH = 5
 
 _OUR_FIELDS = frozenset({"metadata", "webhook_url", "webhook_events"})
 
@@ -48,6 +61,84 @@ class Limits:
     max_inline_image_bytes: int = 7 * 1024 * 1024
     max_metadata_bytes: int = 4096
     allowed_models: frozenset[str] | None = None
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body as JSON, or ``InvalidRequest`` ``invalid_json``: not JSON, not UTF-8 text, NaN or
+    Infinity (not JSON either, though Python's parser takes them), a string with a lone surrogate escape
+    (``"\\ud800"``: not text, and unencodable to UTF-8), or nesting deeper than ``MAX_JSON_DEPTH``
+    (``field``: the top-level key it is under)."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # deeper than Python's recursion limit, far deeper than we allow
+        raise _invalid_json(f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _invalid_json(f"the body is not valid JSON: {exc}") from None
+    # UTF-8 text cannot hold a surrogate: only an escape can make one, and most bodies have none
+    strings = _SURROGATE_ESCAPE.search(raw) is not None
+    for value, level, top in _walk(body, strings=strings):
+        field = top if isinstance(top, str) and len(top) <= 64 and top.isprintable() else None
+        if not isinstance(value, str) and level > MAX_JSON_DEPTH:
+            raise _invalid_json(f"the body nests deeper than {MAX_JSON_DEPTH} levels", field)
+        if isinstance(value, str) and not _is_text(value):
+            raise _invalid_json("a string holds a lone surrogate escape (\\ud800-\\udfff): not text", field)
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _invalid_json(message: str, field: str | None = None) -> InvalidRequest:
+    return InvalidRequest(message, code="invalid_json", field=field)
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8 (has no lone surrogate)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _walk(root: Any, *, strings: bool = False) -> Iterator[tuple[Any, int, str | int | None]]:
+    """Every object and array in ``root`` (``root`` included), and with ``strings`` every string (keys
+    too), with its level (``root`` is 1, what a level-n container holds is n + 1) and the top-level key
+    or index it is under. Depth first, without recursion (any depth ``json.loads`` produced can be
+    measured), in memory of the order of the depth, not of the size."""
+    yield root, 1, None
+    wanted = (dict, list, str) if strings else (dict, list)
+    pending: list[tuple[Iterator[tuple[str | int, Any]], int, str | int | None]] = [
+        (_items(root, wanted), 2, None)
+    ]
+    while pending:
+        items, level, top = pending[-1]
+        for key, value in items:
+            under = key if level == 2 else top
+            if strings and isinstance(key, str):
+                yield key, level, under
+            if isinstance(value, dict | list):
+                yield value, level, under
+                if value:
+                    pending.append((_items(value, wanted), level + 1, under))
+                    break  # its parent's iterator goes on where it stopped once this one is done
+            elif strings and isinstance(value, str):
+                yield value, level, under
+        else:
+            pending.pop()
+
+
+def _items(value: Any, wanted: tuple[type, ...]) -> Iterator[tuple[str | int, Any]]:
+    if isinstance(value, dict):
+        return iter(value.items())
+    # An array of nothing wanted (numbers, say: up to MAX_BODY_BYTES / 2 of them) is skipped at C speed.
+    if isinstance(value, list) and not set(map(type, value)).isdisjoint(wanted):
+        return enumerate(value)
+    return iter(())
 
 
 def validate_submission(body: Any, limits: Limits) -> Submission:
@@ -105,6 +196,12 @@ def _check_model(body: dict[str, Any], limits: Limits) -> str:
     model = body["model"]
     if not isinstance(model, str) or not model.strip():
         raise _invalid("model", "model must be a non-empty string.")
+    if len(model) > MAX_MODEL_LENGTH or not MODEL_NAME.fullmatch(model):
+        raise _invalid(
+            "model",
+            f"model must be a model name of at most {MAX_MODEL_LENGTH} characters: letters, digits and "
+            ". _ - / : @, starting with a letter or digit (e.g. 'gemini-2.5-flash-image-preview').",
+        )
     if limits.allowed_models is not None and model not in limits.allowed_models:
         allowed = ", ".join(sorted(limits.allowed_models))
         raise _invalid(
@@ -234,11 +331,21 @@ def _check_metadata(metadata: Any, limits: Limits) -> dict[str, Any] | None:
         return None
     if not isinstance(metadata, dict):
         raise _invalid("metadata", "metadata must be a JSON object.")
+    # depth first: json.dumps below recurses
+    if any(
+        level > MAX_METADATA_DEPTH and isinstance(value, dict | list) for value, level, _ in _walk(metadata)
+    ):
+        raise _invalid(
+            "metadata",
+            f"metadata must not nest objects or arrays more than {MAX_METADATA_DEPTH} levels deep.",
+        )
     try:
         encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except ValueError as exc:
-        raise _invalid("metadata", "metadata must be plain JSON (no NaN or Infinity).") from exc
-    size = len(encoded.encode())
+        size = len(encoded.encode())
+    except ValueError as exc:  # UnicodeEncodeError is one
+        raise _invalid(
+            "metadata", "metadata must be plain JSON (no NaN or Infinity, no lone surrogate)."
+        ) from exc
     if size > limits.max_metadata_bytes:
         raise _invalid(
             "metadata",

@@ -6,6 +6,7 @@ import base64
 import copy
 import dataclasses
 import json
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -93,6 +94,55 @@ BAD_BODIES = [
         "generationConfig.imageConfig.imageSize",
     ),
     ("metadata not an object", mutated(lambda b: b.update(metadata=[1])), "invalid_field", "metadata"),
+    # every field the task record keeps is bounded
+    ("model too long", mutated(lambda b: b.update(model="g" * 129)), "invalid_field", "model"),
+    ("model of 1 MB", mutated(lambda b: b.update(model="g" * 1_000_000)), "invalid_field", "model"),
+    ("model with a space", mutated(lambda b: b.update(model="gemini 2.5")), "invalid_field", "model"),
+    ("model with a newline", mutated(lambda b: b.update(model="gemini\nx")), "invalid_field", "model"),
+    ("model with markup", mutated(lambda b: b.update(model="<img src=x>")), "invalid_field", "model"),
+    ("model not ASCII", mutated(lambda b: b.update(model="gémini")), "invalid_field", "model"),
+    (
+        "metadata too large",
+        mutated(lambda b: b.update(metadata={"k": "x" * 5000})),
+        "metadata_too_large",
+        "metadata",
+    ),
+    (
+        "metadata key too large",
+        mutated(lambda b: b.update(metadata={"k" * 5000: 1})),
+        "metadata_too_large",
+        "metadata",
+    ),
+    (
+        "metadata 6 levels deep",
+        mutated(lambda b: b.update(metadata={"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}})),
+        "invalid_field",
+        "metadata",
+    ),
+    (
+        "metadata array 6 deep",
+        mutated(lambda b: b.update(metadata={"a": [[[[[1]]]]]})),
+        "invalid_field",
+        "metadata",
+    ),
+    (
+        "webhook_url too long",
+        mutated(lambda b: b.update(webhook_url="https://hooks.example.com/" + "a" * 2048)),
+        "invalid_field",
+        "webhook_url",
+    ),
+    (
+        "webhook_url with a control character",
+        mutated(lambda b: b.update(webhook_url="https://hooks.example.com/\x00")),
+        "invalid_field",
+        "webhook_url",
+    ),
+    (
+        "webhook_events repeated",
+        mutated(lambda b: b.update(webhook_url="https://hooks.example.com/", webhook_events=["failed"] * 2)),
+        "invalid_field",
+        "webhook_events",
+    ),
 ]
 
 
@@ -132,6 +182,65 @@ def test_non_json_body(stack: Stack) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert_error(response, 400, "invalid_json")
+
+
+def seed_with(fragment: str) -> bytes:
+    """The seed body's JSON text with ``fragment`` (raw JSON text: ``"key": value``) added at the end,
+    where it overrides a key of the seed's (the last of a repeated key wins)."""
+    return (json.dumps(seed_body())[:-1] + ", " + fragment + "}").encode()
+
+
+def deep(levels: int, opening: str = "[", closing: str = "]") -> str:
+    return opening * levels + closing * levels
+
+
+def case(name: str, raw: bytes, field: str | None) -> Any:
+    return pytest.param(raw, field, id=name)
+
+
+BAD_JSON = [
+    pytest.param(b"", None, id="empty body"),
+    pytest.param(b"\xff\xfe{}", None, id="not UTF-8"),
+    pytest.param('{"model": "gémini"}'.encode("latin-1"), None, id="Latin-1 text"),
+    pytest.param(json.dumps(seed_body()).encode()[:-1], None, id="truncated"),
+    case("100,000 nested arrays", deep(100_000).encode(), None),
+    case("100,000 nested objects", deep(100_000, '{"a":', "}").encode(), None),
+    case("65 levels in contents", seed_with(f'"contents": [{{"parts": {deep(64)}}}]'), "contents"),
+    case("900 levels in metadata", seed_with(f'"metadata": {{"a": {deep(900)}}}'), "metadata"),
+    case("70 levels in a pass-through field", seed_with(f'"tools": {deep(70)}'), "tools"),
+    case("NaN in a pass-through field", seed_with('"temperature": NaN'), None),
+    case("Infinity in metadata", seed_with('"metadata": {"k": Infinity}'), None),
+    case(
+        "lone surrogate in a prompt",
+        seed_with('"contents": [{"parts": [{"text": "a \\ud800 b"}]}]'),
+        "contents",
+    ),
+    case("lone surrogate in metadata", seed_with('"metadata": {"k": "\\udfff"}'), "metadata"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), BAD_JSON)
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_bad_json_is_400(stack: Stack, raw: bytes, field: str | None) -> None:
+    response = stack.http.post(
+        f"{stack.api_url}/v1/images/generations", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_json", field)
+
+
+@pytest.mark.parametrize("fragment", ['"metadata": {"k": "\\udfff"}', f'"metadata": {{"a": {deep(500)}}}'])
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_metadata_json_loads_takes_is_refused_all_the_same(stack: Stack, fragment: str) -> None:
+    """json.loads takes these, json.dumps (the size check) did not: 500s. validate_submission refuses them
+    (invalid_field); parse_json_body, once submission.py calls it, refuses them first (invalid_json)."""
+    response = stack.http.post(
+        f"{stack.api_url}/v1/images/generations",
+        content=seed_with(fragment),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] in ("invalid_field", "invalid_json")
+    assert response.json()["error"]["field"] == "metadata"
 
 
 @pytest.mark.usefixtures("nothing_enqueued")
@@ -222,23 +331,107 @@ def test_without_a_key_no_v1_path_answers_but_401(stack: Stack, keyed_api: ApiSe
     assert_error(stack.http.get(f"{keyed_api.url}/nothing-here"), 404, "not_found")
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"Bearer",
+        b"Bearer wrong",
+        b"Basic " + base64.b64encode(b"default:k-one"),
+        b"Token k-one",
+        b"Bearer k-one-and-more",
+        b"Bearer " + b"k" * 8000,
+        b"Bearer \xff\xfe\x80 not utf-8",
+        "Bearer cl\u00e9".encode("latin-1"),
+        "Bearer cl\u00e9".encode(),
+    ],
+)
+def test_odd_authorization_headers_get_401(keyed_api: ApiServer, value: bytes) -> None:
+    status, body = raw_get(keyed_api, "/v1/tasks/some-id", value)
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
+
+
 def test_health_and_readiness(stack: Stack) -> None:
     assert stack.http.get(f"{stack.api_url}/healthz").json() == {"status": "ok"}
     ready = stack.http.get(f"{stack.api_url}/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "storage": "ok"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}, "no detail without the admin key"
+
+
+ADMIN_KEY = "admin-key-for-readyz"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def admin_api(stack: Stack) -> Iterator[ApiServer]:
+    api = ApiServer(dataclasses.replace(stack.config, admin_api_key=ADMIN_KEY))
+    yield api
+    api.stop()
+
+
+# Authorization headers that are not the admin's, odd ones included: each gets the plain answer, never a 500.
+NOT_THE_ADMIN: list[bytes] = [
+    b"Bearer",
+    b"Bearer ",
+    b"Bearer wrong",
+    b"Basic " + base64.b64encode(f"admin:{ADMIN_KEY}".encode()),
+    f"Bearer {ADMIN_KEY}x".encode(),
+    f"Bearer {ADMIN_KEY[:-1]}".encode(),
+    f"Token {ADMIN_KEY}".encode(),
+    f"Bearer\t{ADMIN_KEY}".encode(),
+    b"Bearer \xff\xfe\x80 not utf-8",
+    "Bearer cl\u00e9".encode("latin-1"),
+    "Bearer cl\u00e9".encode(),
+    b"Bearer " + b"k" * 8000,
+]
+
+
+def raw_get(api: ApiServer, path: str, authorization: bytes) -> tuple[int, Any]:
+    """GET with an Authorization header of any bytes (httpx refuses to send some), over a plain socket."""
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as connection:
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+        connection.sendall(head + b"Authorization: " + authorization + b"\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_readiness_detail_is_for_the_admin_only(stack: Stack, admin_api: ApiServer) -> None:
+    assert stack.http.get(f"{admin_api.url}/readyz").json() == {"status": "ready"}
+    for value in NOT_THE_ADMIN:
+        assert raw_get(admin_api, "/readyz", value) == (200, {"status": "ready"}), value
+    detail = {"status": "ready", "checks": {"redis": "ok", "storage": "ok"}}
+    for spelling in (f"Bearer {ADMIN_KEY}", f"bearer {ADMIN_KEY}", f"BEARER  {ADMIN_KEY} "):
+        assert raw_get(admin_api, "/readyz", spelling.encode()) == (200, detail), spelling
 
 
 def test_not_ready_and_503_when_redis_is_unreachable(stack: Stack) -> None:
+    """Clients learn what is down, never where: no host, port or library text (the log has them)."""
+    port = free_port()
     dead = dataclasses.replace(
-        stack.config, redis_url=f"redis://127.0.0.1:{free_port()}/0", store_timeout=0.5
+        stack.config,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        store_timeout=0.5,
+        s3_bucket="no-such-bucket",
+        admin_api_key=ADMIN_KEY,
+        api_keys=(("default", "k-one"),),
     )
     api = ApiServer(dead)
     try:
         ready = stack.http.get(f"{api.url}/readyz")
-        assert ready.status_code == 503 and ready.json()["checks"]["redis"] != "ok"
-        assert_error(
-            stack.http.post(f"{api.url}/v1/images/generations", json=seed_body()), 503, "store_unavailable"
-        )
-        assert_error(stack.http.get(f"{api.url}/v1/tasks/anything"), 503, "store_unavailable")
+        assert ready.status_code == 503 and ready.json() == {"status": "unavailable"}
+        detail = stack.http.get(f"{api.url}/readyz", headers=ADMIN)
+        assert detail.status_code == 503
+        assert detail.json()["checks"] == {
+            "redis": "the task store is unavailable (ConnectionError)",
+            "storage": "storage could not reach the bucket (ClientError 404)",
+        }
+        keyed = {"Authorization": "Bearer k-one"}
+        submitted = stack.http.post(f"{api.url}/v1/images/generations", json=seed_body(), headers=keyed)
+        assert_error(submitted, 503, "store_unavailable")
+        assert_error(stack.http.get(f"{api.url}/v1/tasks/anything", headers=keyed), 503, "store_unavailable")
+        for response in (detail, submitted):
+            assert "127.0.0.1" not in response.text and str(port) not in response.text
+            assert "no-such-bucket" not in response.text and "Error 111" not in response.text
     finally:
         api.stop()

@@ -10,23 +10,30 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
+SERVICES: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)["services"]
 APP_VARIABLES = (
     "REDIS_URL",
     "S3_ENDPOINT_URL",
     "S3_BUCKET",
     "S3_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
     "S3_PRESIGN_EXPIRES",
     "UPSTREAM_BASE_URL",
     "UPSTREAM_API_KEY",
     "UPSTREAM_TIMEOUT",
     "API_KEYS",
+    "ADMIN_API_KEY",
+    "ALLOW_OPEN_API",
+    "TENANT_MAX_CONCURRENCY",
+    "TENANT_MAX_QUEUED",
+    "TENANT_RATE_PER_MINUTE",
+    "TENANT_WEIGHT",
     "WEBHOOK_SIGNING_SECRET",
     "WEBHOOK_TIMEOUT",
     "PUBLIC_BASE_URL",
 )
+# Credentials: no default anywhere, compose stops with a message when one is unset (${VAR:?message}).
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def command(service: str) -> str:
@@ -68,13 +75,46 @@ def test_api_serves_the_app_factory() -> None:
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
 
 
+def required(name: str) -> str:
+    """compose's ``${NAME:?message}``: the value of NAME, or stop with the message when unset or empty."""
+    return rf"\$\{{{name}:\?[^}}]+\}}"
+
+
 @pytest.mark.parametrize("service", ["api", "worker", "webhook-worker"])
 def test_app_services_get_their_environment(service: str) -> None:
     environment = SERVICES[service]["environment"]
-    assert set(APP_VARIABLES) <= set(environment)
+    assert set(APP_VARIABLES) | set(CREDENTIALS) <= set(environment)
     assert all(re.fullmatch(rf"\$\{{{name}:-[^}}]*\}}", environment[name]) for name in APP_VARIABLES)
+    assert all(re.fullmatch(required(name), environment[name]) for name in CREDENTIALS)
     assert environment["REDIS_URL"] == "${REDIS_URL:-redis://redis:6379/0}"
     assert environment["S3_ENDPOINT_URL"] == "${S3_ENDPOINT_URL:-http://minio:9000}"
+
+
+@pytest.mark.parametrize("service", ["api", "worker", "webhook-worker"])
+def test_an_open_api_is_refused_unless_asked_for(service: str) -> None:
+    """With neither API_KEYS nor ADMIN_API_KEY, the API does not start (api/app.py) unless ALLOW_OPEN_API."""
+    environment = SERVICES[service]["environment"]
+    assert environment["ALLOW_OPEN_API"] == "${ALLOW_OPEN_API:-false}"
+    assert environment["API_KEYS"] == "${API_KEYS:-}" and environment["ADMIN_API_KEY"] == "${ADMIN_API_KEY:-}"
+
+
+def test_no_default_credentials() -> None:
+    assert "minioadmin" not in COMPOSE_TEXT.lower()
+    minio, init = SERVICES["minio"]["environment"], SERVICES["minio-init"]["environment"]
+    assert re.fullmatch(required("AWS_ACCESS_KEY_ID"), minio["MINIO_ROOT_USER"])
+    assert re.fullmatch(required("AWS_SECRET_ACCESS_KEY"), minio["MINIO_ROOT_PASSWORD"])
+    assert all(re.fullmatch(required(name), init[name]) for name in CREDENTIALS)
+    # every use of a credential variable is the required form: none has a default, empty or not
+    for name in (*CREDENTIALS, "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+        for use in re.findall(rf"\$\{{{name}(?::?[-?+=][^}}]*)?\}}", COMPOSE_TEXT):
+            assert re.fullmatch(required(name), use), use
+
+
+def test_minio_is_published_on_loopback_only() -> None:
+    """By default: MINIO_BIND widens it on purpose. The API's port needs no such care: it requires keys."""
+    [published] = SERVICES["minio"]["ports"]
+    assert published == "${MINIO_BIND:-127.0.0.1}:${MINIO_PORT:-9000}:9000"
+    assert not any("ports" in SERVICES[name] for name in ("redis", "minio-init", "worker", "webhook-worker"))
 
 
 @pytest.mark.parametrize(
@@ -115,6 +155,11 @@ def test_dockerfile_installs_the_runtime_lock_as_non_root() -> None:
     for name in ("base", "simulator"):
         users = re.findall(r"^USER\s+(\S+)", stages[name], re.M)
         assert users and users[-1].split(":")[0] not in ("root", "0"), name
+
+
+def test_the_app_image_refuses_an_open_api() -> None:
+    assert re.search(r"^ENV ALLOW_OPEN_API=false$", dockerfile_stages()["app"], re.M)
+    assert "ALLOW_OPEN_API" not in dockerfile_stages()["base"], "the simulator stage needs no such thing"
 
 
 def test_the_simulator_gets_its_own_stage_with_pillow() -> None:

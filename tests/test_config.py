@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
+from api import create_app
 from services.config import VARIABLES, load_config
 from services.errors import ConfigError
 
@@ -39,8 +41,57 @@ def test_values_are_parsed() -> None:
     ],
 )
 def test_invalid_value_names_the_variable(name: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=name):
+    with pytest.raises(ConfigError, match=f"^{name} is invalid: must ") as raised:
         load_config({name: value})
+    assert value not in raised.value.message
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("name", ["UPSTREAM_TIMEOUT", "RETRY_BASE_DELAY", "WEBHOOK_RETRY_SCHEDULE"])
+def test_numbers_must_be_finite(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name} is invalid"):
+        load_config({name: value})
+
+
+SECRET = "sk-live-7f3a9c1e2b"
+
+
+@pytest.mark.parametrize("name", VARIABLES)
+@pytest.mark.parametrize("value", [SECRET, f"0,{SECRET}", f"whsec_{SECRET}", f"tenant:{SECRET},bad tenant:x"])
+def test_an_error_never_shows_the_value(name: str, value: str) -> None:
+    """A secret pasted into the wrong variable (or a malformed secret) must not end up in a log."""
+    try:
+        load_config({name: value})
+    except ConfigError as exc:
+        assert name in exc.message
+        assert SECRET not in "".join(traceback.format_exception(exc)), "a traceback shows it"
+
+
+@pytest.mark.parametrize(
+    ("env", "starts"),
+    [
+        ({"ALLOW_OPEN_API": "false"}, False),
+        ({"ALLOW_OPEN_API": "false", "API_KEYS": "app:k1"}, True),
+        ({"ALLOW_OPEN_API": "false", "ADMIN_API_KEY": "admin-key"}, True),
+        ({"ALLOW_OPEN_API": "true"}, True),
+        ({}, True),  # make run: open for local use
+    ],
+)
+def test_an_open_api_starts_only_when_allowed(env: dict[str, str], starts: bool) -> None:
+    config = load_config(env)
+    if starts:
+        assert create_app(config)
+        return
+    with pytest.raises(ConfigError, match="API_KEYS or ADMIN_API_KEY, or ALLOW_OPEN_API=true"):
+        create_app(config)
+
+
+def test_make_run_stays_open() -> None:
+    """devstack (make run) passes its environment on as it is: it never sets ALLOW_OPEN_API=false, the
+    Docker image's default, and the variable's own default is true."""
+    root = Path(__file__).resolve().parents[1]
+    assert not any("ALLOW_OPEN_API" in path.read_text() for path in (root / "devstack").glob("*.py"))
+    assert load_config({}).allow_open_api
 
 
 def test_visibility_timeout_must_outlast_a_call() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,13 @@ from typing import Any
 import pytest
 
 from services.errors import InvalidRequest
-from services.validation import Limits, validate_submission
+from services.validation import (
+    MAX_METADATA_DEPTH,
+    MAX_MODEL_LENGTH,
+    Limits,
+    parse_json_body,
+    validate_submission,
+)
 
 SEED = json.loads(
     (Path(__file__).resolve().parents[2] / "shared/upstream/samples/request-seed-example.json").read_text()
@@ -124,6 +131,26 @@ def test_limits_are_configurable() -> None:
     assert info.value.code == "inline_image_too_large"
 
 
+def nested(levels: int, innermost: Any = None) -> Any:
+    """``levels`` objects inside each other (``{"k": {"k": ...}}``), ``innermost`` in the last one; built
+    without recursion, so deeper than Python's recursion limit if asked."""
+    value: Any = {} if innermost is None else innermost
+    for _ in range(levels - 1):
+        value = {"k": value}
+    return value
+
+
+BAD_MODEL_NAMES = {
+    "too-long": "g" * 129,
+    "leading-space": " gemini-2.5-flash-image",
+    "newline": "gemini\n",
+    "leading-dash": "-gemini",
+    "inner-space": "gemini 2.5",
+    "non-ascii": "gémini",
+    "nul": "gemini\x00",
+    "leading-dot": "../../etc/passwd",
+    "markup": "<script>",
+}
 P3 = "contents[0].parts[3]"
 BIG = base64.b64encode(bytes(LIMITS.max_inline_image_bytes + 1)).decode()
 MAX = base64.b64encode(bytes(LIMITS.max_inline_image_bytes)).decode()
@@ -136,6 +163,10 @@ MAX = base64.b64encode(bytes(LIMITS.max_inline_image_bytes)).decode()
         pytest.param(body(model=None), "missing_field", "model", id="no-model"),
         pytest.param(body(model=""), "invalid_field", "model", id="empty-model"),
         pytest.param(body(model=3), "invalid_field", "model", id="model-not-string"),
+        *[
+            pytest.param(body(model=model), "invalid_field", "model", id=f"model-{name}")
+            for name, model in BAD_MODEL_NAMES.items()
+        ],
         pytest.param(body(contents=None), "missing_field", "contents", id="no-contents"),
         pytest.param(body(contents=[]), "invalid_field", "contents", id="empty-contents"),
         pytest.param(body(contents={"parts": []}), "invalid_field", "contents", id="contents-object"),
@@ -291,6 +322,17 @@ MAX = base64.b64encode(bytes(LIMITS.max_inline_image_bytes)).decode()
         pytest.param(body(metadata=["a"]), "invalid_field", "metadata", id="metadata-not-object"),
         pytest.param(body(metadata={"k": float("nan")}), "invalid_field", "metadata", id="metadata-nan"),
         pytest.param(body(metadata={"k": "x" * 4090}), "metadata_too_large", "metadata", id="metadata-large"),
+        pytest.param(
+            body(metadata={"x" * 4092: 1}), "metadata_too_large", "metadata", id="metadata-large-key"
+        ),
+        pytest.param(body(metadata=nested(6)), "invalid_field", "metadata", id="metadata-deep"),
+        pytest.param(
+            body(metadata={"a": nested(5, [])}), "invalid_field", "metadata", id="metadata-deep-array"
+        ),
+        pytest.param(
+            body(metadata={"k": "\ud800"}), "invalid_field", "metadata", id="metadata-lone-surrogate"
+        ),
+        pytest.param(body(metadata={"\udfff": 1}), "invalid_field", "metadata", id="metadata-surrogate-key"),
         pytest.param(body(webhook_url=42), "invalid_field", "webhook_url", id="url-not-string"),
         pytest.param(body(webhook_url="/hooks"), "invalid_field", "webhook_url", id="url-relative"),
         pytest.param(body(webhook_url="ftp://h/x"), "invalid_field", "webhook_url", id="url-ftp"),
@@ -342,7 +384,93 @@ def test_boundaries_are_inclusive() -> None:
         contents=[{"role": "user", "parts": [image(data=MAX)]}],
         metadata={"k": "x" * 4088},
         webhook_url="https://h/" + "a" * 2038,
+        model="m" * MAX_MODEL_LENGTH,
     )
     assert len(json.dumps(value["metadata"], separators=(",", ":"))) == LIMITS.max_metadata_bytes
     assert len(value["webhook_url"]) == 2048
     assert validate_submission(value, LIMITS).upstream_body["contents"] == value["contents"]
+    assert validate_submission(body(metadata=nested(MAX_METADATA_DEPTH, [1])), LIMITS).metadata
+
+
+def test_metadata_deeper_than_python_recurses_is_refused() -> None:
+    """json.dumps (the size check) would raise RecursionError: the depth is checked first, iteratively."""
+    with pytest.raises(InvalidRequest) as info:
+        validate_submission(body(metadata=nested(5000)), LIMITS)
+    assert (info.value.code, info.value.field) == ("invalid_field", "metadata")
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gemini-2.5-flash-image-preview",
+        "gemini-2.5-flash-image",
+        "models/gemini-3-pro-image-preview",
+        "google/gemini-2.5-flash-image",
+        "publishers/google/models/imagen-4.0-generate-001",
+        "imagen-4.0@001",
+        "tunedModels/my_model:v2",
+    ],
+)
+def test_model_names_as_they_are_spelled(model: str) -> None:
+    assert validate_submission(body(model=model), LIMITS).model == model
+
+
+# parse_json_body ----------------------------------------------------------------------------------------
+
+
+def deep(levels: int, opening: bytes = b"[", closing: bytes = b"]") -> bytes:
+    return opening * levels + closing * levels
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        pytest.param(b"{not json", None, id="not-json"),
+        pytest.param(b"", None, id="empty"),
+        pytest.param(b"\xff\xfe\x00", None, id="not-utf-8"),
+        pytest.param('{"model": "gémini"}'.encode("latin-1"), None, id="latin-1"),
+        pytest.param(b'{"a": NaN}', None, id="nan"),
+        pytest.param(b'{"a": [Infinity]}', None, id="infinity"),
+        pytest.param(b'{"a": -Infinity}', None, id="minus-infinity"),
+        pytest.param(deep(100_000), None, id="deeper-than-python-arrays"),
+        pytest.param(deep(100_000, b'{"a":', b"}"), None, id="deeper-than-python-objects"),
+        pytest.param(b'{"contents": ' + deep(64) + b"}", "contents", id="too-deep-in-contents"),
+        pytest.param(b'{"metadata": ' + deep(900) + b"}", "metadata", id="very-deep-in-metadata"),
+        pytest.param(b'{"model": "m", "x": [1, {"y": ' + deep(70) + b"}]}", "x", id="too-deep-further-in"),
+        pytest.param(deep(65), None, id="too-deep-array-body"),
+        pytest.param(b'{"metadata": {"k": "\\ud800"}}', "metadata", id="lone-high-surrogate"),
+        pytest.param(
+            b'{"contents": [{"parts": [{"text": "a\\udc00b"}]}]}', "contents", id="lone-low-surrogate"
+        ),
+        pytest.param(b'{"\\ud800": 1}', None, id="lone-surrogate-as-key"),
+        pytest.param(b'"\\ude00\\ud83d"', None, id="surrogates-in-the-wrong-order"),
+    ],
+)
+def test_parse_refuses(raw: bytes, field: str | None) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_json_body(raw)
+    assert (info.value.code, info.value.field, info.value.status) == ("invalid_json", field, 400)
+    assert info.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(json.dumps(SEED).encode(), id="seed"),
+        pytest.param(b'{"a": ' + deep(63) + b"}", id="64-levels"),
+        pytest.param(b'{"t": "\\ud83d\\ude00 \xf0\x9f\x98\x80"}', id="surrogate-pair-and-utf-8"),
+        pytest.param(b'{"t": "\\\\ud800"}', id="escaped-backslash-then-u"),
+        pytest.param(b'{"n": [1e308, -0.0, 12345678901234567890]}', id="numbers"),
+        pytest.param(b" [] ", id="empty-array"),
+    ],
+)
+def test_parse_accepts(raw: bytes) -> None:
+    assert parse_json_body(raw) == json.loads(raw)
+
+
+def test_parse_reads_big_flat_bodies_fast() -> None:
+    """The depth walk skips an array with nothing to walk into at C speed: 2 M numbers."""
+    raw = b"[" + b"0," * 2_000_000 + b"0]"
+    started = time.monotonic()
+    assert len(parse_json_body(raw)) == 2_000_001
+    assert time.monotonic() - started < 2

@@ -1,7 +1,15 @@
-"""One webhook delivery attempt: sign the body, POST it through the address guard, read the answer."""
+"""One webhook delivery attempt: sign the body, POST it through the address guard, read the answer.
+
+An attempt's ``error`` goes into the delivery log that clients read (``GET /v1/tasks/{id}``), so it is a
+fixed phrase and the error's class (``connection failed (ConnectError)``, ``refused: the receiver's
+address is not allowed (private)``), never the library's text or the address the guard refused, which
+name hosts and addresses on our side of the network: those are logged here.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 import socket
 import time
 from collections.abc import Sequence
@@ -15,6 +23,8 @@ from services.errors import AddressNotAllowed
 from services.netguard import Resolver, deadline, guarded_transport
 from services.retry_after import parse_retry_after
 from services.webhook_signing import signed_headers
+
+log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 64 * 1024  # what we read of a receiver's answer (for keep-alive), at most
 USER_AGENT = "imagegen-queue-webhooks/1"
@@ -71,14 +81,28 @@ class WebhookSender:
                     status = response.status_code
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
         except AddressNotAllowed as exc:
-            return AttemptResult(None, f"refused: {exc.message}", _since(started), refused=True)
+            log.warning("webhook %s refused: %s", msg_id, exc.message)
+            return AttemptResult(None, _refusal(exc), _since(started), refused=True)
         except httpx.TimeoutException as exc:
             return AttemptResult(None, f"timeout: {type(exc).__name__}", _since(started))
         except httpx.HTTPError as exc:
-            return AttemptResult(None, f"{type(exc).__name__}: {exc}"[:300], _since(started))
+            log.warning("webhook %s: %s: %s", msg_id, type(exc).__name__, exc)
+            failed = "connection failed" if isinstance(exc, httpx.NetworkError) else "request failed"
+            return AttemptResult(None, f"{failed} ({type(exc).__name__})", _since(started))
         error = "redirect not followed" if 300 <= status < 400 else None
         return AttemptResult(status, error, _since(started), retry_after)
 
 
 def _since(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
+
+
+# The reason the address guard gives last, in parentheses: "... refused to connect to 10.0.0.5 (private)".
+# Words only, so that no address can be taken for one.
+_REASON = re.compile(r"\(([a-z][a-z -]*)\)$")
+
+
+def _refusal(exc: AddressNotAllowed) -> str:
+    """What a client sees of a refused address: why, not which address."""
+    match = _REASON.search(exc.message)
+    return "refused: the receiver's address is not allowed" + (f" ({match[1]})" if match else "")
