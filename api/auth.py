@@ -27,10 +27,10 @@ ADMIN_PREFIX = "/v1/admin/"
 
 def bearer_token(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header (scheme in any case, spaces around
-    allowed), or None for anything else."""
+    allowed: only spaces, as RFC 9110 says), or None for anything else."""
     if not header or len(header) > MAX_KEY_LENGTH + 16:
         return None
-    parts = header.split()
+    parts = [part for part in header.split(" ") if part]
     if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
     return parts[1]
