@@ -87,11 +87,13 @@ def out_of_attempts(max_attempts: int) -> GiveUp:
 
 
 def backoff_delay(attempt: int, config: Config, hint: float | None = None) -> float:
-    """Exponential backoff with jitter after ``attempt`` failed attempts; ``hint`` is the upstream's floor."""
+    """Exponential backoff with jitter after ``attempt`` failed attempts; ``hint`` is the upstream's floor
+    (``retryDelay``, ``Retry-After``), honoured up to UPSTREAM_MAX_RETRY_DELAY: the one place a hint is
+    used, for the task's retry and for every worker's cooldown."""
     ceiling = min(config.retry_max_delay, config.retry_base_delay * 2 ** max(attempt - 1, 0))
     delay = random.uniform(ceiling / 2, ceiling)
     if hint is not None:
-        delay = max(delay, hint * random.uniform(1.0, 1.1))
+        delay = max(delay, min(hint, config.upstream_max_retry_delay) * random.uniform(1.0, 1.1))
     return delay
 
 

@@ -29,7 +29,7 @@ from services import clock
 from services.config import Config, load_config
 from services.errors import Deferred, StorageUnavailable
 from services.images import ImageInfo
-from services.jobs import JobRunner, attempts_used, out_of_attempts
+from services.jobs import JobRunner, attempts_used, backoff_delay, out_of_attempts
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
 from services.records import TaskRecord
@@ -433,6 +433,25 @@ def test_a_429_that_would_outlast_the_hold_fails_the_task(h: Harness) -> None:
     assert task["status"] == TaskStatus.FAILED
     assert task["error"] is not None and task["error"]["code"] == "upstream_rate_limited"
     assert task["error"]["upstream_status"] == 429
+
+
+def test_a_retry_hint_is_honoured_up_to_upstream_max_retry_delay(h: Harness) -> None:
+    h.upstream.will_answer((429, sample("error-429-quota.json")))  # retryDelay 29.72s
+    task_id = h.submit()
+    h.runner(upstream_max_retry_delay=2.0).run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.QUEUED
+    delay = seconds_between(task["attempts"][0]["finished_at"] or "", task["next_attempt_at"] or "")
+    assert 2.0 - 0.002 <= delay <= 2.0 * 1.1 + 0.002, "the cap, with the hint's jitter"
+    with pytest.raises(Deferred) as deferred:
+        h.new_limiter(max_wait_in_thread=0).acquire("another worker")
+    assert deferred.value.delay <= 2.2, "every worker's cooldown is capped too"
+
+
+@pytest.mark.parametrize(("hint", "floor"), [(5.0, 5.0), (86400.0, 300.0), (1e12, 300.0)])
+def test_backoff_honours_a_hint_up_to_the_cap(h: Harness, hint: float, floor: float) -> None:
+    for attempt in (1, 5):
+        assert floor <= backoff_delay(attempt, h.config, hint) <= floor * 1.1
 
 
 # ---------------------------------------------------------------- storage failures
