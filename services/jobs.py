@@ -44,7 +44,7 @@ from services.limits import UpstreamLimiter
 from services.presence import process_name
 from services.records import OutputRecord, TaskRecord
 from services.storage import Storage, output_key
-from services.store import Attempt, GiveUp, JobStore, Lease
+from services.store import Attempt, GiveUp, JobStore, Lease, TaskStatus
 from services.upstream_client import UpstreamClient
 from services.upstream_response import UpstreamResult, encode_result, parse_success
 
@@ -119,14 +119,28 @@ class JobRunner:
         try:
             self._limiter.acquire(token)
         except Deferred as deferred:
-            self._store.postpone(task_id, delay=deferred.delay)
-            log.info("task %s: postponed %.1fs by the upstream limiter", task_id, deferred.delay)
+            self._postpone(task_id, deferred.delay)
             return
         try:
             with self._keeper.keep(f"upstream slot {token}", lambda: self._limiter.renew(token)):
                 self._attempt(task_id)
         finally:
             self._limiter.release(token)
+
+    def _postpone(self, task_id: str, delay: float) -> None:
+        """Give the task back until the limiter allows, or fail it if that is past its hold."""
+        hold = self._config.upstream_hold_seconds
+        held_too_long = JobError(
+            f"the upstream stayed rate-limited or busy past the task's hold: {hold:.0f}s after its "
+            "creation (UPSTREAM_HOLD_SECONDS)",
+            code="upstream_rate_limited",
+            retryable=True,
+        )
+        task = self._store.postpone(task_id, delay=delay, hold_seconds=hold, error=held_too_long)
+        if task is not None and task["status"] == TaskStatus.FAILED:
+            log.warning("task %s: failed (%s) after holding it %.0fs", task_id, held_too_long.code, hold)
+        else:
+            log.info("task %s: postponed %.1fs by the upstream limiter", task_id, delay)
 
     def _attempt(self, task_id: str) -> None:
         attempt = self._store.start_attempt(

@@ -604,6 +604,27 @@ def test_a_cooldown_postpones_the_task_by_what_is_left_of_it(h: Harness) -> None
     assert h.upstream.calls == 0
 
 
+def test_a_cooldown_past_the_hold_fails_the_queued_task(h: Harness) -> None:
+    h.upstream.will_answer((200, success_body()))
+    limiter = h.new_limiter(max_wait_in_thread=0)
+    limiter.cool_down(5)
+    task_id = h.submit()
+    h.runner(limiter=limiter, upstream_hold_seconds=3.0).run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.FAILED and task["attempts"] == []
+    assert task["error"] == {
+        "code": "upstream_rate_limited",
+        "message": "the upstream stayed rate-limited or busy past the task's hold: 3s after its creation "
+        "(UPSTREAM_HOLD_SECONDS)",
+        "retryable": True,
+        "upstream_status": None,
+    }
+    keys = h.store.keys
+    assert h.in_set(keys.delayed, task_id) is None and h.in_set(keys.queued, task_id) is None
+    assert not h.store._redis.sismember(keys.active, task_id)
+    assert h.upstream.calls == 0
+
+
 def test_an_answer_without_an_image_fails_the_task(h: Harness) -> None:
     h.upstream.will_answer((200, sample("response-text-only.json")))
     task_id = h.submit()
