@@ -34,7 +34,9 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
         ├── UpstreamError             the upstream said no, or could not be reached
         │     codes: upstream_rejected (400), upstream_auth (401/403), upstream_not_found (404),
         │            upstream_rate_limited (429), upstream_quota_exhausted (429 per day),
-        │            upstream_unavailable (5xx, connection errors), upstream_timeout
+        │            upstream_unavailable (5xx, connection errors), upstream_timeout,
+        │            upstream_response_too_large; of an image URL in the answer: output_url_refused,
+        │            output_too_large, output_download_failed
         └── ResponseError             HTTP 200 but no usable image
               codes: content_blocked, no_image, bad_upstream_response
 

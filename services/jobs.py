@@ -45,7 +45,7 @@ from services.limits import UpstreamLimiter
 from services.presence import process_name
 from services.records import OutputRecord, TaskRecord
 from services.storage import Storage, output_key
-from services.store import Attempt, GiveUp, JobStore, Lease
+from services.store import Attempt, GiveUp, JobStore, Lease, TaskStatus
 from services.tenants import tenant_of
 from services.upstream_client import UpstreamClient
 from services.upstream_response import UpstreamResult, encode_result, parse_success
@@ -90,11 +90,13 @@ def out_of_attempts(max_attempts: int) -> GiveUp:
 
 
 def backoff_delay(attempt: int, config: Config, hint: float | None = None) -> float:
-    """Exponential backoff with jitter after ``attempt`` failed attempts; ``hint`` is the upstream's floor."""
+    """Exponential backoff with jitter after ``attempt`` failed attempts; ``hint`` is the upstream's floor
+    (``retryDelay``, ``Retry-After``), honoured up to UPSTREAM_MAX_RETRY_DELAY: the one place a hint is
+    used, for the task's retry and for every worker's cooldown."""
     ceiling = min(config.retry_max_delay, config.retry_base_delay * 2 ** max(attempt - 1, 0))
     delay = random.uniform(ceiling / 2, ceiling)
     if hint is not None:
-        delay = max(delay, hint * random.uniform(1.0, 1.1))
+        delay = max(delay, min(hint, config.upstream_max_retry_delay) * random.uniform(1.0, 1.1))
     return delay
 
 
@@ -131,8 +133,7 @@ class JobRunner:
         try:
             self._limiter.acquire(token)
         except Deferred as deferred:
-            self._store.postpone(task_id, delay=deferred.delay)
-            log.info("task %s: postponed %.1fs by the upstream limiter", task_id, deferred.delay)
+            self._postpone(task_id, deferred.delay)
             return
         try:
             with self._keeper.keep(f"upstream slot {token}", lambda: self._limiter.renew(token)):
@@ -145,6 +146,21 @@ class JobRunner:
             self._admission.admit()
         except ServiceError as exc:  # the sweeper admits them on its next tick
             log.warning("admission after a job failed: %s", exc.message)
+
+    def _postpone(self, task_id: str, delay: float) -> None:
+        """Give the task back until the limiter allows, or fail it if that is past its hold."""
+        hold = self._config.upstream_hold_seconds
+        held_too_long = JobError(
+            f"the upstream stayed rate-limited or busy past the task's hold: {hold:.0f}s after its "
+            "creation (UPSTREAM_HOLD_SECONDS)",
+            code="upstream_rate_limited",
+            retryable=True,
+        )
+        task = self._store.postpone(task_id, delay=delay, hold_seconds=hold, error=held_too_long)
+        if task is not None and task["status"] == TaskStatus.FAILED:
+            log.warning("task %s: failed (%s) after holding it %.0fs", task_id, held_too_long.code, hold)
+        else:
+            log.info("task %s: postponed %.1fs by the upstream limiter", task_id, delay)
 
     def _attempt(self, task_id: str) -> None:
         attempt = self._store.start_attempt(
@@ -339,4 +355,4 @@ def _job_error(task_id: str, exc: Exception) -> JobError:
         log.error("task %s: unexpected service error", task_id, exc_info=exc)
         return JobError(exc.message, code=exc.code, retryable=False)
     log.error("task %s: unexpected error", task_id, exc_info=exc)
-    return JobError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+    return JobError(f"internal error ({type(exc).__name__}); the worker's log has it", code="internal_error")

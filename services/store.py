@@ -687,13 +687,19 @@ class JobStore:
 
         return self._change_required(lease.task_id, change, known=lease.document)
 
-    def postpone(self, task_id: str, *, delay: float) -> TaskRecord | None:
-        """Retry a queued task after ``delay`` s (the limiter asked to wait); None if it is not queued."""
+    def postpone(
+        self, task_id: str, *, delay: float, hold_seconds: float, error: JobError
+    ) -> TaskRecord | None:
+        """Retry a queued task after ``delay`` s (the limiter asked to wait), or fail it with ``error`` if
+        that is more than ``hold_seconds`` after its creation; None if it is not queued."""
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord | None:
             if task["status"] != TaskStatus.QUEUED:
                 return None
-            task["next_attempt_at"] = clock.iso(time.time() + delay)
+            now = time.time()
+            if now + delay > clock.epoch_ms(task["created_at"]) / 1000 + hold_seconds:
+                return _finish(task, TaskStatus.FAILED, clock.iso(now), error=error.to_record())
+            task["next_attempt_at"] = clock.iso(now + delay)
             return task
 
         return self._write(task_id, change)[0]

@@ -142,7 +142,7 @@ def test_the_token_bucket_spaces_calls_across_workers(fault_stack: Stack) -> Non
     )
 
 
-@pytest.mark.stack(UPSTREAM_RATE_PER_MINUTE="60", LIMITER_MAX_WAIT="0.3")
+@pytest.mark.stack(UPSTREAM_RATE_PER_MINUTE="60", LIMITER_MAX_WAIT="0.3", UPSTREAM_HOLD_SECONDS="60")
 def test_the_limiter_gives_tasks_back_past_its_in_thread_wait(fault_stack: Stack) -> None:
     """One call a second, and a worker thread waits at most 0.3 s for it: the other tasks are given
     back to the store (postponed, no attempt used) and the sweeper brings them back when due."""

@@ -30,7 +30,7 @@ from services.admission import Admission
 from services.config import Config, load_config
 from services.errors import Deferred, StorageUnavailable
 from services.images import ImageInfo
-from services.jobs import JobRunner, attempts_used, out_of_attempts
+from services.jobs import JobRunner, attempts_used, backoff_delay, out_of_attempts
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
 from services.queue import enqueue_generations
@@ -39,6 +39,7 @@ from services.storage import Storage, StoredObject
 from services.store import NO_LIMITS, JobStore, TaskStatus
 from services.upstream_client import UpstreamClient
 from services.usage import Usage
+from tests.origin import Origin, body
 
 SHARED = Path(os.environ.get("IMAGEGEN_SHARED_DIR", Path(__file__).parents[2] / "shared"))
 SAMPLES = SHARED / "upstream" / "samples"
@@ -153,6 +154,7 @@ class Harness:
         self.keeper = LeaseKeeper(interval=self.config.task_lease_seconds / 3)
         self.upstream = FakeUpstream()
         self.client = UpstreamClient(self.config, transport=httpx.MockTransport(self.upstream))
+        self.clients = [self.client]
         self.storage = FakeStorage()
         self.limiter = self.new_limiter(max_wait_in_thread=1.0)
 
@@ -168,9 +170,12 @@ class Harness:
         )
         return UpstreamLimiter(self.store._redis, self.store.keys, settings)
 
-    def runner(self, limiter: UpstreamLimiter | None = None, **overrides: Any) -> JobRunner:
+    def runner(
+        self, limiter: UpstreamLimiter | None = None, upstream: UpstreamClient | None = None, **overrides: Any
+    ) -> JobRunner:
         config: Config = dataclasses.replace(self.config, **overrides)
         storage = cast(Storage, self.storage)
+        client = upstream or self.client
         redis_client = self.store._redis
         admission = Admission(
             redis_client,
@@ -181,8 +186,16 @@ class Harness:
         )
         usage = Usage(redis_client, self.store.keys)
         return JobRunner(
-            config, self.store, storage, self.client, limiter or self.limiter, self.keeper, admission, usage
+            config, self.store, storage, client, limiter or self.limiter, self.keeper, admission, usage
         )
+
+    def upstream_client(self, **overrides: Any) -> UpstreamClient:
+        """Another client of the fake upstream, with config overrides (closed with the harness)."""
+        client = UpstreamClient(
+            dataclasses.replace(self.config, **overrides), transport=httpx.MockTransport(self.upstream)
+        )
+        self.clients.append(client)
+        return client
 
     def submit(self) -> str:
         return self.store.create(model="gemini-2.5-flash-image", payload=REQUEST, metadata=None)["id"]
@@ -192,7 +205,8 @@ class Harness:
 
     def close(self) -> None:
         self.keeper.stop()
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
 
 @pytest.fixture
@@ -435,6 +449,25 @@ def test_a_429_that_would_outlast_the_hold_fails_the_task(h: Harness) -> None:
     assert task["error"]["upstream_status"] == 429
 
 
+def test_a_retry_hint_is_honoured_up_to_upstream_max_retry_delay(h: Harness) -> None:
+    h.upstream.will_answer((429, sample("error-429-quota.json")))  # retryDelay 29.72s
+    task_id = h.submit()
+    h.runner(upstream_max_retry_delay=2.0).run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.QUEUED
+    delay = seconds_between(task["attempts"][0]["finished_at"] or "", task["next_attempt_at"] or "")
+    assert 2.0 - 0.002 <= delay <= 2.0 * 1.1 + 0.002, "the cap, with the hint's jitter"
+    with pytest.raises(Deferred) as deferred:
+        h.new_limiter(max_wait_in_thread=0).acquire("another worker")
+    assert deferred.value.delay <= 2.2, "every worker's cooldown is capped too"
+
+
+@pytest.mark.parametrize(("hint", "floor"), [(5.0, 5.0), (86400.0, 300.0), (1e12, 300.0)])
+def test_backoff_honours_a_hint_up_to_the_cap(h: Harness, hint: float, floor: float) -> None:
+    for attempt in (1, 5):
+        assert floor <= backoff_delay(attempt, h.config, hint) <= floor * 1.1
+
+
 # ---------------------------------------------------------------- storage failures
 
 
@@ -585,6 +618,27 @@ def test_a_cooldown_postpones_the_task_by_what_is_left_of_it(h: Harness) -> None
     assert h.upstream.calls == 0
 
 
+def test_a_cooldown_past_the_hold_fails_the_queued_task(h: Harness) -> None:
+    h.upstream.will_answer((200, success_body()))
+    limiter = h.new_limiter(max_wait_in_thread=0)
+    limiter.cool_down(5)
+    task_id = h.submit()
+    h.runner(limiter=limiter, upstream_hold_seconds=3.0).run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.FAILED and task["attempts"] == []
+    assert task["error"] == {
+        "code": "upstream_rate_limited",
+        "message": "the upstream stayed rate-limited or busy past the task's hold: 3s after its creation "
+        "(UPSTREAM_HOLD_SECONDS)",
+        "retryable": True,
+        "upstream_status": None,
+    }
+    keys = h.store.keys
+    assert h.in_set(keys.delayed, task_id) is None and h.in_set(keys.queued, task_id) is None
+    assert not h.store._redis.sismember(keys.active, task_id)
+    assert h.upstream.calls == 0
+
+
 def test_an_answer_without_an_image_fails_the_task(h: Harness) -> None:
     h.upstream.will_answer((200, sample("response-text-only.json")))
     task_id = h.submit()
@@ -595,3 +649,78 @@ def test_an_answer_without_an_image_fails_the_task(h: Harness) -> None:
     assert (task["error"]["code"], task["error"]["retryable"]) == ("no_image", False)
     assert outcomes(task) == [("failed", "no_image", 200)]
     assert h.upstream.calls == 1 and h.storage.uploads == 0
+
+
+# ---------------------------------------------------------------- what the upstream's answer points to
+
+
+def url_body(url: str) -> bytes:
+    """An OpenAI-style answer whose one image is at ``url``."""
+    return json.dumps({"created": 0, "data": [{"url": url}]}).encode()
+
+
+@pytest.fixture
+def image_host() -> Iterator[Origin]:
+    server = Origin()
+    yield server
+    server.stop()
+
+
+def test_a_foreign_image_is_fetched_without_the_key_and_a_failed_fetch_keeps_the_answer(
+    h: Harness, image_host: Origin
+) -> None:
+    h.upstream.will_answer((200, url_body(image_host.url("/img.png"))))
+    upstream = h.upstream_client(
+        upstream_api_key="sk-upstream", image_url_allow_http=True, image_url_allow_private=True
+    )
+    image_host.answer("/img.png", body(b"<html>SECRET-BODY-TEXT</html>", status=503))
+    task_id = h.submit()
+    runner = h.runner(upstream=upstream)
+
+    runner.run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.QUEUED
+    assert outcomes(task) == [("retry", "upstream_unavailable", 503)]
+    assert h.store._redis.exists(h.store.keys.result(task_id)), "the paid-for answer is kept"
+
+    image_host.answer("/img.png", body(PNG, headers={"Content-Type": "image/png"}))
+    assert wait_until(lambda: h.store.claim_due_retries() == [task_id], timeout=10, what="the retry")
+    runner.run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.SUCCEEDED
+    assert h.storage.objects == {f"outputs/{task_id}/2/0.png": PNG}
+    assert h.upstream.calls == 1, "the retry fetched the image of the saved answer"
+    fetches = image_host.at("/img.png")
+    assert len(fetches) == 2 and all("authorization" not in r.headers for r in fetches)
+
+
+def test_a_refused_image_url_fails_the_task(h: Harness, image_host: Origin) -> None:
+    """Without IMAGE_URL_ALLOW_HTTP and IMAGE_URL_ALLOW_PRIVATE, http://127.0.0.1 is not fetched."""
+    image_host.answer("/img.png", body(PNG))
+    h.upstream.will_answer((200, url_body(image_host.url("/img.png"))))
+    task_id = h.submit()
+    h.runner().run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.FAILED
+    assert task["error"] is not None
+    assert (task["error"]["code"], task["error"]["retryable"]) == ("output_url_refused", False)
+    assert image_host.requests == [] and h.upstream.calls == 1
+
+
+def test_an_upstream_answer_over_the_cap_fails_the_task_without_another_call(h: Harness) -> None:
+    answer = success_body()
+    h.upstream.will_answer((200, answer))
+    task_id = h.submit()
+    cap = len(answer) - 1
+    runner = h.runner(upstream=h.upstream_client(max_upstream_response_bytes=cap))
+    runner.run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.FAILED
+    assert task["error"] == {
+        "code": "upstream_response_too_large",
+        "message": f"the upstream's answer is larger than {cap} bytes (MAX_UPSTREAM_RESPONSE_BYTES)",
+        "retryable": False,
+        "upstream_status": 200,
+    }
+    runner.run(task_id)
+    assert h.upstream.calls == 1
