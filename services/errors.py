@@ -104,9 +104,14 @@ class InvalidRequest(RequestError):
 
 
 class AddressNotAllowed(InvalidRequest):
-    """A webhook's host is, or resolves to, an address we do not deliver to."""
+    """A host is, or resolves to, an address we do not connect to; ``reason`` says why in words that
+    name no address (``loopback``, ``private``, ``metadata service``, ...), for what clients see."""
 
     code = "address_not_allowed"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Unauthorized(RequestError):

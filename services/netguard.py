@@ -89,7 +89,7 @@ def check_address(address: str, *, allow_private: bool) -> IPAddress:
     ip = ipaddress.ip_address(address)
     reason = forbidden_reason(ip, allow_private=allow_private)
     if reason is not None:
-        raise AddressNotAllowed(f"refused to connect to {ip} ({reason})")
+        raise AddressNotAllowed(f"refused to connect to {ip} ({reason})", reason=reason)
     return ip
 
 
@@ -107,7 +107,9 @@ def resolve_checked(
         try:
             check_address(address, allow_private=allow_private)
         except AddressNotAllowed as exc:
-            raise AddressNotAllowed(f"{host} resolves to {address}: {exc.message}") from None
+            raise AddressNotAllowed(
+                f"{host} resolves to {address}: {exc.message}", reason=exc.reason
+            ) from None
         if address not in addresses:
             addresses.append(address)
     if not addresses:
@@ -215,7 +217,7 @@ class GuardedBackend(httpcore.SyncBackend):
         raise error
 
     def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        raise AddressNotAllowed("webhooks are not delivered to unix sockets")
+        raise AddressNotAllowed("webhooks are not delivered to unix sockets", reason="unix socket")
 
 
 def guarded_transport(

@@ -9,7 +9,6 @@ name hosts and addresses on our side of the network: those are logged here.
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import time
 from collections.abc import Sequence
@@ -82,7 +81,12 @@ class WebhookSender:
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
         except AddressNotAllowed as exc:
             log.warning("webhook %s refused: %s", msg_id, exc.message)
-            return AttemptResult(None, _refusal(exc), _since(started), refused=True)
+            return AttemptResult(
+                None,
+                f"refused: the receiver's address is not allowed ({exc.reason})",
+                _since(started),
+                refused=True,
+            )
         except httpx.TimeoutException as exc:
             return AttemptResult(None, f"timeout: {type(exc).__name__}", _since(started))
         except httpx.HTTPError as exc:
@@ -95,14 +99,3 @@ class WebhookSender:
 
 def _since(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
-
-
-# The reason the address guard gives last, in parentheses: "... refused to connect to 10.0.0.5 (private)".
-# Words only, so that no address can be taken for one.
-_REASON = re.compile(r"\(([a-z][a-z -]*)\)$")
-
-
-def _refusal(exc: AddressNotAllowed) -> str:
-    """What a client sees of a refused address: why, not which address."""
-    match = _REASON.search(exc.message)
-    return "refused: the receiver's address is not allowed" + (f" ({match[1]})" if match else "")
