@@ -345,6 +345,14 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "TaskPage": {
+        "type": "object",
+        "required": ["data", "next_cursor"],
+        "properties": {
+            "data": {"type": "array", "items": _ref("Task")},
+            "next_cursor": {"type": "string", "nullable": True, "description": "null: the last page"},
+        },
+    },
     "Usage": {
         "type": "object",
         "required": ["tenant", "days"],
@@ -523,6 +531,42 @@ _PATHS: dict[str, Any] = {
                     "submits faster than its rate_per_minute"
                 ),
                 "503": _unavailable("The store or the queue is unavailable; nothing was accepted"),
+            },
+        }
+    },
+    "/v1/tasks": {
+        "get": {
+            "summary": "The caller's tasks, newest first, in pages",
+            "description": "Stable cursor paging: tasks created meanwhile never appear in later pages, "
+            "and none is skipped or repeated. A page examines at most 1,000 tasks: with a rare "
+            "filter it may hold fewer than `limit` and still have a `next_cursor`. "
+            "`metadata.<key>=<value>` (up to 10) keeps tasks whose metadata has that key with that value "
+            "(as JSON text unless a string). Webhook deliveries are left out (see the task itself).",
+            "operationId": "listTasks",
+            "parameters": [
+                {
+                    "name": "status",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "enum": _STATUSES},
+                },
+                {"name": "created_after", "in": "query", "required": False, "schema": _TIME},
+                {"name": "created_before", "in": "query", "required": False, "schema": _TIME},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                },
+                {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": _json(_ref("TaskPage"), "A page of tasks"),
+                "400": _error(
+                    "A parameter out of range or unknown, or a cursor this server did not hand out"
+                ),
+                "401": _error(_UNAUTHORIZED),
+                "503": _unavailable("The store is unavailable"),
             },
         }
     },

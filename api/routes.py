@@ -12,6 +12,7 @@ from api.openapi import openapi_document
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
 from services.runtime import Runtime
+from services.task_list import query_from_params
 from services.task_view import task_view
 from services.usage import MAX_DAYS
 
@@ -65,6 +66,16 @@ def _read_body(limit: int) -> bytes:
         if remaining is not None:
             remaining -= len(chunk)
     return b"".join(chunks)
+
+
+@blueprint.get("/v1/tasks")
+def list_tasks() -> Response:
+    """The caller's tasks, newest first (``services/task_list.py``); webhook deliveries are left out."""
+    rt = _runtime()
+    page = rt.task_list.page(current_tenant(), query_from_params(request.args))
+    base_url = rt.config.public_base_url
+    data = [task_view(task, rt.storage, base_url=base_url) for task in page.tasks]
+    return jsonify({"data": data, "next_cursor": page.next_cursor})
 
 
 @blueprint.get("/v1/tasks/<task_id>")

@@ -22,6 +22,9 @@ Tenants and admission (``services/tenants.py``, ``services/admission.py``); ``{t
   {p}:apikeys              hash    sha256 of an API key made by the admin API -> JSON {id, tenant, created_at}
   {p}:apikey_ids           hash    key id -> the sha256 it stands for (to revoke by id)
   {p}:t:{t}:active         set     the tenant's tasks that are not final (``max_queued``)
+  {p}:t:{t}:tasks          zset    every task of the tenant -> its creation (ms): ``GET /v1/tasks``
+  {p}:t:{t}:status:{s}     zset    the tenant's tasks in status {s} -> their creation (ms): its filter.
+                                   Both trimmed as records expire (``services/task_list.py``)
   {p}:t:{t}:ready          zset    the tenant's queued tasks not yet admitted -> order (ms)
   {p}:t:{t}:admitted       zset    the tenant's admitted tasks (message sent, or running) -> since (ms)
   {p}:t:{t}:rate           hash    the tenant's submission token bucket: ``tokens``, ``at`` (ms)
@@ -110,6 +113,12 @@ class Keys:
 
     def tenant_active(self, tenant: str) -> str:
         return self._key("t", tenant, "active")
+
+    def tenant_tasks(self, tenant: str) -> str:
+        return self._key("t", tenant, "tasks")
+
+    def tenant_status(self, tenant: str, status: str) -> str:
+        return self._key("t", tenant, "status", status)
 
     def tenant_ready(self, tenant: str) -> str:
         return self._key("t", tenant, "ready")

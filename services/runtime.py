@@ -23,6 +23,7 @@ from services.queue import enqueue_generations
 from services.storage import Storage
 from services.store import JobStore
 from services.submission import SubmissionService
+from services.task_list import TaskList
 from services.tenants import Tenants, TenantSettings
 from services.upstream_client import UpstreamClient
 from services.usage import Usage
@@ -73,6 +74,10 @@ class Runtime:
     @functools.cached_property
     def tenants(self) -> Tenants:
         return Tenants(self.redis, self.keys, defaults=self.tenant_defaults, static_keys=self.config.api_keys)
+
+    @functools.cached_property
+    def task_list(self) -> TaskList:
+        return TaskList(self.redis, self.keys)
 
     @functools.cached_property
     def usage(self) -> Usage:

@@ -95,8 +95,9 @@ return 1
 # Submitting one task. KEYS: see ``_create``'s names. ARGV: the new task's id, record and payload, now and
 # its order in the tenant's ready set (ms), the tenant, the defaults of its limits, the admission window
 # (0: none), the idempotency record to write with it ('' for none) and its TTL, the broker message ('' for
-# none), the usage TTL. Refuses with {-1, 0} when the tenant has max_queued unfinished tasks, {-2, ms to
-# wait} when its submission rate is used up; else writes everything and returns {1, admitted}: admitted
+# none), the usage TTL, how long the tenant's task index keeps an entry (ms). Refuses with {-1, 0}
+# when the tenant has max_queued unfinished tasks, {-2, ms to wait} when its submission rate is used
+# up; else writes everything and returns {1, admitted}: admitted
 # (1) means the task went straight to the broker, because nothing of its tenant waits and the window
 # and the tenant's max_concurrency have room (``services/admission.py`` applies the same rule to the
 # tasks that wait); otherwise it waits in the tenant's ready set.
@@ -121,6 +122,9 @@ redis.call('SET', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[15], now, ARGV[1])
+redis.call('ZADD', KEYS[16], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', '(' .. (now - tonumber(ARGV[15])))
 redis.call('HINCRBY', KEYS[12], 'submitted', 1)
 redis.call('EXPIRE', KEYS[12], ARGV[14])
 if ARGV[11] ~= '' then redis.call('SET', KEYS[13], ARGV[11], 'EX', ARGV[12]) end
@@ -218,6 +222,9 @@ return 1
 
 # Without settings of its own, a tenant is limited only by the window (tests build stores this way).
 NO_LIMITS = TenantSettings(max_concurrency=0, max_queued=0, rate_per_minute=0.0, weight=1.0)
+# A task's entry in its tenant's index outlives the longest a task can be kept; stale ones are also
+# dropped when a listing finds their record gone (services/task_list.py).
+INDEX_SLACK_SECONDS = 7 * 86400
 QUEUE_FULL_RETRY_AFTER = 5.0  # seconds: when some of a full queue is likely done; a hint, not a promise
 
 
@@ -319,6 +326,8 @@ class JobStore:
                 "usage",
                 "also_key",
                 "queue",
+                "tenant_tasks",
+                "tenant_queued",
             ],
             args=[
                 "task_id",
@@ -335,6 +344,7 @@ class JobStore:
                 "also_ttl",
                 "message",
                 "usage_ttl",
+                "index_ms",
             ],
         )
         self._claim_due = Script(
@@ -539,6 +549,8 @@ class JobStore:
                 usage=keys.tenant_usage(tenant, clock.day(now)),
                 also_key=also_key,
                 queue=queue,
+                tenant_tasks=keys.tenant_tasks(tenant),
+                tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
                 task_id=task_id,
                 document=dumps(task),
                 payload=payload,
@@ -553,6 +565,7 @@ class JobStore:
                 also_ttl=also_ttl,
                 message=body,
                 usage_ttl=USAGE_RETENTION_SECONDS,
+                index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
             )
         if outcome == -1:
             raise TooManyRequests(
@@ -779,6 +792,13 @@ class JobStore:
         tenant = tenant_of(new)
         keys = self.keys
         status = TaskStatus(new["status"])
+        if old["status"] != new["status"]:
+            extra.write("ZREM", keys.tenant_status(tenant, old["status"]), task_id)
+            extra.write(
+                "ZADD", keys.tenant_status(tenant, status), clock.epoch_ms(new["created_at"]), task_id
+            )
+            expired = clock.now_ms() - clock.ms(self._task_retention + INDEX_SLACK_SECONDS)
+            extra.write("ZREMRANGEBYSCORE", keys.tenant_status(tenant, status), "-inf", f"({expired}")
         if status.is_final:
             extra.write("SREM", keys.active, task_id)
             extra.write("SREM", keys.tenant_active(tenant), task_id)
