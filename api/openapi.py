@@ -299,6 +299,16 @@ _SCHEMAS: dict[str, Any] = {
             "metadata": _nullable({"type": "object"}),
             "error": _nullable(_TASK_ERROR),
             "webhook": _nullable(_WEBHOOK),
+            "queue_position": _nullable(
+                {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "`GET /v1/tasks/{id}` of a queued task: 0 once it is handed to the "
+                    "workers (it starts as soon as one is free); else 1 + how many of its tenant's tasks "
+                    "wait ahead of it (other tenants share the places by weight). null when not queued, or "
+                    "waiting for a retry",
+                }
+            ),
             "links": _ref("Links"),
         },
     },

@@ -91,7 +91,9 @@ def cancel_task(task_id: str) -> Response:
 def _task_response(task: TaskRecord) -> Response:
     rt = _runtime()
     deliveries = rt.webhooks.deliveries(task)
-    return jsonify(task_view(task, rt.storage, base_url=rt.config.public_base_url, deliveries=deliveries))
+    view = task_view(task, rt.storage, base_url=rt.config.public_base_url, deliveries=deliveries)
+    view["queue_position"] = rt.store.queue_position(task)
+    return jsonify(view)
 
 
 @blueprint.post("/v1/tasks/<task_id>/webhook/redeliver")

@@ -392,6 +392,21 @@ class JobStore:
         _require_owner(task, tenant)
         return task
 
+    def queue_position(self, task: TaskRecord) -> int | None:
+        """Where a queued task stands: 0 once it is admitted (handed to the workers), else 1 + how many
+        of its tenant's tasks wait ahead of it in its ready set; None when it is not queued, or waits
+        for a retry. Approximate by nature: admission shares places among tenants by weight."""
+        if task["status"] != TaskStatus.QUEUED or task["next_attempt_at"]:
+            return None
+        with mapped_redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zscore(self.keys.admitted, task["id"])
+            pipe.zrank(self.keys.tenant_ready(tenant_of(task)), task["id"])
+            admitted, rank = pipe.execute()
+        if admitted is not None:
+            return 0
+        return None if rank is None else int(rank) + 1
+
     def save_result(self, lease: Lease, body: bytes) -> None:
         """Keep an upstream answer whose outputs could not be stored, until the task is final; only
         while the lease's attempt is still the task's open one (else ``LeaseLost``, nothing saved)."""

@@ -345,6 +345,20 @@ def test_max_concurrency_bounds_a_tenants_calls_in_flight(tenants: Tenants) -> N
     assert len(spans) == 4 and most_at_once(spans) == 1, spans
 
 
+def test_queue_position_counts_the_tenants_tasks_waiting_ahead(tenants: Tenants) -> None:
+    tenants.settings(tenants.a, max_concurrency=1)
+    ids = [tenants.submit(tenants.a, with_directive(delay_ms="1500")).json()["id"] for _ in range(3)]
+    first, second, third = (tenants.task(tenants.a, task_id) for task_id in ids)
+    assert first["queue_position"] in (0, None), "admitted at once (0), or running already (null)"
+    assert (second["queue_position"], third["queue_position"]) == (1, 2)
+    tenants.wait_final(tenants.a, ids[0])
+    assert wait_until(
+        lambda: tenants.task(tenants.a, ids[2])["queue_position"] == 1, timeout=10, what="moved up"
+    )
+    for task_id in ids:
+        assert tenants.wait_final(tenants.a, task_id)["queue_position"] is None
+
+
 def test_usage_counts_per_day_for_the_callers_tenant_only(tenants: Tenants) -> None:
     ids = [tenants.submit(tenants.a, seed_body()).json()["id"] for _ in range(2)]
     outputs = [tenants.wait_final(tenants.a, task_id)["outputs"] for task_id in ids]
