@@ -596,7 +596,8 @@ _PATHS: dict[str, Any] = {
     "/v1/tasks/{task_id}/cancel": {
         "post": {
             "summary": "Cancel a queued or running task",
-            "description": "A running attempt's call may still be in flight; its result is discarded. A "
+            "description": "A running attempt's upstream call is cut off (its connection shut down by the "
+            "worker running it), so it is not paid for and its slot goes to the next task. A "
             "`task.canceled` webhook is sent if the task asked for that event.",
             "operationId": "cancelTask",
             "parameters": [_TASK_ID],

@@ -85,7 +85,10 @@ def get_task(task_id: str) -> Response:
 
 @blueprint.post("/v1/tasks/<task_id>/cancel")
 def cancel_task(task_id: str) -> Response:
-    return _task_response(_runtime().store.cancel(task_id, tenant=current_tenant()))
+    rt = _runtime()
+    task = rt.store.cancel(task_id, tenant=current_tenant())
+    rt.cancel_signal.publish(task_id)  # the worker running its call cuts it off
+    return _task_response(task)
 
 
 def _task_response(task: TaskRecord) -> Response:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from services.admission import Admission
+from services.cancellation import InFlightCalls
 from services.clock import parse_iso
 from services.config import Config
 from services.errors import (
@@ -111,6 +112,7 @@ class JobRunner:
         keeper: LeaseKeeper,
         admission: Admission,
         usage: Usage,
+        calls: InFlightCalls,
     ) -> None:
         self._config = config
         self._store = store
@@ -120,6 +122,7 @@ class JobRunner:
         self._keeper = keeper
         self._admission = admission
         self._usage = usage
+        self._calls = calls
 
     def run(self, task_id: str) -> None:
         """Run the task's next attempt; then admit the next waiting tasks into the place it frees."""
@@ -220,7 +223,8 @@ class JobRunner:
         if attempt.payload is None:
             raise NotFound(f"the payload of task {task_id!r} is missing", field="id")
         try:
-            status, body = self._upstream.generate(attempt.payload)
+            with self._calls.calling(task_id):  # a cancel cuts this call off (services/cancellation.py)
+                status, body = self._upstream.generate(attempt.payload)
         finally:
             self._count_call(attempt.task)
         return status, False, parse_success(body)

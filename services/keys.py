@@ -49,6 +49,9 @@ Idempotency (``services/idempotency.py``)
                            string  ``pending``, then ``done`` with the first response (JSON)
                                    TTL: 60 s pending, then IDEMPOTENCY_TTL
 
+Cancels (``services/cancellation.py``): a pub/sub channel, not a key
+  {p}:cancels              channel the id of each task canceled, for the worker running its call
+
 Workers (``services/presence.py``)
   {p}:worker:{host}:{pid}  string  a worker process that consumes: node name, queues (JSON)
                                    TTL: three heartbeats, renewed; deleted when it stops
@@ -173,6 +176,10 @@ class Keys:
     # idempotency ------------------------------------------------------------------------------------
     def idempotency(self, scope_hash: str, key_hash: str) -> str:
         return self._key("idem", scope_hash, key_hash)
+
+    @property
+    def cancels(self) -> str:
+        return self._key("cancels")
 
     # workers ----------------------------------------------------------------------------------------
     def worker(self, name: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import redis
 
 from services.admission import Admission
+from services.cancellation import CancelSignal, InFlightCalls
 from services.config import Config
 from services.idempotency import IdempotencyStore
 from services.jobs import JobRunner
@@ -109,8 +110,16 @@ class Runtime:
 
     # workers ----------------------------------------------------------------------------------------
     @functools.cached_property
+    def calls(self) -> InFlightCalls:
+        return InFlightCalls()
+
+    @functools.cached_property
+    def cancel_signal(self) -> CancelSignal:
+        return CancelSignal(self.redis, self.keys)
+
+    @functools.cached_property
     def upstream(self) -> UpstreamClient:
-        return UpstreamClient(self.config)
+        return UpstreamClient(self.config, calls=self.calls)
 
     @functools.cached_property
     def limiter(self) -> UpstreamLimiter:
@@ -138,4 +147,5 @@ class Runtime:
             self.keeper,
             self.admission,
             self.usage,
+            self.calls,
         )

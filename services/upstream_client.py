@@ -34,8 +34,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import httpcore
 import httpx
 
+from services.cancellation import InFlightCalls, TrackingBackend
 from services.config import Config
 from services.errors import AddressNotAllowed, UpstreamError
 from services.netguard import deadline, guarded_transport
@@ -49,6 +51,7 @@ USER_AGENT = "imagegen-queue"
 # An image comes uncompressed only.
 UPSTREAM_ENCODINGS = frozenset({"identity", "gzip", "deflate"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_THREAD_LIMITS = httpx.Limits(max_connections=2, max_keepalive_connections=2)
 
 Origin = tuple[str, str, int | None]
 
@@ -59,8 +62,17 @@ def origin(url: httpx.URL) -> Origin:
 
 
 class UpstreamClient:
-    def __init__(self, config: Config, *, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        calls: InFlightCalls | None = None,
+    ) -> None:
+        """``calls``: where each thread's connections are recorded, so that a cancel can cut a call off
+        (``services/cancellation.py``); ``transport`` replaces the network altogether (tests)."""
         self._config = config
+        self._calls = calls
         self._origin = origin(httpx.URL(config.upstream_base_url))
         headers = {
             "Content-Type": "application/json",
@@ -78,12 +90,11 @@ class UpstreamClient:
                 write=config.upstream_timeout,
                 pool=config.upstream_timeout,
             ),
-            "limits": httpx.Limits(max_connections=2, max_keepalive_connections=2),
             "transport": transport,
-            # one TLS context for all the threads' clients: each would otherwise load the CA bundle
-            # (about 1 MB of memory per thread)
-            "verify": httpx.create_ssl_context(),
         }
+        # one TLS context for all the threads' clients: each would otherwise load the CA bundle (about
+        # 1 MB of memory per thread)
+        self._ssl_context = httpx.create_ssl_context()
         self._local = threading.local()
         self._clients: list[httpx.Client] = []
         self._lock = threading.Lock()
@@ -104,10 +115,26 @@ class UpstreamClient:
         """This thread's client, made on its first call."""
         client = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = httpx.Client(**self._settings)  # type: ignore[arg-type]
+            transport = self._settings["transport"] or self._transport()
+            settings = {**self._settings, "transport": transport}
+            client = self._local.client = httpx.Client(**settings)  # type: ignore[arg-type]
             with self._lock:
                 self._clients.append(client)
         return client
+
+    def _transport(self) -> httpx.HTTPTransport:
+        """A thread's transport: one keep-alive connection, two at most, each recorded in ``calls``."""
+        transport = httpx.HTTPTransport(verify=self._ssl_context, limits=_THREAD_LIMITS)
+        if self._calls is not None:
+            # httpx has no public hook for the network backend: its pool, built the same way plus ours
+            transport._pool = httpcore.ConnectionPool(
+                ssl_context=self._ssl_context,
+                max_connections=_THREAD_LIMITS.max_connections,
+                max_keepalive_connections=_THREAD_LIMITS.max_keepalive_connections,
+                keepalive_expiry=_THREAD_LIMITS.keepalive_expiry,
+                network_backend=TrackingBackend(self._calls),
+            )
+        return transport
 
     def generate(self, body: bytes) -> tuple[int, bytes | bytearray]:
         """Call the upstream once; return the HTTP status and body of a success, else raise its error.

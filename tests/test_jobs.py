@@ -27,6 +27,7 @@ from PIL import Image
 from devstack.processes import wait_until
 from services import clock
 from services.admission import Admission
+from services.cancellation import InFlightCalls
 from services.config import Config, load_config
 from services.errors import Deferred, StorageUnavailable
 from services.images import ImageInfo
@@ -186,7 +187,15 @@ class Harness:
         )
         usage = Usage(redis_client, self.store.keys)
         return JobRunner(
-            config, self.store, storage, client, limiter or self.limiter, self.keeper, admission, usage
+            config,
+            self.store,
+            storage,
+            client,
+            limiter or self.limiter,
+            self.keeper,
+            admission,
+            usage,
+            InFlightCalls(),
         )
 
     def upstream_client(self, **overrides: Any) -> UpstreamClient:

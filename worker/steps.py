@@ -6,6 +6,8 @@
 - ``ShutdownDeadlineStep`` makes a stopping worker exit within ``WORKER_SHUTDOWN_TIMEOUT``
   (``worker/shutdown.py``);
 - ``SweeperStep`` runs the sweeper (``services/sweeper.py``) in every worker;
+- ``CancelListenerStep`` cuts off the upstream calls of canceled tasks (``services/cancellation.py``) in
+  generation workers;
 - ``DispatcherStep`` runs the webhook dispatcher in workers that consume the ``webhooks`` queue;
 - ``PresenceStep`` (consumer) announces the process once its queues are consumed (``services/presence.py``).
 """
@@ -19,6 +21,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import worker_shutting_down
 
+from services.cancellation import CancelListener
 from services.presence import Presence
 from services.queue import DELIVER_WEBHOOK_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
 from services.runtime import Runtime
@@ -83,6 +86,26 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is u
         self.sweeper.stop()
 
 
+class CancelListenerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
+    """Generation workers listen for cancels, to cut off the calls of canceled tasks."""
+
+    requires = (RuntimeStep,)
+
+    def include_if(self, worker: Any) -> bool:
+        return GENERATION_QUEUE in worker.app.amqp.queues.consume_from
+
+    def create(self, worker: Any) -> CancelListener:
+        rt = runtime_of(worker.app)
+        self.listener = CancelListener(rt.redis, rt.keys, rt.calls)
+        return self.listener
+
+    def start(self, worker: Any) -> None:
+        self.listener.start()
+
+    def stop(self, worker: Any) -> None:
+        self.listener.stop()
+
+
 class DispatcherStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
     requires = (RuntimeStep,)
 
@@ -137,5 +160,5 @@ class PresenceStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is 
         self.stop(consumer)
 
 
-WORKER_STEPS = (RuntimeStep, ShutdownDeadlineStep, SweeperStep, DispatcherStep)
+WORKER_STEPS = (RuntimeStep, ShutdownDeadlineStep, SweeperStep, CancelListenerStep, DispatcherStep)
 CONSUMER_STEPS = (PresenceStep,)
