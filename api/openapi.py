@@ -591,7 +591,19 @@ _PATHS: dict[str, Any] = {
                 "404": _error("No such task"),
                 "503": _unavailable("The store is unavailable"),
             },
-        }
+        },
+        "delete": {
+            "summary": "Delete a final task: its record, payload, webhook events and log, and its images",
+            "operationId": "deleteTask",
+            "parameters": [_TASK_ID],
+            "responses": {
+                "204": {"description": "Deleted; the task is 404 from now on"},
+                "401": _error(_UNAUTHORIZED),
+                "404": _error("No such task"),
+                "409": _error("The task is not final (invalid_transition): cancel it first"),
+                "503": _unavailable("The store or storage is unavailable; nothing of the record is gone"),
+            },
+        },
     },
     "/v1/tasks/{task_id}/cancel": {
         "post": {

@@ -9,6 +9,7 @@ from flask.typing import ResponseReturnValue
 
 from api.auth import bearer_token, current_tenant, is_admin_key
 from api.openapi import openapi_document
+from services.deletion import delete_task
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
 from services.runtime import Runtime
@@ -81,6 +82,13 @@ def list_tasks() -> Response:
 @blueprint.get("/v1/tasks/<task_id>")
 def get_task(task_id: str) -> Response:
     return _task_response(_runtime().store.get(task_id, tenant=current_tenant()))
+
+
+@blueprint.delete("/v1/tasks/<task_id>")
+def delete_task_route(task_id: str) -> Response:
+    rt = _runtime()
+    delete_task(rt.store, rt.storage, task_id, tenant=current_tenant())
+    return Response(status=204)
 
 
 @blueprint.post("/v1/tasks/<task_id>/cancel")

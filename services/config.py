@@ -85,6 +85,8 @@ class Config:
     allowed_models: frozenset[str] | None = None
     store_timeout: float = 2.0
     idempotency_ttl: int = 86400
+    task_retention_days: int = 30
+    output_retention_days: int = 0  # 0: as long as the task (task_retention_days)
 
     # webhooks (services/webhooks.py); the secret is never shown in a repr
     webhook_signing_secret: str | None = field(default=None, repr=False)
@@ -96,6 +98,11 @@ class Config:
     webhook_allow_http: bool = False
     webhook_secret_grace: float = 86400.0
     public_base_url: str = "http://127.0.0.1:8000"
+
+    @property
+    def output_retention(self) -> int:
+        """Days an output object is kept (``OUTPUT_RETENTION_DAYS``, else as long as its task)."""
+        return self.output_retention_days or self.task_retention_days
 
     @property
     def auth_required(self) -> bool:
@@ -267,6 +274,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ALLOWED_MODELS": ("allowed_models", _csv_set),
     "STORE_TIMEOUT": ("store_timeout", _positive_float),
     "IDEMPOTENCY_TTL": ("idempotency_ttl", _positive_int),
+    "TASK_RETENTION_DAYS": ("task_retention_days", _positive_int),
+    "OUTPUT_RETENTION_DAYS": ("output_retention_days", _non_negative_int),
     "WEBHOOK_SIGNING_SECRET": ("webhook_signing_secret", _webhook_secret),
     "WEBHOOK_RETRY_SCHEDULE": ("webhook_retry_schedule", _schedule),
     "WEBHOOK_TIMEOUT": ("webhook_timeout", _positive_float),

@@ -55,6 +55,7 @@ class Runtime:
         self.store = JobStore(
             self.redis,
             config.key_prefix,
+            task_retention=config.task_retention_days * 86400,
             tenant_defaults=self.tenant_defaults,
             admission_window=config.upstream_max_concurrency,
         )

@@ -30,6 +30,7 @@ from services.images import ImageInfo
 
 if TYPE_CHECKING:  # the stubs (boto3-stubs[s3]) are a test dependency only
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import LifecycleRuleTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,13 @@ class StoredObject:
     height: int | None
 
 
+OUTPUTS_PREFIX = "outputs/"
+
+
 def output_key(task_id: str, attempt: int, index: int, extension: str) -> str:
     """Where an attempt's output goes: one prefix per attempt, so that a stale worker's late upload
     never overwrites what another attempt stored, and its unused objects can be deleted."""
-    return f"outputs/{task_id}/{attempt}/{index}.{extension}"
+    return f"{OUTPUTS_PREFIX}{task_id}/{attempt}/{index}.{extension}"
 
 
 class Storage:
@@ -121,6 +125,36 @@ class Storage:
             return self._signer.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self._expires
             )
+
+    def delete_task_objects(self, task_id: str) -> None:
+        """Delete every object of a task, whatever attempt stored it (``outputs/{task}/``)."""
+        prefix = f"{OUTPUTS_PREFIX}{task_id}/"
+        with _mapped_errors("list"):
+            listed = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        keys = [item["Key"] for item in listed.get("Contents", [])]
+        if keys:
+            self.delete(keys)
+
+    def expire_outputs(self, days: int) -> bool:
+        """Set the bucket's lifecycle rule that expires outputs ``days`` after they were stored; False
+        (logged) when the credentials may not (the bucket's own policy then decides)."""
+        rule: LifecycleRuleTypeDef = {
+            "ID": "imagegen-output-retention",
+            "Filter": {"Prefix": OUTPUTS_PREFIX},
+            "Status": "Enabled",
+            "Expiration": {"Days": days},
+        }
+        try:
+            with _mapped_errors("set the bucket's lifecycle"):
+                self._client.put_bucket_lifecycle_configuration(
+                    Bucket=self.bucket, LifecycleConfiguration={"Rules": [rule]}
+                )
+        except StorageUnavailable as exc:
+            log.warning(
+                "outputs are not expired by this service (%s): the bucket's own policy decides", exc.message
+            )
+            return False
+        return True
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (a no-op when it does)."""

@@ -48,7 +48,8 @@ from services.redis_errors import mapped_redis_errors
 from services.serialization import dumps
 from services.tenants import DEFAULT_TENANT, TenantSettings, tenant_of
 from services.usage import RETENTION_SECONDS as USAGE_RETENTION_SECONDS
-from services.webhooks.outbox import event_for_change
+from services.validation import WEBHOOK_EVENTS
+from services.webhooks.outbox import event_for_change, event_id
 
 
 class TaskStatus(StrEnum):
@@ -160,6 +161,20 @@ for index = 2, #ARGV, 3 do
   end
 end
 return moved
+"""
+
+# Deleting a final task. KEYS: the task, its payload, its saved answer, its webhook log, its tenant's
+# index and status index, the webhook outbox's due set, then each of its possible events' event and
+# state keys. ARGV: the document expected, the task id, then its possible event ids. Returns 0 when the
+# document changed meanwhile, else 1.
+_DELETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('ZREM', KEYS[6], ARGV[2])
+for index = 3, #ARGV do redis.call('ZREM', KEYS[7], ARGV[index]) end
+for index = 8, #KEYS do redis.call('DEL', KEYS[index]) end
+return 1
 """
 
 # KEYS[1]: the sorted set to claim from, KEYS[2]: the one to move claimed members to (may be the same).
@@ -370,6 +385,22 @@ class JobStore:
             _RENEW_LEASE,
             keys=["lease", "running"],
             args=["token", "ttl_ms", "deadline_ms", "task_id"],
+        )
+        self._delete = Script(
+            client,
+            _DELETE,
+            keys=[
+                "task",
+                "payload",
+                "result",
+                "webhook_log",
+                "tenant_tasks",
+                "tenant_status",
+                "webhooks_due",
+            ],
+            args=["expected", "task_id"],
+            more_keys="event_keys",
+            more_args="event_ids",
         )
         self._claim = Script(client, _CLAIM, keys=["source", "target"], args=["max_score", "score", "limit"])
         self._claim_expired = Script(
@@ -745,6 +776,41 @@ class JobStore:
             return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
 
         return self._change_required(lease.task_id, change, known=lease.document)
+
+    def delete(self, task_id: str, *, tenant: str | None = None) -> TaskRecord:
+        """Remove a final task (of ``tenant``, if given) and everything the store keeps of it: record,
+        payload, saved answer, index entries, webhook events and log. A task that is not final raises
+        ``InvalidTransition`` (409): cancel it first. Returns the record as it was."""
+        keys = self.keys
+        event_ids = [event_id(task_id, status) for status in WEBHOOK_EVENTS]
+        with mapped_redis_errors():
+            while True:
+                raw = self._redis.get(keys.task(task_id))
+                if raw is None:
+                    raise NotFound(f"no task with id {task_id!r}", field="id")
+                task: TaskRecord = json.loads(raw)
+                _require_owner(task, tenant)
+                if not TaskStatus(task["status"]).is_final:
+                    raise InvalidTransition(f"a {task['status']} task cannot be deleted; cancel it first")
+                deleted = self._delete(
+                    task=keys.task(task_id),
+                    payload=keys.payload(task_id),
+                    result=keys.result(task_id),
+                    webhook_log=keys.webhook_log(task_id),
+                    tenant_tasks=keys.tenant_tasks(tenant_of(task)),
+                    tenant_status=keys.tenant_status(tenant_of(task), task["status"]),
+                    webhooks_due=keys.webhooks_due,
+                    event_keys=[
+                        key
+                        for event in event_ids
+                        for key in (keys.webhook_event(event), keys.webhook_state(event))
+                    ],
+                    expected=raw,
+                    task_id=task_id,
+                    event_ids=event_ids,
+                )
+                if deleted == 1:
+                    return task
 
     def cancel(self, task_id: str, *, tenant: str | None = None) -> TaskRecord:
         """Cancel a queued or running task (of ``tenant``, if given: another's is not found); a final one

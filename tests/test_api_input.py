@@ -327,7 +327,7 @@ def test_without_a_key_no_v1_path_answers_but_401(stack: Stack, keyed_api: ApiSe
         assert_error(response, 401, "unauthorized", "Authorization")
     keyed = {"Authorization": "Bearer k-one"}
     assert_error(stack.http.get(f"{keyed_api.url}/v1/nothing-here", headers=keyed), 404, "not_found")
-    assert_error(stack.http.delete(f"{keyed_api.url}/v1/tasks/x", headers=keyed), 405, "method_not_allowed")
+    assert_error(stack.http.put(f"{keyed_api.url}/v1/tasks/x", headers=keyed), 405, "method_not_allowed")
     assert_error(stack.http.get(f"{keyed_api.url}/nothing-here"), 404, "not_found")
 
 

@@ -45,8 +45,13 @@ class RuntimeStep(bootsteps.Step):  # type: ignore[misc]  # celery is untyped: i
         keep_big_buffers_out_of_the_heap()
         config = worker.app.conf.iq_config
         config = dataclasses.replace(config, worker_concurrency=worker.concurrency)
-        worker.app.conf.iq_runtime = Runtime(config)
+        runtime = worker.app.conf.iq_runtime = Runtime(config)
         log.info("clients sized for a pool of %d", config.worker_concurrency)
+        if runtime.storage.expire_outputs(config.output_retention):
+            log.info(
+                "outputs expire %d days after they are stored (the bucket's lifecycle)",
+                config.output_retention,
+            )
 
 
 class ShutdownDeadlineStep(bootsteps.Step):  # type: ignore[misc]  # celery is untyped: its base classes are Any
