@@ -16,6 +16,9 @@ Tasks: written by ``services/store.py`` only, every change with one compare-and-
   {p}:queued               zset    admitted queued task id -> when its message was sent (ms)
   {p}:delayed              zset    task id waiting for a retry -> when it is due (ms)
   {p}:running              zset    running task id -> its lease's deadline (ms)
+  {p}:events:{id}          list    the task's status changes, oldest first: entry i (from 1) is event i,
+                                   its status (``GET /v1/tasks/{id}/events``); appended by the create
+                                   and by every change of status. TTL: kept; 30 d once final, like the task
 
 Tenants and admission (``services/tenants.py``, ``services/admission.py``); ``{t}`` is a tenant's name
   {p}:tenants              hash    tenant -> its own settings (JSON: max_concurrency, max_queued, ...)
@@ -52,6 +55,10 @@ Idempotency (``services/idempotency.py``)
 Cancels (``services/cancellation.py``): a pub/sub channel, not a key
   {p}:cancels              channel the id of each task canceled, for the worker running its call
 
+Task events (``services/task_events.py``): a pub/sub channel, not a key; the store publishes with each
+change of status
+  {p}:task-events          channel the id of each task whose status changed, for the requests that wait
+
 Workers (``services/presence.py``)
   {p}:worker:{host}:{pid}  string  a worker process that consumes: node name, queues (JSON)
                                    TTL: three heartbeats, renewed; deleted when it stops
@@ -84,6 +91,9 @@ class Keys:
 
     def lease(self, task_id: str) -> str:
         return self._key("lease", task_id)
+
+    def events(self, task_id: str) -> str:
+        return self._key("events", task_id)
 
     @property
     def active(self) -> str:
@@ -180,6 +190,10 @@ class Keys:
     @property
     def cancels(self) -> str:
         return self._key("cancels")
+
+    @property
+    def task_events(self) -> str:
+        return self._key("task-events")
 
     # workers ----------------------------------------------------------------------------------------
     def worker(self, name: str) -> str:

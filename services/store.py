@@ -8,9 +8,10 @@ lease carries it), let a pure function compute the next one (``_check`` enforces
 ``ALLOWED_TRANSITIONS``), and write it with one compare-and-set script, retrying on a fresh read if
 another process changed the task in between. No other code writes a task. The same script applies, in
 the same atomic step, what follows from the change (``_consequences``): the bookkeeping sets (active,
-queued, delayed, running), the lease, the saved answer, the retention of a final task, and the webhook
-event the change causes (its format is the outbox's: ``services/webhooks/outbox.py``), so that a crash
-can never split a state change from its bookkeeping.
+queued, delayed, running), the lease, the saved answer, the retention of a final task, the webhook
+event the change causes (its format is the outbox's: ``services/webhooks/outbox.py``), and a change of
+status's numbered event and its wake-up on pub/sub (``services/task_events.py``), so that a crash can
+never split a state change from its bookkeeping.
 
 A worker's writes that close its attempt (``succeed``, ``fail``, ``schedule_retry``) and the answer it
 saves (``save_result``) are accepted only while that attempt is still the task's open attempt: the
@@ -121,6 +122,7 @@ if rate > 0 then
 end
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[17], 'queued')
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[15], now, ARGV[1])
@@ -164,16 +166,16 @@ return moved
 """
 
 # Deleting a final task. KEYS: the task, its payload, its saved answer, its webhook log, its tenant's
-# index and status index, the webhook outbox's due set, then each of its possible events' event and
-# state keys. ARGV: the document expected, the task id, then its possible event ids. Returns 0 when the
-# document changed meanwhile, else 1.
+# index and status index, the webhook outbox's due set, its status events, then each of its possible
+# webhook events' event and state keys. ARGV: the document expected, the task id, then its possible
+# webhook event ids. Returns 0 when the document changed meanwhile, else 1.
 _DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8])
 redis.call('ZREM', KEYS[5], ARGV[2])
 redis.call('ZREM', KEYS[6], ARGV[2])
 for index = 3, #ARGV do redis.call('ZREM', KEYS[7], ARGV[index]) end
-for index = 8, #KEYS do redis.call('DEL', KEYS[index]) end
+for index = 9, #KEYS do redis.call('DEL', KEYS[index]) end
 return 1
 """
 
@@ -343,6 +345,7 @@ class JobStore:
                 "queue",
                 "tenant_tasks",
                 "tenant_queued",
+                "events",
             ],
             args=[
                 "task_id",
@@ -397,6 +400,7 @@ class JobStore:
                 "tenant_tasks",
                 "tenant_status",
                 "webhooks_due",
+                "events",
             ],
             args=["expected", "task_id"],
             more_keys="event_keys",
@@ -597,6 +601,7 @@ class JobStore:
                 queue=queue,
                 tenant_tasks=keys.tenant_tasks(tenant),
                 tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
+                events=keys.events(task_id),
                 task_id=task_id,
                 document=dumps(task),
                 payload=payload,
@@ -800,6 +805,7 @@ class JobStore:
                     tenant_tasks=keys.tenant_tasks(tenant_of(task)),
                     tenant_status=keys.tenant_status(tenant_of(task), task["status"]),
                     webhooks_due=keys.webhooks_due,
+                    events=keys.events(task_id),
                     event_keys=[
                         key
                         for event in event_ids
@@ -915,6 +921,13 @@ class JobStore:
         if event is not None:
             extra.write("SET", keys.webhook_event(event.id), event.document, "NX")
             extra.write("ZADD", keys.webhooks_due, "NX", clock.now_ms(), event.id)
+        # the task's numbered status events, and a wake-up for the requests that wait for them
+        # (services/task_events.py); the create writes event 1 (_CREATE)
+        if old["status"] != new["status"]:
+            extra.write("RPUSH", keys.events(task_id), status.value)
+            extra.write("PUBLISH", keys.task_events, task_id)
+            if status.is_final:
+                extra.write("EXPIRE", keys.events(task_id), self._task_retention)
 
 
 def _require_owner(task: TaskRecord, tenant: str | None) -> None:
