@@ -236,6 +236,10 @@ _SCHEMAS: dict[str, Any] = {
             "links": _ref("Links"),
         },
     },
+    "AcceptedOrTask": {
+        "description": "`Accepted`; with `Prefer: wait`, the whole `Task`",
+        "anyOf": [_ref("Accepted"), _ref("Task")],
+    },
     "Attempt": {
         "type": "object",
         "required": ["number", "started_at", "finished_at", "outcome", "upstream_status", "error_code"],
@@ -447,6 +451,24 @@ _SCHEMAS: dict[str, Any] = {
 
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
+# Prefer: wait (RFC 7240; api/waiting.py, services/task_events.py)
+_PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": "`wait=N` (or `wait` alone: 60): hold the answer until the task is final or N seconds "
+    "pass, N at most 60 (more is taken as 60). A value that is not a whole number of seconds is ignored, "
+    "as are other preferences. `Preference-Applied` says which wait was applied.",
+    "schema": {"type": "string"},
+    "example": "wait=30",
+}
+_PREFERENCE_APPLIED = {
+    "Preference-Applied": {
+        "schema": {"type": "string", "pattern": "^wait=[0-9]+$"},
+        "description": "with `Prefer: wait`: the wait applied, e.g. `wait=60`",
+    }
+}
+
 # Links (OpenAPI 3.0): what a client can do next with the task a submission created. (Only from there: a
 # task's other responses name the same id.)
 _TASK_LINKS: dict[str, Any] = {
@@ -469,6 +491,14 @@ _SUBMIT_EXAMPLE: dict[str, Any] = {
         "imageConfig": {"aspectRatio": "1:1", "imageSize": "1K"},
     },
     "metadata": {"order": 42},
+}
+
+_SUBMIT_HEADERS: dict[str, Any] = {
+    "Location": {"required": True, "schema": {"type": "string"}, "description": "the task's URL"},
+    "Idempotent-Replayed": {
+        "schema": {"type": "string", "enum": ["true"]},
+        "description": "present on a replay of an Idempotency-Key",
+    },
 }
 
 _OPEN: dict[str, Any] = {"security": []}  # health checks and this document: no API key, ever
@@ -503,7 +533,8 @@ _PATHS: dict[str, Any] = {
                         "maxLength": 255,
                         "pattern": "^[!-~]([ -~]*[!-~])?$",
                     },
-                }
+                },
+                _PREFER,
             ],
             "requestBody": {
                 "required": True,
@@ -512,21 +543,21 @@ _PATHS: dict[str, Any] = {
                 },
             },
             "responses": {
+                "201": {
+                    **_json(
+                        _ref("Task"),
+                        "With `Prefer: wait`: the task became final within the wait; the whole task, as "
+                        "`GET /v1/tasks/{id}` shows it",
+                        {**_SUBMIT_HEADERS, **_PREFERENCE_APPLIED},
+                    ),
+                    "links": _TASK_LINKS,
+                },
                 "202": {
                     **_json(
-                        _ref("Accepted"),
-                        "Accepted and queued (or, for a replayed Idempotency-Key, the first answer)",
-                        {
-                            "Location": {
-                                "required": True,
-                                "schema": {"type": "string"},
-                                "description": "the task's URL",
-                            },
-                            "Idempotent-Replayed": {
-                                "schema": {"type": "string", "enum": ["true"]},
-                                "description": "present on a replay of an Idempotency-Key",
-                            },
-                        },
+                        _ref("AcceptedOrTask"),
+                        "Accepted and queued (or, for a replayed Idempotency-Key, the first answer). With "
+                        "`Prefer: wait`, not final within the wait: the whole task as it is then",
+                        {**_SUBMIT_HEADERS, **_PREFERENCE_APPLIED},
                     ),
                     "links": _TASK_LINKS,
                 },
@@ -584,9 +615,13 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "A task's state, attempts and outputs",
             "operationId": "getTask",
-            "parameters": [_TASK_ID],
+            "parameters": [_TASK_ID, _PREFER],
             "responses": {
-                "200": _json(_ref("Task"), "The task"),
+                "200": _json(
+                    _ref("Task"),
+                    "The task (with `Prefer: wait`: once final, or as it is when the wait is over)",
+                    _PREFERENCE_APPLIED,
+                ),
                 "401": _error(_UNAUTHORIZED),
                 "404": _error("No such task"),
                 "503": _unavailable("The store is unavailable"),
@@ -604,6 +639,47 @@ _PATHS: dict[str, Any] = {
                 "503": _unavailable("The store or storage is unavailable; nothing of the record is gone"),
             },
         },
+    },
+    "/v1/tasks/{task_id}/events": {
+        "get": {
+            "summary": "Stream the task's status changes (Server-Sent Events)",
+            "description": "One event per change of status, numbered from 1 (`queued`) on: `id:` its "
+            "number, `event:` the status, `data:` the task as `GET /v1/tasks/{id}` shows it when the event "
+            "is sent (so for an event sent late, on a resume or right before the next change, already a "
+            "later status). Events that happened before the stream opened are sent first; with "
+            "`Last-Event-ID` only those after it, so a client that reconnects misses and repeats nothing. "
+            "The stream ends after the final event (at once if it was already sent); an idle stream gets "
+            "a comment `: keep-alive` every EVENTS_HEARTBEAT_SECONDS (15).",
+            "operationId": "streamTaskEvents",
+            "parameters": [
+                _TASK_ID,
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "the `id` of the last event the client has (EventSource sends it when it "
+                    "reconnects): the stream starts after it",
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "The event stream",
+                    "content": {
+                        "text/event-stream": {
+                            "schema": {"type": "string"},
+                            "example": 'id: 1\nevent: queued\ndata: {"id": "…", "status": "queued", …}'
+                            "\n\n: keep-alive\n\nid: 2\nevent: running\ndata: {…}\n\n"
+                            'id: 3\nevent: succeeded\ndata: {…, "outputs": [{…, "url": "…"}]}\n\n',
+                        }
+                    },
+                },
+                "400": _error("Last-Event-ID is not the id of an event"),
+                "401": _error(_UNAUTHORIZED),
+                "404": _error("No such task"),
+                "503": _unavailable("The store is unavailable"),
+            },
+        }
     },
     "/v1/tasks/{task_id}/cancel": {
         "post": {

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 
 from api.auth import bearer_token, current_tenant, is_admin_key
 from api.openapi import openapi_document
+from api.waiting import SSE_HEADERS, client_connected, event_stream, last_event_id, requested_wait
 from services.deletion import delete_task
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
 from services.runtime import Runtime
+from services.store import TaskStatus
 from services.task_list import query_from_params
 from services.task_view import task_view
 from services.usage import MAX_DAYS
@@ -40,8 +43,16 @@ def submit() -> Response:
         idempotency_key=request.headers.get("Idempotency-Key"),
         tenant=current_tenant(),
     )
-    response = jsonify(accepted.body)
-    response.status_code = accepted.status
+    wait = requested_wait(request.headers.getlist("Prefer"))
+    response = None
+    if wait is not None and accepted.status == 202:
+        try:
+            response = _waited(accepted.body["id"], wait, created=True)
+        except NotFound:  # a replayed submission whose task was deleted since: the first answer
+            pass
+    if response is None:
+        response = jsonify(accepted.body)
+        response.status_code = accepted.status
     response.headers["Location"] = accepted.location
     if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -81,7 +92,41 @@ def list_tasks() -> Response:
 
 @blueprint.get("/v1/tasks/<task_id>")
 def get_task(task_id: str) -> Response:
+    wait = requested_wait(request.headers.getlist("Prefer"))
+    if wait is not None:
+        return _waited(task_id, wait, created=False)
     return _task_response(_runtime().store.get(task_id, tenant=current_tenant()))
+
+
+# Prefer: wait, and the event stream (services/task_events.py, api/waiting.py) --------------------------
+def _waited(task_id: str, wait: int, *, created: bool) -> Response:
+    """The task once final or after ``wait`` s: 200 (a submission: 201 final, 202 not yet), with
+    ``Preference-Applied``."""
+    rt = _runtime()
+    connected = client_connected(request.environ)
+    task = rt.task_events.wait_final(task_id, tenant=current_tenant(), timeout=wait, connected=connected)
+    response = _task_response(task)
+    if created:
+        response.status_code = 201 if TaskStatus(task["status"]).is_final else 202
+    response.headers["Preference-Applied"] = f"wait={wait}"
+    response.vary.add("Prefer")
+    return response
+
+
+@blueprint.get("/v1/tasks/<task_id>/events")
+def task_events(task_id: str) -> Response:
+    rt = _runtime()
+    after = last_event_id(request.headers.get("Last-Event-ID"))
+    rt.store.get(task_id, tenant=current_tenant())  # 404 before the stream starts
+    connected = client_connected(request.environ)
+    events = rt.task_events.stream(
+        task_id, after=after, heartbeat=rt.config.events_heartbeat, connected=connected
+    )
+    body = event_stream(events, lambda task: _full_view(rt, task))
+    return Response(body, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+# ------------------------------------------------------------------------------------------------------
 
 
 @blueprint.delete("/v1/tasks/<task_id>")
@@ -100,11 +145,15 @@ def cancel_task(task_id: str) -> Response:
 
 
 def _task_response(task: TaskRecord) -> Response:
-    rt = _runtime()
+    return jsonify(_full_view(_runtime(), task))
+
+
+def _full_view(rt: Runtime, task: TaskRecord) -> dict[str, Any]:
+    """The task as ``GET /v1/tasks/{id}`` shows it."""
     deliveries = rt.webhooks.deliveries(task)
     view = task_view(task, rt.storage, base_url=rt.config.public_base_url, deliveries=deliveries)
     view["queue_position"] = rt.store.queue_position(task)
-    return jsonify(view)
+    return view
 
 
 @blueprint.post("/v1/tasks/<task_id>/webhook/redeliver")

@@ -98,6 +98,8 @@ class Config:
     webhook_allow_http: bool = False
     webhook_secret_grace: float = 86400.0
     public_base_url: str = "http://127.0.0.1:8000"
+    # GET /v1/tasks/{id}/events (services/task_events.py): a comment this often keeps an idle stream open
+    events_heartbeat: float = 15.0
 
     @property
     def output_retention(self) -> int:
@@ -285,6 +287,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WEBHOOK_ALLOW_HTTP": ("webhook_allow_http", _bool),
     "WEBHOOK_SECRET_GRACE_SECONDS": ("webhook_secret_grace", _non_negative_float),
     "PUBLIC_BASE_URL": ("public_base_url", _url),
+    "EVENTS_HEARTBEAT_SECONDS": ("events_heartbeat", _positive_float),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_VARIABLES)

@@ -24,6 +24,7 @@ from services.queue import enqueue_generations
 from services.storage import Storage
 from services.store import JobStore
 from services.submission import SubmissionService
+from services.task_events import TaskEvents
 from services.task_list import TaskList
 from services.tenants import Tenants, TenantSettings
 from services.upstream_client import UpstreamClient
@@ -32,13 +33,18 @@ from services.webhooks.service import WebhookService
 
 
 def redis_client(config: Config) -> redis.Redis:
-    return redis.Redis.from_url(
+    """A client whose pool, once all its connections are in use, makes the next caller wait for one (up
+    to ``STORE_TIMEOUT``) instead of failing at once: under gevent (the API) any number of requests may
+    need one at the same moment, e.g. waiters woken together (``services/task_events.py``)."""
+    pool = redis.BlockingConnectionPool.from_url(
         config.redis_url,
         socket_timeout=config.store_timeout,
         socket_connect_timeout=config.store_timeout,
         health_check_interval=30,
         max_connections=max(64, config.worker_concurrency * 4),
+        timeout=config.store_timeout,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 @dataclass
@@ -104,6 +110,11 @@ class Runtime:
     def submissions(self) -> SubmissionService:
         idempotency = IdempotencyStore(self.redis, self.keys, self.config.idempotency_ttl)
         return SubmissionService(self.config, self.store, idempotency, self.webhooks)
+
+    @functools.cached_property
+    def task_events(self) -> TaskEvents:
+        """The process's one subscription to task events, for the requests that wait (started lazily)."""
+        return TaskEvents(self.redis, self.keys, self.store)
 
     @functools.cached_property
     def webhooks(self) -> WebhookService:

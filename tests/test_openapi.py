@@ -137,3 +137,23 @@ def test_webhook_responses_match_the_document(document: dict[str, Any], stack: S
     refused = stack.submit({**seed_body(), "webhook_url": "https://169.254.169.254/latest"})
     assert refused.status_code == 400
     check(document, "/v1/images/generations", "post", refused)
+
+
+def test_waiting_responses_match_the_document(document: dict[str, Any], stack: Stack) -> None:
+    """Prefer: wait on submit and on GET, and the event stream (tests/test_task_events.py has the rest)."""
+    api = stack.api_url
+    submit = "/v1/images/generations"
+    done = stack.submit(seed_body(), headers={"Prefer": "wait=30"})
+    assert done.status_code == 201
+    check(document, submit, "post", done)
+    slow = stack.submit(with_directive(delay_ms="1500"), headers={"Prefer": "wait=1"})
+    assert slow.status_code == 202
+    check(document, submit, "post", slow)
+    task_id = slow.json()["id"]
+    waited = stack.http.get(f"{api}/v1/tasks/{task_id}", headers={"Prefer": "wait=30"})
+    check(document, "/v1/tasks/{task_id}", "get", waited)
+    events = "/v1/tasks/{task_id}/events"
+    check(document, events, "get", stack.http.get(f"{api}/v1/tasks/{task_id}/events"))
+    check(document, events, "get", stack.http.get(f"{api}/v1/tasks/missing/events"))
+    bad = stack.http.get(f"{api}/v1/tasks/{task_id}/events", headers={"Last-Event-ID": "x"})
+    check(document, events, "get", bad)
