@@ -38,4 +38,6 @@ FROM base AS app
 # to run one open on purpose. (`make run`, outside the image, stays open for local use.)
 ENV ALLOW_OPEN_API=false
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8", "api:create_app()"]
+# gevent workers: a request that waits (Prefer: wait, GET /v1/tasks/{id}/events) holds a greenlet, not a thread,
+# so one process holds thousands of them (bench/README.md, scenario waiters); --worker-connections caps them.
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--worker-class", "gevent", "--worker-connections", "2000", "api:create_app()"]

@@ -96,7 +96,8 @@ def main() -> int:
         children.append(
             supervisor.watch(start_worker(env, log_dir=None, name="webhook-worker", queues="webhooks"))
         )
-        children.append(supervisor.watch(start_api(env, api_port, log_dir=None)))
+        api = start_api(env, api_port, log_dir=None, worker_class="gevent")  # as in the Docker image
+        children.append(supervisor.watch(api))
         log.info(
             "imagegen-queue is up: http://%s:%d (logs of the embedded parts in %s)", HOST, api_port, log_dir
         )

@@ -181,12 +181,26 @@ def start_worker(
 
 
 def start_api(
-    env: Mapping[str, str], port: int, *, log_dir: Path | None, workers: int = 2, threads: int = 8
+    env: Mapping[str, str],
+    port: int,
+    *,
+    log_dir: Path | None,
+    workers: int = 2,
+    threads: int = 8,
+    worker_class: str = "gthread",
+    worker_connections: int = 1000,
 ) -> Child:
+    """gunicorn: ``gthread`` (``threads`` a process) or ``gevent`` (``worker_connections`` a process, the
+    Docker image's choice: requests that wait hold no thread; ``services/task_events.py``)."""
     args = [
-        _bin("gunicorn"), "--bind", f"{HOST}:{port}", "--workers", str(workers), "--threads", str(threads),
-        "--access-logfile", "-", "--graceful-timeout", "10", "api:create_app()",
+        _bin("gunicorn"), "--bind", f"{HOST}:{port}", "--workers", str(workers),
+        "--access-logfile", "-", "--graceful-timeout", "10",
     ]  # fmt: skip
+    if worker_class == "gevent":
+        args += ["--worker-class", "gevent", "--worker-connections", str(worker_connections)]
+    else:
+        args += ["--threads", str(threads)]
+    args.append("api:create_app()")
     child = Child("api", args, {**os.environ, **env}, log_dir / "api.log" if log_dir else None).start()
     wait_until(lambda: _http_ok(f"http://{HOST}:{port}/healthz"), timeout=30, what=f"API on port {port}")
     return child

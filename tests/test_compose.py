@@ -72,6 +72,7 @@ def test_webhooks_have_their_own_worker() -> None:
 
 def test_api_serves_the_app_factory() -> None:
     assert command("api").startswith("gunicorn") and "api:create_app()" in command("api")
+    assert "--worker-class gevent" in command("api"), "requests that wait hold no thread"
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
 
 
