@@ -22,6 +22,7 @@ SCENARIOS: dict[str, str] = {
     "p4": "bench.p4",
     "p5": "bench.p5",
     "fairness": "bench.fairness",
+    "waiters": "bench.waiters",
 }
 # what `python -m bench all` runs: the performance targets of bench/README.md, at their default sizes
 PERFORMANCE = ("p1a", "p1b", "p2", "p3", "p4", "p5")

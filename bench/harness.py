@@ -120,6 +120,8 @@ class BenchStack:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     api_workers: int = 2
     api_threads: int = 8
+    api_worker_class: str = "gthread"
+    api_worker_connections: int = 1000
     env: dict[str, str] = field(default_factory=dict)
     children: dict[str, Child] = field(default_factory=dict)
     api_url: str = ""
@@ -145,7 +147,13 @@ class BenchStack:
         self.env.update(self.extra_env)
         _create_bucket(self.env)
         self.children["api"] = start_api(
-            self.env, api_port, log_dir=self.log_dir, workers=self.api_workers, threads=self.api_threads
+            self.env,
+            api_port,
+            log_dir=self.log_dir,
+            workers=self.api_workers,
+            threads=self.api_threads,
+            worker_class=self.api_worker_class,
+            worker_connections=self.api_worker_connections,
         )
         self.api_url = f"http://{HOST}:{api_port}"
         return self
@@ -226,6 +234,8 @@ def bench_stack(
     snapshot: bool = True,
     api_workers: int = 2,
     api_threads: int = 8,
+    api_worker_class: str = "gthread",
+    api_worker_connections: int = 1000,
 ) -> Iterator[BenchStack]:
     """A running stack in a temporary directory (or ``root``); everything stopped on exit.
 
@@ -235,7 +245,9 @@ def bench_stack(
     """
     made = root is None
     path = Path(tempfile.mkdtemp(prefix="imagegen-bench-")) if root is None else root
-    stack = BenchStack(path, sim_args, dict(env or {}), api_workers, api_threads)
+    stack = BenchStack(
+        path, sim_args, dict(env or {}), api_workers, api_threads, api_worker_class, api_worker_connections
+    )
     try:
         with code_snapshot(path / "code") if snapshot else _nothing():
             try:
