@@ -35,6 +35,7 @@ from typing import Any
 
 from bench.common import add_common_arguments, finish, header, new_data, say
 from bench.harness import (
+    FINAL,
     BenchStack,
     ProcessSampler,
     bench_stack,
@@ -52,7 +53,6 @@ from bench.harness import (
 from devstack.processes import HOST, wait_until
 
 DESCRIPTION = "waiting requests and event streams held by one API process: memory, threads, a GET meanwhile"
-FINAL = ("succeeded", "failed", "canceled")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,8 @@ While the subscription is down every request reads again at each check (a poll, 
 
 A waiting request holds no Redis connection and no thread of its own under gevent: an ``Event`` and a
 registry entry. Every ``CLIENT_CHECK_SECONDS`` it asks its ``connected`` callback whether its client is
-still there and stops if not, dropping its entry: a client that hangs up leaves nothing behind.
+still there and stops if not, dropping its entry: a client that hangs up leaves nothing behind. A process
+nobody waited in for ``IDLE_SECONDS`` drops its subscription too; the next waiter makes it again.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ class TaskEvents:
             failed = False
             try:
                 self._listen_once()
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever broke it, the waiters need it made again
                 failed = True
                 log.warning("task events: subscription lost (%s)", type(exc).__name__)
             self._subscribed.clear()

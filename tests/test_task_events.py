@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from services.errors import JobError
 from services.jobs import out_of_attempts
 from services.prefer import wait_preference
 from services.store import JobStore
+from services.task_events import TaskEvents
 from tests.stack import FINAL, ApiServer, Stack, seed_body, with_directive
 
 # A task's call takes this long: long enough to watch it change, shorter than the test stack's
@@ -308,3 +310,52 @@ def test_the_store_numbers_each_change_of_status(redis_client: redis.Redis) -> N
     store.delete(task_id)
     assert not redis_client.exists(store.keys.events(task_id))
     pubsub.close()
+
+
+def finish(store: JobStore, task_id: str) -> None:
+    attempt = store.start_attempt(task_id, worker="w", lease_seconds=30, give_up=out_of_attempts(5))
+    assert attempt is not None
+    store.succeed(attempt.lease, outputs=[], text=[], usage=None, upstream_status=200)
+
+
+def waiting_in_a_thread(events: TaskEvents, task_id: str) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def wait() -> None:
+        result["task"] = events.wait_final(task_id, tenant="default", timeout=20, connected=lambda: True)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    wait_until(lambda: events.waiting == 1, timeout=5, what="the waiter")
+    return thread, result
+
+
+def test_a_waiter_still_sees_the_change_when_the_subscription_is_lost(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client, prefix="events-lost")
+    events = TaskEvents(redis_client, store.keys, store, idle=0.3)
+    task_id = store.create(model="m", payload=b"{}", metadata=None)["id"]
+    thread, result = waiting_in_a_thread(events, task_id)
+    assert events.subscriptions == 1
+    redis_client.client_kill_filter(_type="pubsub")  # the published change may be lost now
+    finish(store, task_id)
+    thread.join(10)
+    assert result["task"]["status"] == "succeeded", "read from the store: a poll, or woken on resubscribing"
+    wait_until(lambda: events.subscriptions == 2, timeout=10, what="the subscription to be made again")
+
+
+def test_a_process_without_waiters_drops_its_subscription(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client, prefix="events-idle")
+    events = TaskEvents(redis_client, store.keys, store, idle=0.3)
+    channel = store.keys.task_events
+    task_id = store.create(model="m", payload=b"{}", metadata=None)["id"]
+    thread, result = waiting_in_a_thread(events, task_id)
+    assert redis_client.pubsub_numsub(channel)[0][1] == 1
+    finish(store, task_id)
+    thread.join(10)
+    assert result["task"]["status"] == "succeeded" and events.waiting == 0
+    wait_until(lambda: redis_client.pubsub_numsub(channel)[0][1] == 0, timeout=5, what="the unsubscription")
+    second = store.create(model="m", payload=b"{}", metadata=None)["id"]
+    thread, result = waiting_in_a_thread(events, second)  # a new waiter subscribes again
+    finish(store, second)
+    thread.join(10)
+    assert result["task"]["status"] == "succeeded" and events.subscriptions == 2
