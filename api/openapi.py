@@ -18,6 +18,7 @@ from services.validation import (
     MAX_MODEL_LENGTH,
     MAX_WEBHOOK_URL_LENGTH,
     MODEL_NAME,
+    PRIORITIES,
     RESPONSE_MODALITIES,
     WEBHOOK_EVENTS,
 )
@@ -217,6 +218,15 @@ _SCHEMAS: dict[str, Any] = {
                     "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                 }
             ),
+            "priority": _nullable(
+                {
+                    "type": "string",
+                    "enum": list(PRIORITIES),
+                    "description": "Its order among its tenant's waiting tasks (default normal): high before "
+                    "every normal task still waiting; low after normal ones for at most 10 minutes, then in "
+                    "turn (it ages). Tenants share the upstream by weight whatever their tasks' priority.",
+                }
+            ),
         },
         # webhook_events needs webhook_url
         "anyOf": [{"not": {"required": ["webhook_events"]}}, {"required": ["webhook_url"]}],
@@ -287,6 +297,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "status": {"type": "string", "enum": _STATUSES},
+            "priority": {"type": "string", "enum": list(PRIORITIES)},
             "model": {"type": "string"},
             "created_at": _TIME,
             "started_at": _nullable(_TIME),

@@ -40,6 +40,7 @@ from typing import Any, cast
 import redis
 
 from services import clock
+from services.admission import ready_order
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, TooManyRequests
 from services.keys import Keys
 from services.lua import Script
@@ -459,7 +460,7 @@ class JobStore:
     # what the sweeper claims: each member is handed to one caller only -------------------------------
     def claim_due_retries(self, limit: int = 500) -> list[str]:
         """Tasks whose retry is due now: they go back to their tenant's ready set, in their first order
-        (their creation), for admission to send (``services/admission.py``). Returns their ids.
+        (their creation and priority), for admission to send (``services/admission.py``). Returns their ids.
 
         Three round trips when any is due: the candidates, their records (for their tenants), the move.
         """
@@ -483,7 +484,8 @@ class JobStore:
                     continue
                 task: TaskRecord = json.loads(raw)
                 ready.append(keys.tenant_ready(tenant_of(task)))
-                values += [task_id, tenant_of(task), clock.epoch_ms(task["created_at"])]
+                order = ready_order(clock.epoch_ms(task["created_at"]), task.get("priority", "normal"))
+                values += [task_id, tenant_of(task), order]
             if not ready:
                 return []
             moved = self._claim_due(
@@ -541,6 +543,7 @@ class JobStore:
         metadata: dict[str, Any] | None,
         webhook: WebhookSubscription | None = None,
         tenant: str = DEFAULT_TENANT,
+        priority: str = "normal",
         also_set: Callable[[TaskRecord], tuple[str, str, int]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> TaskRecord:
@@ -558,6 +561,7 @@ class JobStore:
         task: TaskRecord = {
             "id": task_id,
             "tenant": tenant,
+            "priority": priority,
             "status": TaskStatus.QUEUED.value,
             "model": model,
             "created_at": clock.iso(now),
@@ -601,7 +605,7 @@ class JobStore:
                 document=dumps(task),
                 payload=payload,
                 now_ms=now_ms,
-                order=now_ms,
+                order=ready_order(now_ms, priority),
                 tenant=tenant,
                 max_queued=defaults.max_queued,
                 rate_per_minute=defaults.rate_per_minute,

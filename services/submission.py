@@ -80,6 +80,7 @@ class SubmissionService:
             metadata=submission.metadata,
             webhook=webhook,
             tenant=tenant,
+            priority=submission.priority,
             also_set=(lambda task: claim.done_record(202, self._summary(task))) if claim else None,
             message=generation_message,
         )

@@ -39,7 +39,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*")
 MAX_JSON_DEPTH = 64
 MAX_METADATA_DEPTH = 5
 
-_OUR_FIELDS = frozenset({"metadata", "webhook_url", "webhook_events"})
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+
+_OUR_FIELDS = frozenset({"metadata", "webhook_url", "webhook_events", "priority"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Submission:
     metadata: dict[str, Any] | None
     webhook_url: str | None
     webhook_events: tuple[str, ...] | None
+    priority: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ def validate_submission(body: Any, limits: Limits) -> Submission:
     metadata = _check_metadata(body.get("metadata"), limits)
     webhook_url = _check_webhook_url(body.get("webhook_url"))
     webhook_events = _check_webhook_events(body.get("webhook_events"), webhook_url)
+    priority = body.get("priority") or "normal"
+    if priority not in PRIORITIES:
+        raise _invalid("priority", f"priority must be one of {', '.join(PRIORITIES)}.")
     _check_contents(body, limits)
     return Submission(
         upstream_body={key: value for key, value in body.items() if key not in _OUR_FIELDS},
@@ -157,6 +163,7 @@ def validate_submission(body: Any, limits: Limits) -> Submission:
         metadata=metadata,
         webhook_url=webhook_url,
         webhook_events=webhook_events,
+        priority=priority,
     )
 
 
