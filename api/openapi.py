@@ -298,6 +298,7 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": "string", "format": "uuid"},
             "status": {"type": "string", "enum": _STATUSES},
             "priority": {"type": "string", "enum": list(PRIORITIES)},
+            "deadline_at": _nullable({**_TIME, "description": "from Cancel-After"}),
             "model": {"type": "string"},
             "created_at": _TIME,
             "started_at": _nullable(_TIME),
@@ -514,7 +515,16 @@ _PATHS: dict[str, Any] = {
                         "maxLength": 255,
                         "pattern": "^[!-~]([ -~]*[!-~])?$",
                     },
-                }
+                },
+                {
+                    "name": "Cancel-After",
+                    "in": "header",
+                    "required": False,
+                    "description": "A deadline: `30s`, `5m`, `2h` or `1500ms` (at most 7 days). A task not "
+                    "final by then is canceled with `error.code = deadline_exceeded`, its call cut off; one "
+                    "still waiting then never calls the upstream.",
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,9}(\\.[0-9]{1,3})?(ms|s|m|h)$"},
+                },
             ],
             "requestBody": {
                 "required": True,

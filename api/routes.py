@@ -16,6 +16,7 @@ from services.runtime import Runtime
 from services.task_list import query_from_params
 from services.task_view import task_view
 from services.usage import MAX_DAYS
+from services.validation import parse_cancel_after
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def submit() -> Response:
         _read_body(rt.config.max_body_bytes),
         idempotency_key=request.headers.get("Idempotency-Key"),
         tenant=current_tenant(),
+        cancel_after=parse_cancel_after(request.headers.get("Cancel-After")),
     )
     response = jsonify(accepted.body)
     response.status_code = accepted.status

@@ -16,6 +16,7 @@ Tasks: written by ``services/store.py`` only, every change with one compare-and-
   {p}:queued               zset    admitted queued task id -> when its message was sent (ms)
   {p}:delayed              zset    task id waiting for a retry -> when it is due (ms)
   {p}:running              zset    running task id -> its lease's deadline (ms)
+  {p}:deadlines            zset    task id -> its Cancel-After deadline (ms), until it is final
 
 Tenants and admission (``services/tenants.py``, ``services/admission.py``); ``{t}`` is a tenant's name
   {p}:tenants              hash    tenant -> its own settings (JSON: max_concurrency, max_queued, ...)
@@ -100,6 +101,10 @@ class Keys:
     @property
     def running(self) -> str:
         return self._key("running")
+
+    @property
+    def deadlines(self) -> str:
+        return self._key("deadlines")
 
     # tenants and admission ------------------------------------------------------------------------
     @property

@@ -97,7 +97,8 @@ return 1
 # Submitting one task. KEYS: see ``_create``'s names. ARGV: the new task's id, record and payload, now and
 # its order in the tenant's ready set (ms), the tenant, the defaults of its limits, the admission window
 # (0: none), the idempotency record to write with it ('' for none) and its TTL, the broker message ('' for
-# none), the usage TTL, how long the tenant's task index keeps an entry (ms). Refuses with {-1, 0}
+# none), the usage TTL, how long the tenant's task index keeps an entry (ms), its Cancel-After deadline
+# (ms, '' for none). Refuses with {-1, 0}
 # when the tenant has max_queued unfinished tasks, {-2, ms to wait} when its submission rate is used
 # up; else writes everything and returns {1, admitted}: admitted
 # (1) means the task went straight to the broker, because nothing of its tenant waits and the window
@@ -127,6 +128,7 @@ redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[15], now, ARGV[1])
 redis.call('ZADD', KEYS[16], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', '(' .. (now - tonumber(ARGV[15])))
+if ARGV[16] ~= '' then redis.call('ZADD', KEYS[17], ARGV[16], ARGV[1]) end
 redis.call('HINCRBY', KEYS[12], 'submitted', 1)
 redis.call('EXPIRE', KEYS[12], ARGV[14])
 if ARGV[11] ~= '' then redis.call('SET', KEYS[13], ARGV[11], 'EX', ARGV[12]) end
@@ -241,7 +243,11 @@ NO_LIMITS = TenantSettings(max_concurrency=0, max_queued=0, rate_per_minute=0.0,
 # A task's entry in its tenant's index outlives the longest a task can be kept; stale ones are also
 # dropped when a listing finds their record gone (services/task_list.py).
 INDEX_SLACK_SECONDS = 7 * 86400
-QUEUE_FULL_RETRY_AFTER = 5.0  # seconds: when some of a full queue is likely done; a hint, not a promise
+QUEUE_FULL_RETRY_AFTER = 5.0
+DEADLINE_RECLAIM_MS = 5000  # a claimed deadline whose cancel did not happen is claimed again after this
+DEADLINE_EXCEEDED = JobError(
+    "the task was not done by its Cancel-After deadline", code="deadline_exceeded"
+)  # seconds: when some of a full queue is likely done; a hint, not a promise
 
 
 def new_task_id() -> str:
@@ -344,6 +350,7 @@ class JobStore:
                 "queue",
                 "tenant_tasks",
                 "tenant_queued",
+                "deadlines",
             ],
             args=[
                 "task_id",
@@ -361,6 +368,7 @@ class JobStore:
                 "message",
                 "usage_ttl",
                 "index_ms",
+                "deadline_ms",
             ],
         )
         self._claim_due = Script(
@@ -497,6 +505,15 @@ class JobStore:
             )
         return [member.decode() for member in moved]
 
+    def claim_past_deadlines(self, limit: int = 500) -> list[str]:
+        """Tasks past their ``Cancel-After`` deadline; the caller cancels them (``cancel`` with
+        ``DEADLINE_EXCEEDED``). Claimed for a while, so other sweepers leave them alone meanwhile; a
+        final task leaves the set with the change that made it final."""
+        now = clock.now_ms()
+        return self._claim_members(
+            self.keys.deadlines, self.keys.deadlines, now, now + DEADLINE_RECLAIM_MS, limit
+        )
+
     def claim_expired_leases(self, lease_seconds: float, limit: int = 500) -> list[str]:
         """Running tasks whose lease expired (their worker is gone); the caller must enqueue them.
 
@@ -544,6 +561,7 @@ class JobStore:
         webhook: WebhookSubscription | None = None,
         tenant: str = DEFAULT_TENANT,
         priority: str = "normal",
+        cancel_after: float | None = None,
         also_set: Callable[[TaskRecord], tuple[str, str, int]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> TaskRecord:
@@ -562,6 +580,7 @@ class JobStore:
             "id": task_id,
             "tenant": tenant,
             "priority": priority,
+            "deadline_at": clock.iso(now + cancel_after) if cancel_after is not None else None,
             "status": TaskStatus.QUEUED.value,
             "model": model,
             "created_at": clock.iso(now),
@@ -601,6 +620,7 @@ class JobStore:
                 queue=queue,
                 tenant_tasks=keys.tenant_tasks(tenant),
                 tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
+                deadlines=keys.deadlines,
                 task_id=task_id,
                 document=dumps(task),
                 payload=payload,
@@ -616,6 +636,7 @@ class JobStore:
                 message=body,
                 usage_ttl=USAGE_RETENTION_SECONDS,
                 index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
+                deadline_ms=clock.epoch_ms(task["deadline_at"]) if task["deadline_at"] else "",
             )
         if outcome == -1:
             raise TooManyRequests(
@@ -668,6 +689,9 @@ class JobStore:
             extra.require_absent(lease_key)  # another worker's live attempt: leave the task alone
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="worker_lost", error_code="worker_lost")
+            deadline = task.get("deadline_at")
+            if deadline and clock.epoch_ms(deadline) <= clock.epoch_ms(now):  # never call past it
+                return _finish(task, TaskStatus.CANCELED, now, error=DEADLINE_EXCEEDED.to_record())
             error = give_up(task)
             if error is not None:
                 return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
@@ -816,9 +840,9 @@ class JobStore:
                 if deleted == 1:
                     return task
 
-    def cancel(self, task_id: str, *, tenant: str | None = None) -> TaskRecord:
-        """Cancel a queued or running task (of ``tenant``, if given: another's is not found); a final one
-        raises ``InvalidTransition`` (409).
+    def cancel(self, task_id: str, *, tenant: str | None = None, error: JobError | None = None) -> TaskRecord:
+        """Cancel a queued or running task (of ``tenant``, if given: another's is not found), with
+        ``error`` if given (a deadline); a final one raises ``InvalidTransition`` (409).
 
         A running attempt is closed as ``canceled`` and its lease dropped: the worker's call may still be
         in flight, but its result is discarded (the task can no longer succeed, and the worker's other
@@ -830,7 +854,7 @@ class JobStore:
             _check(TaskStatus(task["status"]), TaskStatus.CANCELED)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="canceled")
-            return _finish(task, TaskStatus.CANCELED, now)
+            return _finish(task, TaskStatus.CANCELED, now, error=error.to_record() if error else None)
 
         return self._change_required(task_id, change)
 
@@ -887,6 +911,7 @@ class JobStore:
         if status.is_final:
             extra.write("SREM", keys.active, task_id)
             extra.write("SREM", keys.tenant_active(tenant), task_id)
+            extra.write("ZREM", keys.deadlines, task_id)
             extra.write("EXPIRE", keys.task(task_id), self._task_retention)
             extra.write("EXPIRE", keys.payload(task_id), self._payload_retention)
             extra.write("DEL", keys.result(task_id))

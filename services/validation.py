@@ -66,6 +66,25 @@ class Limits:
     allowed_models: frozenset[str] | None = None
 
 
+MAX_CANCEL_AFTER_SECONDS = 7 * 86400
+_DURATION = re.compile(r"(\d{1,9}(?:\.\d{1,3})?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_cancel_after(value: str | None) -> float | None:
+    """The ``Cancel-After`` header (``30s``, ``5m``, ``2h``, ``1500ms``; like Replicate's) in seconds."""
+    if value is None:
+        return None
+    match = _DURATION.fullmatch(value.strip())
+    seconds = float(match[1]) * _UNIT_SECONDS[match[2]] if match else 0.0
+    if not 0 < seconds <= MAX_CANCEL_AFTER_SECONDS:
+        raise InvalidRequest(
+            "Cancel-After must be a duration such as 30s, 5m or 2h, more than 0 and at most 7 days",
+            field="Cancel-After",
+        )
+    return seconds
+
+
 def parse_json_body(raw: bytes) -> Any:
     """The request body as JSON, or ``InvalidRequest`` ``invalid_json``: not JSON, not UTF-8 text, NaN or
     Infinity (not JSON either, though Python's parser takes them), a string with a lone surrogate escape

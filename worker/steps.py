@@ -79,6 +79,7 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is u
             rt.store,
             rt.admission,
             rt.enqueue,
+            rt.cancel_signal.publish,
             lambda: int(rt.redis.llen(GENERATION_QUEUE)),
             lease_seconds=rt.config.task_lease_seconds,
             interval=rt.config.sweep_interval,
