@@ -288,6 +288,17 @@ def test_queues_and_the_cap_under_load_and_redis_hung(fault_stack: Stack) -> Non
     settle_succeeded(stack, ids)
 
 
+def test_a_cancel_is_counted_by_the_api(stack: Stack) -> None:
+    """A task becomes final where its change is written: a cancel in the API process."""
+    before = scrape(f"{stack.api_url}/metrics")
+    task_id = stack.submit(with_directive(delay_ms="2000")).json()["id"]
+    assert stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel").json()["status"] == "canceled"
+    after = scrape(f"{stack.api_url}/metrics")
+    finished, submitted = "imagegen_tasks_finished_total", "imagegen_tasks_submitted_total"
+    assert value(after, finished, status="canceled") - value(before, finished, status="canceled") == 1
+    assert value(after, submitted) - value(before, submitted) == 1
+
+
 # gunicorn: several processes, one answer ------------------------------------------------------------------
 def gunicorn(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     args = [
