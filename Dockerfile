@@ -37,5 +37,7 @@ FROM base AS app
 # An API without keys refuses to start here (api/app.py): set API_KEYS or ADMIN_API_KEY, or ALLOW_OPEN_API=true
 # to run one open on purpose. (`make run`, outside the image, stays open for local use.)
 ENV ALLOW_OPEN_API=false
+# gunicorn's hooks for GET /metrics across its worker processes (multiprocess mode; README.md, Metrics).
+COPY gunicorn.conf.py ./
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8", "api:create_app()"]
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8", "api:create_app()"]

@@ -483,7 +483,7 @@ _SUBMIT_EXAMPLE: dict[str, Any] = {
     "metadata": {"order": 42},
 }
 
-_OPEN: dict[str, Any] = {"security": []}  # health checks and this document: no API key, ever
+_OPEN: dict[str, Any] = {"security": []}  # health checks, metrics and this document: no API key, ever
 _ADMIN: dict[str, Any] = {"security": [{"admin": []}]}  # ADMIN_API_KEY, whether tenants need keys or not
 _ADMIN_ERRORS: dict[str, Any] = {
     "401": _error("Missing or wrong admin key"),
@@ -796,6 +796,19 @@ _PATHS: dict[str, Any] = {
             "responses": {
                 "200": _json(_ref("Readiness"), "Ready"),
                 "503": _json(_ref("Readiness"), "A dependency is unreachable"),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Metrics in the Prometheus text format (README.md, Metrics)",
+            "operationId": "metrics",
+            **_OPEN,
+            "responses": {
+                "200": {
+                    "description": "Every API process's metrics, and the queues read from Redis",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
             },
         }
     },

@@ -9,6 +9,7 @@ from flask.typing import ResponseReturnValue
 
 from api.auth import bearer_token, current_tenant, is_admin_key
 from api.openapi import openapi_document
+from services import metrics
 from services.deletion import delete_task
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
@@ -171,6 +172,14 @@ def readyz() -> Response:
     response = jsonify(body)
     response.status_code = 200 if ready else 503
     return response
+
+
+@blueprint.get("/metrics")
+def metrics_endpoint() -> Response:
+    """Prometheus's text format: every API process's metrics added up, and the queues read from Redis
+    (``services/metrics.py``). Open, like ``/healthz``: it names no tenant, no task and no host."""
+    body, content_type = metrics.exposition(request.headers.get("Accept"), [_runtime().queue_metrics])
+    return Response(body, content_type=content_type)
 
 
 @blueprint.get("/openapi.json")

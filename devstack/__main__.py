@@ -92,13 +92,22 @@ def main() -> int:
         Storage(config).ensure_bucket()
         embedded = list(children)
         supervisor = Supervisor()  # workers and the API come back if they exit, as under a process manager
-        children.append(supervisor.watch(start_worker(env, log_dir=None)))
-        children.append(
-            supervisor.watch(start_worker(env, log_dir=None, name="webhook-worker", queues="webhooks"))
-        )
+        # Two workers on one host: each serves its metrics on a port of its own (WORKER_METRICS_PORT).
+        metrics_ports = {"worker": free_port(), "webhook-worker": free_port()}
+        for name, queues in (("worker", "generation"), ("webhook-worker", "webhooks")):
+            worker_env = {**env, "WORKER_METRICS_PORT": str(metrics_ports[name])}
+            children.append(
+                supervisor.watch(start_worker(worker_env, log_dir=None, name=name, queues=queues))
+            )
         children.append(supervisor.watch(start_api(env, api_port, log_dir=None)))
         log.info(
             "imagegen-queue is up: http://%s:%d (logs of the embedded parts in %s)", HOST, api_port, log_dir
+        )
+        log.info(
+            "metrics: http://%s:%d/metrics (the API and the queues), %s",
+            HOST,
+            api_port,
+            ", ".join(f"http://{HOST}:{port}/metrics ({name})" for name, port in metrics_ports.items()),
         )
         while not stopping:
             dead = [child.name for child in embedded if not child.alive()]

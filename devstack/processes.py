@@ -22,6 +22,8 @@ import httpx
 import redis
 
 HOST = "127.0.0.1"
+# gunicorn's hooks for GET /metrics across its processes (multiprocess mode), as the Docker image uses them
+GUNICORN_CONFIG = Path(__file__).resolve().parents[1] / "gunicorn.conf.py"
 
 
 def free_port() -> int:
@@ -184,7 +186,8 @@ def start_api(
     env: Mapping[str, str], port: int, *, log_dir: Path | None, workers: int = 2, threads: int = 8
 ) -> Child:
     args = [
-        _bin("gunicorn"), "--bind", f"{HOST}:{port}", "--workers", str(workers), "--threads", str(threads),
+        _bin("gunicorn"), "-c", str(GUNICORN_CONFIG), "--bind", f"{HOST}:{port}", "--workers", str(workers),
+        "--threads", str(threads),
         "--access-logfile", "-", "--graceful-timeout", "10", "api:create_app()",
     ]  # fmt: skip
     child = Child("api", args, {**os.environ, **env}, log_dir / "api.log" if log_dir else None).start()

@@ -56,6 +56,7 @@ class Config:
     task_lease_seconds: float = 30.0
     worker_shutdown_timeout: float = 330.0
     sweep_interval: float = 0.2
+    worker_metrics_port: int = 0  # each worker process's own /metrics (services/metrics.py); 0: none
 
     upstream_max_concurrency: int = 0
     upstream_rate_per_minute: float = 0.0
@@ -158,6 +159,10 @@ def _non_negative_float(value: str) -> float:
     return _number(float, value, lambda number: 0 <= number < math.inf, "must be zero or a positive number")
 
 
+def _port(value: str) -> int:
+    return _number(int, value, lambda number: 0 <= number <= 65535, "must be a port number, 0 to 65535")
+
+
 def _pool(value: str) -> str:
     # gevent is not offered: it needs `-P gevent` on the command line to patch sockets (a worker given
     # it by configuration alone hangs), and it measured slower than threads here (bench/README.md,
@@ -250,6 +255,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "TASK_LEASE_SECONDS": ("task_lease_seconds", _positive_float),
     "WORKER_SHUTDOWN_TIMEOUT": ("worker_shutdown_timeout", _positive_float),
     "SWEEP_INTERVAL": ("sweep_interval", _positive_float),
+    "WORKER_METRICS_PORT": ("worker_metrics_port", _port),
     "UPSTREAM_MAX_CONCURRENCY": ("upstream_max_concurrency", _non_negative_int),
     "UPSTREAM_RATE_PER_MINUTE": ("upstream_rate_per_minute", _non_negative_float),
     "LIMITER_MAX_WAIT": ("limiter_max_wait", _non_negative_float),

@@ -39,7 +39,7 @@ from typing import Any, cast
 
 import redis
 
-from services import clock
+from services import clock, metrics
 from services.admission import ready_order
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, TooManyRequests
 from services.keys import Keys
@@ -891,6 +891,7 @@ class JobStore:
                     task=key, touched=extra.keys[1:], expected=raw, document=document, change=extra.encoded()
                 )
                 if written == 1:
+                    _count_if_finished(old, new)
                     return new, document
                 if written == -1:
                     return None, None
@@ -944,6 +945,12 @@ class JobStore:
         if event is not None:
             extra.write("SET", keys.webhook_event(event.id), event.document, "NX")
             extra.write("ZADD", keys.webhooks_due, "NX", clock.now_ms(), event.id)
+
+
+def _count_if_finished(old: TaskRecord, new: TaskRecord) -> None:
+    """A change that made the task final is counted in the metrics, in whichever process made it."""
+    if new["status"] in FINAL_STATUSES and old["status"] not in FINAL_STATUSES:
+        metrics.task_finished(new["status"], created_at=new["created_at"], finished_at=new["finished_at"])
 
 
 def _require_owner(task: TaskRecord, tenant: str | None) -> None:

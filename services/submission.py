@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from services import metrics
 from services.config import Config
 from services.errors import RequestError
 from services.idempotency import Claim, IdempotencyStore, Replay
@@ -88,6 +89,7 @@ class SubmissionService:
             also_set=(lambda task: claim.done_record(202, self._summary(task))) if claim else None,
             message=generation_message,
         )
+        metrics.task_submitted()
         return Accepted(202, self._summary(task))
 
     def _summary(self, task: TaskRecord) -> dict[str, Any]:

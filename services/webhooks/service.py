@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from services import clock
+from services import clock, metrics
 from services.config import Config
 from services.errors import NoWebhook
 from services.keys import Keys
@@ -136,6 +136,7 @@ class WebhookService:
         self.outbox.finish(
             event_id, event["task_id"], claim, entry, next_due_ms=next_due, final_status=outcome
         )
+        metrics.webhook_delivery(outcome)
         level = logging.INFO if outcome in ("delivered", "failed") else logging.WARNING
         log.log(
             level,
