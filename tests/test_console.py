@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
 
+from tests.receiver import Receiver
 from tests.stack import ApiServer, Stack, seed_body, with_directive
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -234,6 +235,33 @@ def test_cancel_a_slow_task_from_its_page(page: Page, stack: Stack) -> None:
     expect(page.locator("#cancel")).to_be_disabled()
     assert stack.task(task_id)["status"] == "canceled"
     expect(page.locator("#error")).to_be_hidden()
+
+
+def test_webhook_log_and_redeliver(page: Page, stack: Stack) -> None:
+    """A task submitted with a webhook URL: its page shows the delivery, and Redeliver sends the event again
+    (the same webhook-id), which the log shows too."""
+    receiver = Receiver(stack.env["WEBHOOK_SIGNING_SECRET"])
+    try:
+        path = f"/hooks/{uuid.uuid4().hex[:12]}"
+        open_console(page, stack.api_url)
+        page.fill("#webhook-url", receiver.url(path))
+        task_id = submit_from_form(page, "a heron at the shore")
+        page.click("#notice a")
+        expect(page.locator("#task-status")).to_have_text("succeeded")
+        expect(page.locator("#webhook-url-shown")).to_have_text(receiver.url(path))
+        rows = page.locator("#deliveries tbody tr")
+        expect(rows).to_have_count(1)
+        expect(rows.nth(0).locator("td")).to_have_text(
+            ["task.succeeded", "1", re.compile("."), "HTTP 200", re.compile(r"\d"), "delivered", "—"]
+        )
+        page.click("#redeliver")
+        expect(page.locator("#notice")).to_contain_text("task.succeeded")
+        expect(rows).to_have_count(2)
+        expect(rows.nth(1).locator("td").nth(5)).to_have_text("delivered")
+        first, again = receiver.wait_for(path, 2)
+        assert first.webhook_id == again.webhook_id == f"msg_{task_id}_succeeded"
+    finally:
+        receiver.stop()
 
 
 def test_filter_by_status(page: Page, stack: Stack) -> None:
