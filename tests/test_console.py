@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, expect, sync_playwright
 
 from tests.receiver import Receiver
 from tests.stack import ApiServer, Stack, seed_body, with_directive
@@ -303,6 +303,28 @@ def test_the_api_errors_are_shown(page: Page, stack: Stack) -> None:
     expect(page.locator("#error-text")).to_contain_text("(field: model) [HTTP 400]")
     page.goto(f"{stack.api_url}/console/#/tasks/{uuid.uuid4()}")
     expect(page.locator("#error")).to_have_attribute("data-code", "not_found")
+
+
+def test_a_lost_answer_is_sent_again_with_its_key(page: Page, stack: Stack) -> None:
+    """The API makes the task but its answer is lost: submitting the same form again reuses the
+    Idempotency-Key, and the API answers with that task instead of making another one."""
+    made: list[str] = []
+
+    def lose_the_answer(route: Route) -> None:
+        made.append(route.fetch().json()["id"])
+        route.abort()
+
+    open_console(page, stack.api_url)
+    page.route("**/v1/images/generations", lose_the_answer, times=1)
+    page.fill("#prompt", "an answer that gets lost")
+    page.click("#submit-button")
+    expect(page.locator("#error")).to_have_attribute("data-code", "network_error")
+    expect(page.locator("#prompt")).to_have_value("an answer that gets lost")
+    with page.expect_response(lambda response: response.url.endswith("/v1/images/generations")) as answer:
+        page.click("#submit-button")
+    assert answer.value.headers.get("idempotent-replayed") == "true"
+    assert answer.value.json()["id"] == made[0]
+    expect(page.locator("#error")).to_be_hidden()
 
 
 def test_sign_in_with_a_key(page: Page, stack: Stack) -> None:

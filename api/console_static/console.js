@@ -26,6 +26,7 @@ const state = {
   cards: new Map(), // task id -> card element, kept across polls so images load once
   outputs: new Map(), // output key -> figure element on the task page
   task: null,
+  pending: null, // the submission last sent and its Idempotency-Key, until it is accepted
 };
 
 class ApiError extends Error {
@@ -449,10 +450,15 @@ async function submitPrompt(event) {
     };
     const webhookUrl = $("webhook-url").value.trim();
     if (webhookUrl) body.webhook_url = webhookUrl;
+    // the same body sent again after a failure (a lost answer, a double click) keeps its key, so the API
+    // answers with the task it may already have made instead of making a second one
+    const text = JSON.stringify(body);
+    if (!state.pending || state.pending.text !== text) state.pending = { text, key: randomKey() };
     const accepted = await api("POST", "v1/images/generations", {
       body,
-      headers: { "Idempotency-Key": randomKey() },
+      headers: { "Idempotency-Key": state.pending.key },
     });
+    state.pending = null;
     clearError();
     showNotice(`Submitted task ${accepted.id}`, `#/tasks/${encodeURIComponent(accepted.id)}`);
     $("prompt").value = "";
