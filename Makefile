@@ -20,6 +20,8 @@ help: ## list the commands
 $(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 		(apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
+	@command -v chromium >/dev/null || { echo "installing chromium (the web console's browser tests)"; \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r $(DEV_LOCK)

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from api import admin, auth, errors, routes
+from api import admin, auth, console, errors, routes
 from services.config import Config, load_config
 from services.errors import ConfigError
 from services.runtime import Runtime
@@ -30,4 +30,5 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(auth.blueprint)
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(admin.blueprint)
+    app.register_blueprint(console.blueprint)
     return app
