@@ -38,4 +38,5 @@ FROM base AS app
 # to run one open on purpose. (`make run`, outside the image, stays open for local use.)
 ENV ALLOW_OPEN_API=false
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8", "api:create_app()"]
+# -c python:api.gunicorn_conf: gunicorn's own lines in the format LOG_FORMAT asks for (api/gunicorn_conf.py)
+CMD ["gunicorn", "-c", "python:api.gunicorn_conf", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8", "api:create_app()"]

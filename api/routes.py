@@ -9,6 +9,7 @@ from flask.typing import ResponseReturnValue
 
 from api.auth import bearer_token, current_tenant, is_admin_key
 from api.openapi import openapi_document
+from services import logs
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
 from services.runtime import Runtime
@@ -38,6 +39,7 @@ def submit() -> Response:
         idempotency_key=request.headers.get("Idempotency-Key"),
         tenant=current_tenant(),
     )
+    logs.bind(task_id=accepted.body["id"])
     response = jsonify(accepted.body)
     response.status_code = accepted.status
     response.headers["Location"] = accepted.location

@@ -184,7 +184,8 @@ def start_api(
     env: Mapping[str, str], port: int, *, log_dir: Path | None, workers: int = 2, threads: int = 8
 ) -> Child:
     args = [
-        _bin("gunicorn"), "--bind", f"{HOST}:{port}", "--workers", str(workers), "--threads", str(threads),
+        _bin("gunicorn"), "-c", "python:api.gunicorn_conf", "--bind", f"{HOST}:{port}",
+        "--workers", str(workers), "--threads", str(threads),
         "--access-logfile", "-", "--graceful-timeout", "10", "api:create_app()",
     ]  # fmt: skip
     child = Child("api", args, {**os.environ, **env}, log_dir / "api.log" if log_dir else None).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ APP_VARIABLES = (
     "WEBHOOK_SIGNING_SECRET",
     "WEBHOOK_TIMEOUT",
     "PUBLIC_BASE_URL",
+    "LOG_FORMAT",
 )
 # Credentials: no default anywhere, compose stops with a message when one is unset (${VAR:?message}).
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -72,6 +74,10 @@ def test_webhooks_have_their_own_worker() -> None:
 
 def test_api_serves_the_app_factory() -> None:
     assert command("api").startswith("gunicorn") and "api:create_app()" in command("api")
+    # gunicorn's own lines in the format LOG_FORMAT asks for, in compose as in the image
+    assert "-c python:api.gunicorn_conf" in command("api")
+    [cmd] = re.findall(r"^CMD (.*)$", dockerfile_stages()["app"], re.M)
+    assert " ".join(json.loads(cmd)) == command("api"), "compose runs the image's own command"
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
 
 
