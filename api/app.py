@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from api import admin, auth, errors, logs, routes
+from api import admin, auth, docs, errors, logs, routes
 from services.config import Config, load_config
 from services.errors import ConfigError
 from services.runtime import Runtime
@@ -31,5 +31,6 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(auth.blueprint)
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(admin.blueprint)
+    app.register_blueprint(docs.blueprint)
     logs.register(app)
     return app
