@@ -83,7 +83,9 @@ class ScopeFilter(logging.Filter):
     """Puts the scope's fields on each record (a field the record already has is kept)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for name, value in (_scope.get() or {}).items():
+        # a copy (made in one step): the lease keeper's thread logs from a copy of a job's context,
+        # whose scope the job's thread may be binding to meanwhile
+        for name, value in dict(_scope.get() or {}).items():
             if getattr(record, name, None) is None:
                 setattr(record, name, value)
         return True
