@@ -483,7 +483,8 @@ _SUBMIT_EXAMPLE: dict[str, Any] = {
     "metadata": {"order": 42},
 }
 
-_OPEN: dict[str, Any] = {"security": []}  # health checks, metrics and this document: no API key, ever
+_STRING: dict[str, Any] = {"schema": {"type": "string"}}
+_OPEN: dict[str, Any] = {"security": []}  # health checks, metrics, this document and its page: no key
 _ADMIN: dict[str, Any] = {"security": [{"admin": []}]}  # ADMIN_API_KEY, whether tenants need keys or not
 _ADMIN_ERRORS: dict[str, Any] = {
     "401": _error("Missing or wrong admin key"),
@@ -818,6 +819,14 @@ _PATHS: dict[str, Any] = {
             "operationId": "openapi",
             **_OPEN,
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3 document")},
+        }
+    },
+    "/docs": {
+        "get": {
+            "summary": "This document, rendered by Swagger UI (its files under /docs/static/, served here)",
+            "operationId": "docs",
+            **_OPEN,
+            "responses": {"200": {"description": "An HTML page", "content": {"text/html": _STRING}}},
         }
     },
 }

@@ -9,7 +9,7 @@ from flask.typing import ResponseReturnValue
 
 from api.auth import bearer_token, current_tenant, is_admin_key
 from api.openapi import openapi_document
-from services import metrics
+from services import logs, metrics
 from services.deletion import delete_task
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
@@ -43,6 +43,7 @@ def submit() -> Response:
         tenant=current_tenant(),
         cancel_after=parse_cancel_after(request.headers.get("Cancel-After")),
     )
+    logs.bind(task_id=accepted.body["id"])
     response = jsonify(accepted.body)
     response.status_code = accepted.status
     response.headers["Location"] = accepted.location

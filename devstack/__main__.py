@@ -1,7 +1,8 @@
 """``python -m devstack`` (what ``make run`` runs): the API, a generation worker and a webhook worker,
 plus whatever is not configured.
 
-REDIS_URL unset → a redis-server with AOF persistence in ``$DATA_DIR/redis``; S3_ENDPOINT_URL unset → an
+REDIS_URL unset → a redis-server with AOF persistence in ``$DATA_DIR/redis`` (its URL in
+``$DATA_DIR/redis_url``, for ``make flower``); S3_ENDPOINT_URL unset → an
 embedded S3 server (moto) whose data is NOT kept; UPSTREAM_BASE_URL unset → the upstream simulator;
 WEBHOOK_SIGNING_SECRET unset → a secret generated once and kept in ``$DATA_DIR/webhook_secret``.
 Ctrl-C stops everything it started.
@@ -55,6 +56,7 @@ def main() -> int:
             port = free_port()
             children.append(start_redis(data_dir / "redis", port, log_dir=log_dir))
             env["REDIS_URL"] = f"redis://{HOST}:{port}/0"
+            (data_dir / "redis_url").write_text(env["REDIS_URL"] + "\n")  # for `make flower`
             log.info("embedded Redis at %s (AOF persistence in %s)", env["REDIS_URL"], data_dir / "redis")
         if not os.environ.get("S3_ENDPOINT_URL"):
             port = free_port()
@@ -129,6 +131,7 @@ def main() -> int:
     finally:
         for child in reversed(children):
             child.stop()
+        (data_dir / "redis_url").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

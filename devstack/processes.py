@@ -23,7 +23,7 @@ import redis
 
 HOST = "127.0.0.1"
 # gunicorn's hooks for GET /metrics across its processes (multiprocess mode), as the Docker image uses them
-GUNICORN_CONFIG = Path(__file__).resolve().parents[1] / "gunicorn.conf.py"
+GUNICORN_CONFIG = str(Path(__file__).resolve().parents[1] / "gunicorn.conf.py")  # metrics hooks, log format
 
 
 def free_port() -> int:
@@ -186,8 +186,8 @@ def start_api(
     env: Mapping[str, str], port: int, *, log_dir: Path | None, workers: int = 2, threads: int = 8
 ) -> Child:
     args = [
-        _bin("gunicorn"), "-c", str(GUNICORN_CONFIG), "--bind", f"{HOST}:{port}", "--workers", str(workers),
-        "--threads", str(threads),
+        _bin("gunicorn"), "-c", GUNICORN_CONFIG, "--bind", f"{HOST}:{port}",
+        "--workers", str(workers), "--threads", str(threads),
         "--access-logfile", "-", "--graceful-timeout", "10", "api:create_app()",
     ]  # fmt: skip
     child = Child("api", args, {**os.environ, **env}, log_dir / "api.log" if log_dir else None).start()

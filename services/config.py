@@ -100,6 +100,9 @@ class Config:
     webhook_secret_grace: float = 86400.0
     public_base_url: str = "http://127.0.0.1:8000"
 
+    # logs (services/logs.py): "text", or "json" (one object a line)
+    log_format: str = "text"
+
     @property
     def output_retention(self) -> int:
         """Days an output object is kept (``OUTPUT_RETENTION_DAYS``, else as long as its task)."""
@@ -170,6 +173,12 @@ def _pool(value: str) -> str:
     if value not in ("threads", "prefork", "solo"):
         raise ValueError("must be one of threads, prefork, solo")
     return value
+
+
+def _log_format(value: str) -> str:
+    if value.strip().lower() not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value.strip().lower()
 
 
 def _csv_set(value: str) -> frozenset[str]:
@@ -291,6 +300,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WEBHOOK_ALLOW_HTTP": ("webhook_allow_http", _bool),
     "WEBHOOK_SECRET_GRACE_SECONDS": ("webhook_secret_grace", _non_negative_float),
     "PUBLIC_BASE_URL": ("public_base_url", _url),
+    "LOG_FORMAT": ("log_format", _log_format),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_VARIABLES)
