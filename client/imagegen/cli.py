@@ -41,8 +41,9 @@ _EXIT_CODES = """exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # The common options work before and after the command: the command's own copies default to
-    # SUPPRESS, so that they do not overwrite what was given before it.
+    # The common options work before and after the command: they default to SUPPRESS (in the parser and
+    # in the command's, which share these actions), so that the command's do not overwrite what was given
+    # before it; ``main`` fills in what was given nowhere.
     common = argparse.ArgumentParser(add_help=False)
     suppress = argparse.SUPPRESS
     common.add_argument("--url", default=suppress, help=f"the server [$IMAGEGEN_URL, else {DEFAULT_URL}]")
@@ -55,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(url=None, api_key=None, json=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run: Callable[[Client, argparse.Namespace], int], help_text: str) -> Any:
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name, default in (("url", None), ("api_key", None), ("json", False)):
+        setattr(args, name, getattr(args, name, default))
     client = Client(args.url, args.api_key)
     try:
         code: int = args.run(client, args)
