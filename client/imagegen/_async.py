@@ -14,10 +14,10 @@ from typing import Any, TypeVar, Unpack
 import httpx
 
 from imagegen._body import GenerateOptions
-from imagegen._operations import OnUpdate, Operations
+from imagegen._operations import ListFilters, OnUpdate, Operations
 from imagegen._retry import PollPolicy, RetryPolicy
 from imagegen._steps import Flow, NextLine, OpenStream, Runner, Sleep, Step
-from imagegen.models import Page, Task, TaskStatus
+from imagegen.models import Page, Task
 
 T = TypeVar("T")
 
@@ -68,11 +68,9 @@ class AsyncClient:
     async def cancel(self, task: Task | str) -> Task:
         return await self._run(self._ops.cancel(task))
 
-    async def list(
-        self, *, status: TaskStatus | str | None = None, limit: int | None = None, cursor: str | None = None
-    ) -> AsyncIterator[Page]:
+    async def list(self, *, cursor: str | None = None, **filters: Unpack[ListFilters]) -> AsyncIterator[Page]:
         while True:
-            page = await self._run(self._ops.page(status=status, limit=limit, cursor=cursor))
+            page = await self._run(self._ops.page(cursor, **filters))
             yield page
             if page.next_cursor is None:
                 return

@@ -14,10 +14,10 @@ from typing import Any, TypeVar, Unpack
 import httpx
 
 from imagegen._body import GenerateOptions
-from imagegen._operations import OnUpdate, Operations
+from imagegen._operations import ListFilters, OnUpdate, Operations
 from imagegen._retry import PollPolicy, RetryPolicy
 from imagegen._steps import Flow, NextLine, OpenStream, Runner, Sleep, Step
-from imagegen.models import Page, Task, TaskStatus
+from imagegen.models import Page, Task
 
 T = TypeVar("T")
 
@@ -80,12 +80,11 @@ class Client:
     def cancel(self, task: Task | str) -> Task:
         return self._run(self._ops.cancel(task))
 
-    def list(
-        self, *, status: TaskStatus | str | None = None, limit: int | None = None, cursor: str | None = None
-    ) -> Iterator[Page]:
-        """The caller's tasks, newest first, page after page (``limit`` tasks a page)."""
+    def list(self, *, cursor: str | None = None, **filters: Unpack[ListFilters]) -> Iterator[Page]:
+        """The caller's tasks, newest first, page after page: ``status``, ``limit`` (tasks a page, at most
+        100), ``created_after``, ``created_before``, ``metadata`` (``{"order": "42"}``)."""
         while True:
-            page = self._run(self._ops.page(status=status, limit=limit, cursor=cursor))
+            page = self._run(self._ops.page(cursor, **filters))
             yield page
             if page.next_cursor is None:
                 return

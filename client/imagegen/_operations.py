@@ -20,8 +20,9 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -167,8 +168,9 @@ class Operations:
         response = yield from self.call(self.request("POST", _task_path(task, "cancel")), idempotent=False)
         return Task.from_json(response.json())
 
-    def page(self, *, status: str | None, limit: int | None, cursor: str | None) -> Flow[Page]:
-        params = {"status": str(status) if status else None, "limit": limit, "cursor": cursor}
+    def page(self, cursor: str | None, **filters: Unpack[ListFilters]) -> Flow[Page]:
+        """One page of ``GET /v1/tasks``, newest first; ``cursor``: the last page's ``next_cursor``."""
+        params = list_query(cursor, **filters)
         response = yield from self.call(self.request("GET", "/v1/tasks", params=params))
         return Page.from_json(response.json())
 
@@ -290,6 +292,41 @@ def raise_for_status(response: httpx.Response) -> None:
         field = error.get("field")
     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
     raise api_error(response.status_code, code, message, field=field, retry_after=retry_after)
+
+
+class ListFilters(TypedDict, total=False):
+    """What ``list`` may ask of ``GET /v1/tasks`` besides the cursor."""
+
+    status: TaskStatus | str | None  # queued, running, succeeded, failed, canceled
+    limit: int | None  # tasks a page: 1–100 (the server's default: 20)
+    created_after: datetime | str | None  # a datetime, or ISO 8601 text
+    created_before: datetime | str | None
+    metadata: Mapping[str, str] | None  # {"order": "42"}: tasks whose metadata.order is "42"
+
+
+def list_query(
+    cursor: str | None,
+    *,
+    status: TaskStatus | str | None = None,
+    limit: int | None = None,
+    created_after: datetime | str | None = None,
+    created_before: datetime | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The query of ``GET /v1/tasks`` (``metadata={"order": "42"}`` as ``metadata.order=42``)."""
+    query: dict[str, Any] = {
+        "status": str(status) if status else None,
+        "limit": limit,
+        "cursor": cursor,
+        "created_after": _iso(created_after),
+        "created_before": _iso(created_before),
+    }
+    query.update((f"metadata.{key}", value) for key, value in (metadata or {}).items())
+    return query
+
+
+def _iso(value: datetime | str | None) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def _query(params: Mapping[str, Any] | None) -> dict[str, Any] | None:

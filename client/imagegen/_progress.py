@@ -28,7 +28,8 @@ def describe(task: Task, elapsed: float) -> Text:
     """``queued · position 3 · 0.8s``, ``running · attempt 1 · 2.4s``, ``failed · no_image · 1.2s``."""
     words = [Text(task.status.value, style=_STYLES[task.status])]
     if task.status is TaskStatus.QUEUED and task.queue_position is not None:
-        words.append(Text(f"position {task.queue_position}"))
+        # 0: handed to the workers; n: n - 1 of the tenant's tasks wait ahead of it
+        words.append(Text(f"position {task.queue_position}" if task.queue_position else "up next"))
     if task.status is TaskStatus.RUNNING and task.attempts:
         words.append(Text(f"attempt {task.attempts[-1].number}"))
     if task.status is TaskStatus.SUCCEEDED:
