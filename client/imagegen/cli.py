@@ -199,7 +199,8 @@ def _finish(client: Client, args: argparse.Namespace, task: Task, *, out: Path |
     else:
         print(_summary(task))
     if not task.succeeded:
-        _fail(f"task {task.id} {task.status.value}: {_error_text(task)}")
+        reason = _error_text(task) if task.done else f"not final yet (imagegen wait {task.id})"
+        _fail(f"task {task.id} {task.status.value}: {reason}")
         return TASK_FAILED
     return OK
 
