@@ -467,8 +467,8 @@ def run_in_terminal(args: list[str], env: dict[str, str], timeout: float = 60) -
 
 
 def test_cli_generate_shows_live_progress_in_a_terminal(stack: Stack, keyed: Keyed, tmp_path: Path) -> None:
-    """On an API where the tenant runs one task at a time behind two others, the display shows the queue
-    position going down, then the attempt and the elapsed time ticking, then the result."""
+    """On an API where the tenant runs one task at a time, behind two others: the display shows the queue
+    position (never going up), then the attempt and the elapsed time ticking, then the result."""
     admin, tenant = {"Authorization": f"Bearer {keyed.admin_key}"}, keyed.tenant
     put = stack.http.put(
         f"{keyed.server.url}/v1/admin/tenants/{tenant}", json={"max_concurrency": 1}, headers=admin
@@ -477,7 +477,7 @@ def test_cli_generate_shows_live_progress_in_a_terminal(stack: Stack, keyed: Key
     for _ in range(2):
         ahead = stack.http.post(
             f"{keyed.server.url}/v1/images/generations",
-            json=with_directive(delay_ms="700"),
+            json=with_directive(delay_ms="1500"),
             headers={"Authorization": f"Bearer {keyed.key}"},
         )
         assert ahead.status_code == 202, ahead.text
@@ -489,7 +489,8 @@ def test_cli_generate_shows_live_progress_in_a_terminal(stack: Stack, keyed: Key
     assert code == 0, output
     assert "\x1b[" in output, "drawn with terminal control sequences (redrawn in place)"
     positions = [int(value) for value in re.findall(r"queued · position (\d+) · \d+\.\ds", shown)]
-    assert positions and positions[0] == 2 and positions == sorted(positions, reverse=True), shown
+    # 2 when it is first shown, unless the first task ahead already ended while the command started
+    assert positions and positions[0] <= 2 and positions == sorted(positions, reverse=True), shown
     running = [float(value) for value in re.findall(r"running · attempt \d · (\d+\.\d)s", shown)]
     assert len(set(running)) >= 3 and max(running) >= 2.0, f"the elapsed time ticks while it runs: {running}"
     assert re.search(r"✓ succeeded · 1 image · \d+\.\ds", shown), shown
