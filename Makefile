@@ -22,7 +22,7 @@ DATA_DIR ?= var
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml
+$(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml client/pyproject.toml
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 		(apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
 	@command -v chromium >/dev/null || { echo "installing chromium (the web console's browser tests)"; \
@@ -31,6 +31,8 @@ $(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r $(DEV_LOCK)
 	$(BIN)/pip install -q --no-deps -e .
+# the SDK and the `imagegen` command (client/); its dependencies are in the dev lock (the `test` extra)
+	$(BIN)/pip install -q --no-deps -e ./client
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create the virtualenv and install the locked versions (done by run and test)
