@@ -12,24 +12,42 @@ PIP_TOOLS := pip-tools==7.6.2
 COMPILE := --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast lint format bench lock audit clean
+# `make flower`: where Flower listens, and where `make run` leaves its embedded Redis's URL.
+FLOWER_PORT ?= 5555
+FLOWER_ADDRESS ?= 127.0.0.1
+DATA_DIR ?= var
+
+.PHONY: help setup run flower test test-fast lint format bench lock audit clean
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml
+$(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml client/pyproject.toml
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 		(apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
+	@command -v chromium >/dev/null || { echo "installing chromium (the web console's browser tests)"; \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r $(DEV_LOCK)
 	$(BIN)/pip install -q --no-deps -e .
+# the SDK and the `imagegen` command (client/); its dependencies are in the dev lock (the `test` extra)
+	$(BIN)/pip install -q --no-deps -e ./client
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create the virtualenv and install the locked versions (done by run and test)
 
 run: $(STAMP) ## run the whole service on embedded defaults (API on $$PORT, default 8000)
 	$(BIN)/python -m devstack
+
+# Flower reads the broker (REDIS_URL, else the embedded Redis of a running `make run`) and asks the workers
+# for their state; it turns their task events on while it runs (README.md, "Flower"). FLOWER_BASIC_AUTH=user:pass
+# protects it, and enables its HTTP API (/api/...).
+flower: $(STAMP) ## Flower, Celery's dashboard, on $$FLOWER_ADDRESS:$$FLOWER_PORT (127.0.0.1:5555) against $$REDIS_URL
+	@url="$${REDIS_URL:-$$(cat $(DATA_DIR)/redis_url 2>/dev/null)}"; \
+	if [ -z "$$url" ]; then echo "make flower: set REDIS_URL, or start make run first" >&2; exit 2; fi; \
+	echo "Flower on http://$(FLOWER_ADDRESS):$(FLOWER_PORT)"; \
+	REDIS_URL="$$url" exec $(BIN)/celery -A worker.main flower --address=$(FLOWER_ADDRESS) --port=$(FLOWER_PORT)
 
 test: lint ## the whole test suite: lint, types, bandit, unit, end-to-end and fault tests on real processes
 	$(BIN)/pytest -q -p no:cacheprovider

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from api import admin, auth, errors, routes
+from api import admin, auth, console, docs, errors, logs, routes
 from services.config import Config, load_config
 from services.errors import ConfigError
 from services.runtime import Runtime
@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: Config | None = None) -> Flask:
     config = config or load_config()
+    logs.configure(config)
     if not config.auth_required and not config.allow_open_api:
         raise ConfigError(
             "the API would be open to anyone who can reach it: set API_KEYS or ADMIN_API_KEY, or "
@@ -30,4 +31,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(auth.blueprint)
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(admin.blueprint)
+    app.register_blueprint(console.blueprint)
+    app.register_blueprint(docs.blueprint)
+    logs.register(app)
     return app

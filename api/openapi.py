@@ -18,6 +18,7 @@ from services.validation import (
     MAX_MODEL_LENGTH,
     MAX_WEBHOOK_URL_LENGTH,
     MODEL_NAME,
+    PRIORITIES,
     RESPONSE_MODALITIES,
     WEBHOOK_EVENTS,
 )
@@ -217,6 +218,15 @@ _SCHEMAS: dict[str, Any] = {
                     "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                 }
             ),
+            "priority": _nullable(
+                {
+                    "type": "string",
+                    "enum": list(PRIORITIES),
+                    "description": "Its order among its tenant's waiting tasks (default normal): high before "
+                    "every normal task still waiting; low after normal ones for at most 10 minutes, then in "
+                    "turn (it ages). Tenants share the upstream by weight whatever their tasks' priority.",
+                }
+            ),
         },
         # webhook_events needs webhook_url
         "anyOf": [{"not": {"required": ["webhook_events"]}}, {"required": ["webhook_url"]}],
@@ -291,6 +301,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "status": {"type": "string", "enum": _STATUSES},
+            "priority": {"type": "string", "enum": list(PRIORITIES)},
+            "deadline_at": _nullable({**_TIME, "description": "from Cancel-After"}),
             "model": {"type": "string"},
             "created_at": _TIME,
             "started_at": _nullable(_TIME),
@@ -501,7 +513,8 @@ _SUBMIT_HEADERS: dict[str, Any] = {
     },
 }
 
-_OPEN: dict[str, Any] = {"security": []}  # health checks and this document: no API key, ever
+_STRING: dict[str, Any] = {"schema": {"type": "string"}}
+_OPEN: dict[str, Any] = {"security": []}  # health checks, metrics, this document and its page: no key
 _ADMIN: dict[str, Any] = {"security": [{"admin": []}]}  # ADMIN_API_KEY, whether tenants need keys or not
 _ADMIN_ERRORS: dict[str, Any] = {
     "401": _error("Missing or wrong admin key"),
@@ -533,6 +546,15 @@ _PATHS: dict[str, Any] = {
                         "maxLength": 255,
                         "pattern": "^[!-~]([ -~]*[!-~])?$",
                     },
+                },
+                {
+                    "name": "Cancel-After",
+                    "in": "header",
+                    "required": False,
+                    "description": "A deadline: `30s`, `5m`, `2h` or `1500ms` (at most 7 days). A task not "
+                    "final by then is canceled with `error.code = deadline_exceeded`, its call cut off; one "
+                    "still waiting then never calls the upstream.",
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,9}(\\.[0-9]{1,3})?(ms|s|m|h)$"},
                 },
                 _PREFER,
             ],
@@ -854,12 +876,33 @@ _PATHS: dict[str, Any] = {
             },
         }
     },
+    "/metrics": {
+        "get": {
+            "summary": "Metrics in the Prometheus text format (README.md, Metrics)",
+            "operationId": "metrics",
+            **_OPEN,
+            "responses": {
+                "200": {
+                    "description": "Every API process's metrics, and the queues read from Redis",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
     "/openapi.json": {
         "get": {
             "summary": "This document",
             "operationId": "openapi",
             **_OPEN,
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3 document")},
+        }
+    },
+    "/docs": {
+        "get": {
+            "summary": "This document, rendered by Swagger UI (its files under /docs/static/, served here)",
+            "operationId": "docs",
+            **_OPEN,
+            "responses": {"200": {"description": "An HTML page", "content": {"text/html": _STRING}}},
         }
     },
 }

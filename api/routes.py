@@ -11,6 +11,7 @@ from flask.typing import ResponseReturnValue
 from api.auth import bearer_token, current_tenant, is_admin_key
 from api.openapi import openapi_document
 from api.waiting import SSE_HEADERS, client_connected, event_stream, last_event_id, requested_wait
+from services import logs, metrics
 from services.deletion import delete_task
 from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from services.records import TaskRecord
@@ -19,6 +20,7 @@ from services.store import TaskStatus
 from services.task_list import query_from_params
 from services.task_view import task_view
 from services.usage import MAX_DAYS
+from services.validation import parse_cancel_after
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,9 @@ def submit() -> Response:
         _read_body(rt.config.max_body_bytes),
         idempotency_key=request.headers.get("Idempotency-Key"),
         tenant=current_tenant(),
+        cancel_after=parse_cancel_after(request.headers.get("Cancel-After")),
     )
+    logs.bind(task_id=accepted.body["id"])
     wait = requested_wait(request.headers.getlist("Prefer"))
     response = None
     if wait is not None and accepted.status == 202:
@@ -218,6 +222,14 @@ def readyz() -> Response:
     response = jsonify(body)
     response.status_code = 200 if ready else 503
     return response
+
+
+@blueprint.get("/metrics")
+def metrics_endpoint() -> Response:
+    """Prometheus's text format: every API process's metrics added up, and the queues read from Redis
+    (``services/metrics.py``). Open, like ``/healthz``: it names no tenant, no task and no host."""
+    body, content_type = metrics.exposition(request.headers.get("Accept"), [_runtime().queue_metrics])
+    return Response(body, content_type=content_type)
 
 
 @blueprint.get("/openapi.json")

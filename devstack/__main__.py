@@ -1,7 +1,8 @@
 """``python -m devstack`` (what ``make run`` runs): the API, a generation worker and a webhook worker,
 plus whatever is not configured.
 
-REDIS_URL unset → a redis-server with AOF persistence in ``$DATA_DIR/redis``; S3_ENDPOINT_URL unset → an
+REDIS_URL unset → a redis-server with AOF persistence in ``$DATA_DIR/redis`` (its URL in
+``$DATA_DIR/redis_url``, for ``make flower``); S3_ENDPOINT_URL unset → an
 embedded S3 server (moto) whose data is NOT kept; UPSTREAM_BASE_URL unset → the upstream simulator;
 WEBHOOK_SIGNING_SECRET unset → a secret generated once and kept in ``$DATA_DIR/webhook_secret``.
 Ctrl-C stops everything it started.
@@ -55,6 +56,7 @@ def main() -> int:
             port = free_port()
             children.append(start_redis(data_dir / "redis", port, log_dir=log_dir))
             env["REDIS_URL"] = f"redis://{HOST}:{port}/0"
+            (data_dir / "redis_url").write_text(env["REDIS_URL"] + "\n")  # for `make flower`
             log.info("embedded Redis at %s (AOF persistence in %s)", env["REDIS_URL"], data_dir / "redis")
         if not os.environ.get("S3_ENDPOINT_URL"):
             port = free_port()
@@ -92,14 +94,23 @@ def main() -> int:
         Storage(config).ensure_bucket()
         embedded = list(children)
         supervisor = Supervisor()  # workers and the API come back if they exit, as under a process manager
-        children.append(supervisor.watch(start_worker(env, log_dir=None)))
-        children.append(
-            supervisor.watch(start_worker(env, log_dir=None, name="webhook-worker", queues="webhooks"))
-        )
+        # Two workers on one host: each serves its metrics on a port of its own (WORKER_METRICS_PORT).
+        metrics_ports = {"worker": free_port(), "webhook-worker": free_port()}
+        for name, queues in (("worker", "generation"), ("webhook-worker", "webhooks")):
+            worker_env = {**env, "WORKER_METRICS_PORT": str(metrics_ports[name])}
+            children.append(
+                supervisor.watch(start_worker(worker_env, log_dir=None, name=name, queues=queues))
+            )
         api = start_api(env, api_port, log_dir=None, worker_class="gevent")  # as in the Docker image
         children.append(supervisor.watch(api))
         log.info(
             "imagegen-queue is up: http://%s:%d (logs of the embedded parts in %s)", HOST, api_port, log_dir
+        )
+        log.info(
+            "metrics: http://%s:%d/metrics (the API and the queues), %s",
+            HOST,
+            api_port,
+            ", ".join(f"http://{HOST}:{port}/metrics ({name})" for name, port in metrics_ports.items()),
         )
         while not stopping:
             dead = [child.name for child in embedded if not child.alive()]
@@ -121,6 +132,7 @@ def main() -> int:
     finally:
         for child in reversed(children):
             child.stop()
+        (data_dir / "redis_url").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

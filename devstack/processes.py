@@ -22,6 +22,8 @@ import httpx
 import redis
 
 HOST = "127.0.0.1"
+# gunicorn's hooks for GET /metrics across its processes (multiprocess mode), as the Docker image uses them
+GUNICORN_CONFIG = str(Path(__file__).resolve().parents[1] / "gunicorn.conf.py")  # metrics hooks, log format
 
 
 def free_port() -> int:
@@ -193,7 +195,7 @@ def start_api(
     """gunicorn: ``gthread`` (``threads`` a process) or ``gevent`` (``worker_connections`` a process, the
     Docker image's choice: requests that wait hold no thread; ``services/task_events.py``)."""
     args = [
-        _bin("gunicorn"), "--bind", f"{HOST}:{port}", "--workers", str(workers),
+        _bin("gunicorn"), "-c", GUNICORN_CONFIG, "--bind", f"{HOST}:{port}", "--workers", str(workers),
         "--access-logfile", "-", "--graceful-timeout", "10",
     ]  # fmt: skip
     if worker_class == "gevent":

@@ -10,7 +10,9 @@ submission order), and ``Admission.admit`` hands waiting tasks to the broker as 
 - each tenant: at most its ``max_concurrency`` admitted (``{p}:t:{t}:admitted``);
 - fair share: each free place goes to the tenant with the fewest admitted tasks per unit of ``weight``
   (ties: the oldest waiting task), so free upstream slots are shared in proportion to the weights, not
-  in arrival order.
+  in arrival order;
+- priority orders within a tenant (``ready_order``): ``high`` before every ``normal`` task, ``low``
+  after ``normal`` tasks for at most ``LOW_PRIORITY_AGING``.
 
 A task leaves the admitted sets in the store's own change that makes it final or puts it off for a retry
 (``JobStore._consequences``); a due retry waits in its tenant's ready set again, in its first order.
@@ -92,6 +94,17 @@ return picked
 """
 
 BATCH = 500  # the most admitted by one call; a full batch is followed by another at once
+
+# A task's place in its tenant's ready set (ms): its creation, moved by its priority. ``high`` comes
+# before every ``normal`` task still waiting (ten years ahead); ``low`` waits behind the ``normal`` tasks
+# created up to LOW_PRIORITY_AGING after it, and no longer: it ages into the queue, never starves.
+LOW_PRIORITY_AGING = 600.0
+_PRIORITY_SHIFT_MS = {"high": -10 * 365 * 86400 * 1000, "normal": 0, "low": round(LOW_PRIORITY_AGING * 1000)}
+
+
+def ready_order(created_ms: int, priority: str) -> int:
+    """Where a waiting task goes in its tenant's ready set: lower goes first."""
+    return created_ms + _PRIORITY_SHIFT_MS.get(priority, 0)
 
 
 class Admission:

@@ -56,6 +56,7 @@ class Config:
     task_lease_seconds: float = 30.0
     worker_shutdown_timeout: float = 330.0
     sweep_interval: float = 0.2
+    worker_metrics_port: int = 0  # each worker process's own /metrics (services/metrics.py); 0: none
 
     upstream_max_concurrency: int = 0
     upstream_rate_per_minute: float = 0.0
@@ -100,6 +101,9 @@ class Config:
     public_base_url: str = "http://127.0.0.1:8000"
     # GET /v1/tasks/{id}/events (services/task_events.py): a comment this often keeps an idle stream open
     events_heartbeat: float = 15.0
+
+    # logs (services/logs.py): "text", or "json" (one object a line)
+    log_format: str = "text"
 
     @property
     def output_retention(self) -> int:
@@ -160,6 +164,10 @@ def _non_negative_float(value: str) -> float:
     return _number(float, value, lambda number: 0 <= number < math.inf, "must be zero or a positive number")
 
 
+def _port(value: str) -> int:
+    return _number(int, value, lambda number: 0 <= number <= 65535, "must be a port number, 0 to 65535")
+
+
 def _pool(value: str) -> str:
     # gevent is not offered: it needs `-P gevent` on the command line to patch sockets (a worker given
     # it by configuration alone hangs), and it measured slower than threads here (bench/README.md,
@@ -167,6 +175,12 @@ def _pool(value: str) -> str:
     if value not in ("threads", "prefork", "solo"):
         raise ValueError("must be one of threads, prefork, solo")
     return value
+
+
+def _log_format(value: str) -> str:
+    if value.strip().lower() not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value.strip().lower()
 
 
 def _csv_set(value: str) -> frozenset[str]:
@@ -252,6 +266,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "TASK_LEASE_SECONDS": ("task_lease_seconds", _positive_float),
     "WORKER_SHUTDOWN_TIMEOUT": ("worker_shutdown_timeout", _positive_float),
     "SWEEP_INTERVAL": ("sweep_interval", _positive_float),
+    "WORKER_METRICS_PORT": ("worker_metrics_port", _port),
     "UPSTREAM_MAX_CONCURRENCY": ("upstream_max_concurrency", _non_negative_int),
     "UPSTREAM_RATE_PER_MINUTE": ("upstream_rate_per_minute", _non_negative_float),
     "LIMITER_MAX_WAIT": ("limiter_max_wait", _non_negative_float),
@@ -288,6 +303,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WEBHOOK_SECRET_GRACE_SECONDS": ("webhook_secret_grace", _non_negative_float),
     "PUBLIC_BASE_URL": ("public_base_url", _url),
     "EVENTS_HEARTBEAT_SECONDS": ("events_heartbeat", _positive_float),
+    "LOG_FORMAT": ("log_format", _log_format),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_VARIABLES)

@@ -43,6 +43,7 @@ from services.errors import (
 from services.images import inspect_image
 from services.leases import LeaseKeeper
 from services.limits import UpstreamLimiter
+from services.logs import bind, task_scope
 from services.presence import process_name
 from services.records import OutputRecord, TaskRecord
 from services.storage import Storage, output_key
@@ -125,11 +126,13 @@ class JobRunner:
         self._calls = calls
 
     def run(self, task_id: str) -> None:
-        """Run the task's next attempt; then admit the next waiting tasks into the place it frees."""
-        try:
-            self._run(task_id)
-        finally:
-            self._admit_next()
+        """Run the task's next attempt; then admit the next waiting tasks into the place it frees. Every
+        line logged meanwhile carries the task's id, and its tenant once its record is read."""
+        with task_scope(task_id):
+            try:
+                self._run(task_id)
+            finally:
+                self._admit_next()
 
     def _run(self, task_id: str) -> None:
         token = f"{worker_name()}:{secrets.token_hex(6)}"
@@ -160,6 +163,8 @@ class JobRunner:
             retryable=True,
         )
         task = self._store.postpone(task_id, delay=delay, hold_seconds=hold, error=held_too_long)
+        if task is not None:
+            bind(tenant=tenant_of(task))
         if task is not None and task["status"] == TaskStatus.FAILED:
             log.warning("task %s: failed (%s) after holding it %.0fs", task_id, held_too_long.code, hold)
         else:
@@ -176,6 +181,7 @@ class JobRunner:
             log.info("task %s: nothing to run (final, running elsewhere, or out of attempts)", task_id)
             return
         task, lease = attempt.task, attempt.lease
+        bind(tenant=tenant_of(task))
         started = time.monotonic()
         closing = threading.Event()  # set before the attempt's closing write, which deletes the lease
         uploaded: list[str] = []  # this attempt's objects, deleted if its result is not recorded

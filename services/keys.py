@@ -16,6 +16,7 @@ Tasks: written by ``services/store.py`` only, every change with one compare-and-
   {p}:queued               zset    admitted queued task id -> when its message was sent (ms)
   {p}:delayed              zset    task id waiting for a retry -> when it is due (ms)
   {p}:running              zset    running task id -> its lease's deadline (ms)
+  {p}:deadlines            zset    task id -> its Cancel-After deadline (ms), until it is final
   {p}:events:{id}          list    the task's status changes, oldest first: entry i (from 1) is event i,
                                    its status (``GET /v1/tasks/{id}/events``); appended by the create
                                    and by every change of status. TTL: kept; 30 d once final, like the task
@@ -110,6 +111,10 @@ class Keys:
     @property
     def running(self) -> str:
         return self._key("running")
+
+    @property
+    def deadlines(self) -> str:
+        return self._key("deadlines")
 
     # tenants and admission ------------------------------------------------------------------------
     @property

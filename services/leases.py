@@ -8,6 +8,7 @@ later transitions then fail with ``LeaseLost`` rather than overwrite another wor
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import threading
@@ -24,7 +25,9 @@ Renewal = Callable[[], bool]
 class LeaseKeeper:
     def __init__(self, interval: float) -> None:
         self._interval = interval
-        self._renewals: dict[int, tuple[str, Renewal]] = {}
+        # each renewal runs in a copy of the context it was registered from: its log lines carry the
+        # fields of the job's log scope (services/logs.py)
+        self._renewals: dict[int, tuple[str, Renewal, contextvars.Context]] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -35,7 +38,7 @@ class LeaseKeeper:
         """Call ``renew`` every interval while the block runs."""
         number = next(self._ids)
         with self._lock:
-            self._renewals[number] = (name, renew)
+            self._renewals[number] = (name, renew, contextvars.copy_context())
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
                 self._thread.start()
@@ -52,14 +55,17 @@ class LeaseKeeper:
         while not self._stop.wait(self._interval):
             with self._lock:
                 renewals = list(self._renewals.items())
-            for number, (name, renew) in renewals:
-                try:
-                    if not renew():
-                        with self._lock:
-                            # A job that finished since the copy was taken released it: no loss.
-                            if self._renewals.pop(number, None) is not None:
-                                log.warning("%s: lost (expired before it was renewed)", name)
-                except ServiceError as exc:
-                    log.warning("%s: could not renew (%s); will try again", name, exc.message)
-                except Exception:  # a bug in one renewal must not stop the renewal of every other lease
-                    log.exception("%s: renewal failed unexpectedly; will try again", name)
+            for number, (name, renew, context) in renewals:
+                context.run(self._renew, number, name, renew)
+
+    def _renew(self, number: int, name: str, renew: Renewal) -> None:
+        try:
+            if not renew():
+                with self._lock:
+                    # A job that finished since the copy was taken released it: no loss.
+                    if self._renewals.pop(number, None) is not None:
+                        log.warning("%s: lost (expired before it was renewed)", name)
+        except ServiceError as exc:
+            log.warning("%s: could not renew (%s); will try again", name, exc.message)
+        except Exception:  # a bug in one renewal must not stop the renewal of every other lease
+            log.exception("%s: renewal failed unexpectedly; will try again", name)

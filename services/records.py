@@ -46,6 +46,8 @@ class WebhookSubscription(TypedDict):
 class TaskRecord(TypedDict):
     id: str
     tenant: str  # who owns it (``services/tenants.py``); not shown to clients
+    priority: str  # high, normal, low: its order among its tenant's waiting tasks
+    deadline_at: str | None  # Cancel-After: canceled (deadline_exceeded) if not final by then
     status: str  # a TaskStatus value
     model: str
     created_at: str

@@ -20,6 +20,7 @@ from services.jobs import JobRunner
 from services.keys import Keys
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
+from services.metrics import QueueCollector, scrape_client
 from services.queue import enqueue_generations
 from services.storage import Storage
 from services.store import JobStore
@@ -115,6 +116,16 @@ class Runtime:
     def task_events(self) -> TaskEvents:
         """The process's one subscription to task events, for the requests that wait (started lazily)."""
         return TaskEvents(self.redis, self.keys, self.store)
+
+    @functools.cached_property
+    def queue_metrics(self) -> QueueCollector:
+        """The queues' depths for ``GET /metrics``, read with a client of its own whose short timeout
+        keeps a scrape from hanging on a Redis that is down."""
+        return QueueCollector(
+            scrape_client(self.config.redis_url),
+            self.keys,
+            max_concurrency=self.config.upstream_max_concurrency,
+        )
 
     @functools.cached_property
     def webhooks(self) -> WebhookService:

@@ -24,6 +24,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from services import metrics
 from services.config import Config
 from services.errors import StorageUnavailable
 from services.images import ImageInfo
@@ -91,7 +92,7 @@ class Storage:
     def put_image(self, key: str, data: bytes, info: ImageInfo) -> StoredObject:
         digest = hashlib.sha256(data)
         hex_digest = digest.hexdigest()
-        with _mapped_errors("upload"):
+        with _mapped_errors("upload"), metrics.storage_upload():
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,

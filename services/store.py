@@ -1,7 +1,7 @@
 """The job store: task records and request payloads in Redis, and every state change of a task.
 
 The keys and what they hold are drawn in ``services/keys.py``; the records' shapes are in
-``services/records.py``.
+``services/records.py``; the Lua scripts are in ``services/store_scripts.py``.
 
 Every change goes through ``_write``: read the document (or take the one the caller last wrote: a
 lease carries it), let a pure function compute the next one (``_check`` enforces
@@ -40,7 +40,9 @@ from typing import Any, cast
 
 import redis
 
-from services import clock
+from services import clock, metrics
+from services import store_scripts as scripts
+from services.admission import ready_order
 from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, TooManyRequests
 from services.keys import Keys
 from services.lua import Script
@@ -79,163 +81,6 @@ ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.CANCELED: frozenset(),
 }
 
-# KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
-# there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "writes": [[command, key index,
-# args...]]}, indexes into KEYS. Returns 1 when written, 0 when the task changed meanwhile, -1 when a key
-# that must be absent exists.
-_COMPARE_AND_SET = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local extra = cjson.decode(ARGV[3])
-for _, index in ipairs(extra.absent) do
-  if redis.call('EXISTS', KEYS[index]) == 1 then return -1 end
-end
-redis.call('SET', KEYS[1], ARGV[2])
-for _, write in ipairs(extra.writes) do redis.call(write[1], KEYS[write[2]], unpack(write, 3)) end
-return 1
-"""
-
-# Submitting one task. KEYS: see ``_create``'s names. ARGV: the new task's id, record and payload, now and
-# its order in the tenant's ready set (ms), the tenant, the defaults of its limits, the admission window
-# (0: none), the idempotency record to write with it ('' for none) and its TTL, the broker message ('' for
-# none), the usage TTL, how long the tenant's task index keeps an entry (ms). Refuses with {-1, 0}
-# when the tenant has max_queued unfinished tasks, {-2, ms to wait} when its submission rate is used
-# up; else writes everything and returns {1, admitted}: admitted
-# (1) means the task went straight to the broker, because nothing of its tenant waits and the window
-# and the tenant's max_concurrency have room (``services/admission.py`` applies the same rule to the
-# tasks that wait); otherwise it waits in the tenant's ready set.
-_CREATE = """
-local now = tonumber(ARGV[4])
-local tenant = ARGV[6]
-local own = redis.call('HGET', KEYS[10], tenant)
-local settings = own and cjson.decode(own) or {}
-local max_queued = tonumber(settings.max_queued or ARGV[7])
-if max_queued > 0 and redis.call('SCARD', KEYS[4]) >= max_queued then return {-1, 0} end
-local rate = tonumber(settings.rate_per_minute or ARGV[8])
-if rate > 0 then
-  local capacity = math.max(1, rate)
-  local state = redis.call('HMGET', KEYS[11], 'tokens', 'at')
-  local elapsed = now - tonumber(state[2] or now)
-  local tokens = math.min(capacity, tonumber(state[1] or capacity) + elapsed * rate / 60000)
-  if tokens < 1 then return {-2, math.ceil((1 - tokens) * 60000 / rate)} end
-  redis.call('HSET', KEYS[11], 'tokens', tokens - 1, 'at', now)
-  redis.call('PEXPIRE', KEYS[11], math.ceil(capacity * 60000 / rate) + 1000)
-end
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('RPUSH', KEYS[17], 'queued')
-redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('ZADD', KEYS[15], now, ARGV[1])
-redis.call('ZADD', KEYS[16], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', '(' .. (now - tonumber(ARGV[15])))
-redis.call('HINCRBY', KEYS[12], 'submitted', 1)
-redis.call('EXPIRE', KEYS[12], ARGV[14])
-if ARGV[11] ~= '' then redis.call('SET', KEYS[13], ARGV[11], 'EX', ARGV[12]) end
-local window = tonumber(ARGV[10])
-local max_concurrency = tonumber(settings.max_concurrency or ARGV[9])
-if redis.call('ZCARD', KEYS[5]) == 0
-  and (window == 0 or redis.call('ZCARD', KEYS[7]) < window)
-  and (max_concurrency == 0 or redis.call('ZCARD', KEYS[8]) < max_concurrency) then
-  redis.call('ZADD', KEYS[7], now, ARGV[1])
-  redis.call('ZADD', KEYS[8], now, ARGV[1])
-  redis.call('ZADD', KEYS[9], now, ARGV[1])
-  if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[14], ARGV[13]) end
-  return {1, 1}
-end
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
-redis.call('SADD', KEYS[6], tenant)
-return {1, 0}
-"""
-
-# KEYS[1]: the delayed set, KEYS[2]: the set of tenants with ready tasks, KEYS[3..]: the ready set of
-# each candidate's tenant. ARGV[1]: now (ms); then per candidate its id, tenant and order (ms). Moves each
-# candidate still due from delayed to its tenant's ready set. Returns the ids moved.
-_CLAIM_DUE = """
-local moved = {}
-for index = 2, #ARGV, 3 do
-  local member = ARGV[index]
-  local score = redis.call('ZSCORE', KEYS[1], member)
-  if score and tonumber(score) <= tonumber(ARGV[1]) then
-    redis.call('ZREM', KEYS[1], member)
-    redis.call('ZADD', KEYS[2 + (index + 1) / 3], ARGV[index + 2], member)
-    redis.call('SADD', KEYS[2], ARGV[index + 1])
-    moved[#moved + 1] = member
-  end
-end
-return moved
-"""
-
-# Deleting a final task. KEYS: the task, its payload, its saved answer, its webhook log, its tenant's
-# index and status index, the webhook outbox's due set, its status events, then each of its possible
-# webhook events' event and state keys. ARGV: the document expected, the task id, then its possible
-# webhook event ids. Returns 0 when the document changed meanwhile, else 1.
-_DELETE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8])
-redis.call('ZREM', KEYS[5], ARGV[2])
-redis.call('ZREM', KEYS[6], ARGV[2])
-for index = 3, #ARGV do redis.call('ZREM', KEYS[7], ARGV[index]) end
-for index = 9, #KEYS do redis.call('DEL', KEYS[index]) end
-return 1
-"""
-
-# KEYS[1]: the sorted set to claim from, KEYS[2]: the one to move claimed members to (may be the same).
-# ARGV: claim members scored at most ARGV[1], give them score ARGV[2], at most ARGV[3] of them.
-_CLAIM = """
-local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, member in ipairs(members) do
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('ZADD', KEYS[2], ARGV[2], member)
-end
-return members
-"""
-
-# KEYS[1]: the running set, KEYS[2..]: the lease key of each candidate, ARGV[3..] the candidates (in
-# the same order). ARGV[1]: now (ms), ARGV[2]: the score claimed members get (ms). A candidate is
-# claimed if its deadline is still past and its lease key is gone. One whose key is still there is not:
-# its score ran ahead of the key's expiry (the deadline is computed just before the renewal sets the
-# key's TTL), so it moves to when the key expires; claimed, its next attempt would find the lease still
-# held and drop the task for another whole lease.
-_CLAIM_EXPIRED = """
-local now = tonumber(ARGV[1])
-local claimed = {}
-for index = 3, #ARGV do
-  local member = ARGV[index]
-  local score = redis.call('ZSCORE', KEYS[1], member)
-  if score and tonumber(score) <= now then
-    local ttl = redis.call('PTTL', KEYS[index - 1])
-    if ttl > 0 then
-      redis.call('ZADD', KEYS[1], now + ttl, member)
-    else
-      redis.call('ZADD', KEYS[1], ARGV[2], member)
-      claimed[#claimed + 1] = member
-    end
-  end
-end
-return claimed
-"""
-
-# KEYS[1]: the task, KEYS[2]: its saved answer. ARGV: the attempt's number, the answer, its TTL (s).
-# Saves the answer only while that attempt is the task's open attempt. Returns 1 when saved, else 0.
-_SAVE_RESULT = """
-local raw = redis.call('GET', KEYS[1])
-if not raw then return 0 end
-local attempts = cjson.decode(raw)['attempts']
-local last = attempts[#attempts]
-if not last or last['number'] ~= tonumber(ARGV[1]) or last['finished_at'] ~= cjson.null then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
-
-# KEYS[1]: a lease, KEYS[2]: the running set. ARGV: holder's token, time to live (ms), new deadline
-# (epoch ms), task id. Returns 1 if the lease was still held (and is extended), else 0.
-_RENEW_LEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
-return 1
-"""
-
 
 # Without settings of its own, a tenant is limited only by the window (tests build stores this way).
 NO_LIMITS = TenantSettings(max_concurrency=0, max_queued=0, rate_per_minute=0.0, weight=1.0)
@@ -243,6 +88,8 @@ NO_LIMITS = TenantSettings(max_concurrency=0, max_queued=0, rate_per_minute=0.0,
 # dropped when a listing finds their record gone (services/task_list.py).
 INDEX_SLACK_SECONDS = 7 * 86400
 QUEUE_FULL_RETRY_AFTER = 5.0  # seconds: when some of a full queue is likely done; a hint, not a promise
+DEADLINE_RECLAIM_MS = 5000  # a claimed deadline whose cancel did not happen is claimed again after this
+DEADLINE_EXCEEDED = JobError("the task was not done by its Cancel-After deadline", code="deadline_exceeded")
 
 
 def new_task_id() -> str:
@@ -283,7 +130,7 @@ GiveUp = Callable[[TaskRecord], JobError | None]
 
 
 class _Change:
-    """What a change writes besides the record, every key it touches declared (``_COMPARE_AND_SET``)."""
+    """What a change writes besides the record, every key it touches declared (``COMPARE_AND_SET``)."""
 
     def __init__(self, task_key: str) -> None:
         self.keys = [task_key]
@@ -327,7 +174,7 @@ class JobStore:
         self._admission_window = admission_window
         self._create = Script(
             client,
-            _CREATE,
+            scripts.CREATE,
             keys=[
                 "task",
                 "payload_key",
@@ -345,6 +192,7 @@ class JobStore:
                 "queue",
                 "tenant_tasks",
                 "tenant_queued",
+                "deadlines",
                 "events",
             ],
             args=[
@@ -363,11 +211,12 @@ class JobStore:
                 "message",
                 "usage_ttl",
                 "index_ms",
+                "deadline_ms",
             ],
         )
         self._claim_due = Script(
             client,
-            _CLAIM_DUE,
+            scripts.CLAIM_DUE,
             keys=["delayed", "ready_tenants"],
             args=["now_ms"],
             more_keys="ready",
@@ -375,23 +224,23 @@ class JobStore:
         )
         self._cas = Script(
             client,
-            _COMPARE_AND_SET,
+            scripts.COMPARE_AND_SET,
             keys=["task"],
             args=["expected", "document", "change"],
             more_keys="touched",
         )
         self._save_answer = Script(
-            client, _SAVE_RESULT, keys=["task", "result"], args=["attempt", "answer", "ttl"]
+            client, scripts.SAVE_RESULT, keys=["task", "result"], args=["attempt", "answer", "ttl"]
         )
         self._renew = Script(
             client,
-            _RENEW_LEASE,
+            scripts.RENEW_LEASE,
             keys=["lease", "running"],
             args=["token", "ttl_ms", "deadline_ms", "task_id"],
         )
         self._delete = Script(
             client,
-            _DELETE,
+            scripts.DELETE,
             keys=[
                 "task",
                 "payload",
@@ -406,10 +255,12 @@ class JobStore:
             more_keys="event_keys",
             more_args="event_ids",
         )
-        self._claim = Script(client, _CLAIM, keys=["source", "target"], args=["max_score", "score", "limit"])
+        self._claim = Script(
+            client, scripts.CLAIM, keys=["source", "target"], args=["max_score", "score", "limit"]
+        )
         self._claim_expired = Script(
             client,
-            _CLAIM_EXPIRED,
+            scripts.CLAIM_EXPIRED,
             keys=["running"],
             args=["now_ms", "score"],
             more_keys="leases",
@@ -463,7 +314,7 @@ class JobStore:
     # what the sweeper claims: each member is handed to one caller only -------------------------------
     def claim_due_retries(self, limit: int = 500) -> list[str]:
         """Tasks whose retry is due now: they go back to their tenant's ready set, in their first order
-        (their creation), for admission to send (``services/admission.py``). Returns their ids.
+        (their creation and priority), for admission to send (``services/admission.py``). Returns their ids.
 
         Three round trips when any is due: the candidates, their records (for their tenants), the move.
         """
@@ -487,7 +338,8 @@ class JobStore:
                     continue
                 task: TaskRecord = json.loads(raw)
                 ready.append(keys.tenant_ready(tenant_of(task)))
-                values += [task_id, tenant_of(task), clock.epoch_ms(task["created_at"])]
+                order = ready_order(clock.epoch_ms(task["created_at"]), task.get("priority", "normal"))
+                values += [task_id, tenant_of(task), order]
             if not ready:
                 return []
             moved = self._claim_due(
@@ -499,11 +351,20 @@ class JobStore:
             )
         return [member.decode() for member in moved]
 
+    def claim_past_deadlines(self, limit: int = 500) -> list[str]:
+        """Tasks past their ``Cancel-After`` deadline; the caller cancels them (``cancel`` with
+        ``DEADLINE_EXCEEDED``). Claimed for a while, so other sweepers leave them alone meanwhile; a
+        final task leaves the set with the change that made it final."""
+        now = clock.now_ms()
+        return self._claim_members(
+            self.keys.deadlines, self.keys.deadlines, now, now + DEADLINE_RECLAIM_MS, limit
+        )
+
     def claim_expired_leases(self, lease_seconds: float, limit: int = 500) -> list[str]:
         """Running tasks whose lease expired (their worker is gone); the caller must enqueue them.
 
         Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile. One whose
-        lease key has not expired yet is left for when it has (``_CLAIM_EXPIRED``). The candidates are
+        lease key has not expired yet is left for when it has (``CLAIM_EXPIRED``). The candidates are
         read first, so that the script is given every key it touches.
         """
         now = clock.now_ms()
@@ -545,6 +406,8 @@ class JobStore:
         metadata: dict[str, Any] | None,
         webhook: WebhookSubscription | None = None,
         tenant: str = DEFAULT_TENANT,
+        priority: str = "normal",
+        cancel_after: float | None = None,
         also_set: Callable[[TaskRecord], tuple[str, str, int]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> TaskRecord:
@@ -552,7 +415,7 @@ class JobStore:
 
         One script checks the tenant's limits first (``TooManyRequests``: ``tenant_queue_full`` or
         ``rate_limited``, nothing written), then writes the task, its payload, its bookkeeping and its
-        usage, and admits it at once if it may run now (``_CREATE``). ``also_set(task)`` may name one more
+        usage, and admits it at once if it may run now (``CREATE``). ``also_set(task)`` may name one more
         record (key, value, ttl) to write in the same step; ``message(task_id)`` the (list, message) of
         the job's broker message, pushed when the task is admitted, so that a task is never stored
         without being either enqueued or waiting for admission, nor enqueued without being stored.
@@ -562,6 +425,8 @@ class JobStore:
         task: TaskRecord = {
             "id": task_id,
             "tenant": tenant,
+            "priority": priority,
+            "deadline_at": clock.iso(now + cancel_after) if cancel_after is not None else None,
             "status": TaskStatus.QUEUED.value,
             "model": model,
             "created_at": clock.iso(now),
@@ -601,12 +466,13 @@ class JobStore:
                 queue=queue,
                 tenant_tasks=keys.tenant_tasks(tenant),
                 tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
+                deadlines=keys.deadlines,
                 events=keys.events(task_id),
                 task_id=task_id,
                 document=dumps(task),
                 payload=payload,
                 now_ms=now_ms,
-                order=now_ms,
+                order=ready_order(now_ms, priority),
                 tenant=tenant,
                 max_queued=defaults.max_queued,
                 rate_per_minute=defaults.rate_per_minute,
@@ -617,6 +483,7 @@ class JobStore:
                 message=body,
                 usage_ttl=USAGE_RETENTION_SECONDS,
                 index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
+                deadline_ms=clock.epoch_ms(task["deadline_at"]) if task["deadline_at"] else "",
             )
         if outcome == -1:
             raise TooManyRequests(
@@ -669,6 +536,9 @@ class JobStore:
             extra.require_absent(lease_key)  # another worker's live attempt: leave the task alone
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="worker_lost", error_code="worker_lost")
+            deadline = task.get("deadline_at")
+            if deadline and clock.epoch_ms(deadline) <= clock.epoch_ms(now):  # never call past it
+                return _finish(task, TaskStatus.CANCELED, now, error=DEADLINE_EXCEEDED.to_record())
             error = give_up(task)
             if error is not None:
                 return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
@@ -818,9 +688,9 @@ class JobStore:
                 if deleted == 1:
                     return task
 
-    def cancel(self, task_id: str, *, tenant: str | None = None) -> TaskRecord:
-        """Cancel a queued or running task (of ``tenant``, if given: another's is not found); a final one
-        raises ``InvalidTransition`` (409).
+    def cancel(self, task_id: str, *, tenant: str | None = None, error: JobError | None = None) -> TaskRecord:
+        """Cancel a queued or running task (of ``tenant``, if given: another's is not found), with
+        ``error`` if given (a deadline); a final one raises ``InvalidTransition`` (409).
 
         A running attempt is closed as ``canceled`` and its lease dropped: the worker's call may still be
         in flight, but its result is discarded (the task can no longer succeed, and the worker's other
@@ -832,7 +702,7 @@ class JobStore:
             _check(TaskStatus(task["status"]), TaskStatus.CANCELED)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="canceled")
-            return _finish(task, TaskStatus.CANCELED, now)
+            return _finish(task, TaskStatus.CANCELED, now, error=error.to_record() if error else None)
 
         return self._change_required(task_id, change)
 
@@ -869,6 +739,7 @@ class JobStore:
                     task=key, touched=extra.keys[1:], expected=raw, document=document, change=extra.encoded()
                 )
                 if written == 1:
+                    _count_if_finished(old, new)
                     return new, document
                 if written == -1:
                     return None, None
@@ -889,6 +760,7 @@ class JobStore:
         if status.is_final:
             extra.write("SREM", keys.active, task_id)
             extra.write("SREM", keys.tenant_active(tenant), task_id)
+            extra.write("ZREM", keys.deadlines, task_id)
             extra.write("EXPIRE", keys.task(task_id), self._task_retention)
             extra.write("EXPIRE", keys.payload(task_id), self._payload_retention)
             extra.write("DEL", keys.result(task_id))
@@ -922,12 +794,18 @@ class JobStore:
             extra.write("SET", keys.webhook_event(event.id), event.document, "NX")
             extra.write("ZADD", keys.webhooks_due, "NX", clock.now_ms(), event.id)
         # the task's numbered status events, and a wake-up for the requests that wait for them
-        # (services/task_events.py); the create writes event 1 (_CREATE)
+        # (services/task_events.py); the create writes event 1 (store_scripts.CREATE)
         if old["status"] != new["status"]:
             extra.write("RPUSH", keys.events(task_id), status.value)
             extra.write("PUBLISH", keys.task_events, task_id)
             if status.is_final:
                 extra.write("EXPIRE", keys.events(task_id), self._task_retention)
+
+
+def _count_if_finished(old: TaskRecord, new: TaskRecord) -> None:
+    """A change that made the task final is counted in the metrics, in whichever process made it."""
+    if new["status"] in FINAL_STATUSES and old["status"] not in FINAL_STATUSES:
+        metrics.task_finished(new["status"], created_at=new["created_at"], finished_at=new["finished_at"])
 
 
 def _require_owner(task: TaskRecord, tenant: str | None) -> None:

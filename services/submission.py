@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from services import metrics
 from services.config import Config
 from services.errors import RequestError
 from services.idempotency import Claim, IdempotencyStore, Replay
@@ -48,15 +49,18 @@ class SubmissionService:
             allowed_models=config.allowed_models,
         )
 
-    def submit(self, raw: bytes, *, idempotency_key: str | None, tenant: str) -> Accepted:
-        """Accept the body ``raw`` from ``tenant`` (its idempotency keys are its own)."""
+    def submit(
+        self, raw: bytes, *, idempotency_key: str | None, tenant: str, cancel_after: float | None = None
+    ) -> Accepted:
+        """Accept the body ``raw`` from ``tenant`` (its idempotency keys are its own); ``cancel_after``:
+        seconds after which it is canceled if not final (the ``Cancel-After`` header)."""
         if idempotency_key is None:
-            return self._accept(raw, tenant, None)
+            return self._accept(raw, tenant, None, cancel_after)
         claim = self._idempotency.claim(idempotency_key, scope=tenant, body=raw)
         if isinstance(claim, Replay):
             return Accepted(claim.status, claim.body, replayed=True)
         try:
-            return self._accept(raw, tenant, claim)
+            return self._accept(raw, tenant, claim, cancel_after)
         except RequestError:
             # Rejected before anything was stored (a bad body, a tenant's limit): the client may fix the
             # body, or wait, and reuse the key. (On a store error the key is kept: the task may exist;
@@ -64,7 +68,7 @@ class SubmissionService:
             self._idempotency.release(claim)
             raise
 
-    def _accept(self, raw: bytes, tenant: str, claim: Claim | None) -> Accepted:
+    def _accept(self, raw: bytes, tenant: str, claim: Claim | None, cancel_after: float | None) -> Accepted:
         """Validate, store and enqueue one submission.
 
         The tenant's limits are checked and the task, its payload and its broker message (or its place
@@ -80,9 +84,12 @@ class SubmissionService:
             metadata=submission.metadata,
             webhook=webhook,
             tenant=tenant,
+            priority=submission.priority,
+            cancel_after=cancel_after,
             also_set=(lambda task: claim.done_record(202, self._summary(task))) if claim else None,
             message=generation_message,
         )
+        metrics.task_submitted()
         return Accepted(202, self._summary(task))
 
     def _summary(self, task: TaskRecord) -> dict[str, Any]:

@@ -8,7 +8,7 @@ and hands a task to one sweeper only. Each tick it:
   visibility timeout, an hour by default), and admits waiting tasks while there is room
   (``services/admission.py``);
 
-and enqueues:
+cancels tasks past their ``Cancel-After`` deadline (and cuts their calls off: ``cut_off``), and enqueues:
 
 - running tasks whose lease expired: their worker was SIGKILLed or its host vanished. They run again
   within ``TASK_LEASE_SECONDS`` (the new attempt closes the lost one as ``worker_lost``);
@@ -25,8 +25,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from services.admission import Admission
+from services.errors import InvalidTransition, NotFound
 from services.periodic import Periodic
-from services.store import JobStore
+from services.store import DEADLINE_EXCEEDED, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Sweeper:
         store: JobStore,
         admission: Admission,
         enqueue: Callable[[Sequence[str]], None],
+        cut_off: Callable[[str], None],
         broker_backlog: Callable[[], int],
         *,
         lease_seconds: float,
@@ -47,6 +49,7 @@ class Sweeper:
         self._store = store
         self._admission = admission
         self._enqueue = enqueue
+        self._cut_off = cut_off
         self._broker_backlog = broker_backlog
         self._lease_seconds = lease_seconds
         self._interval = interval
@@ -55,6 +58,7 @@ class Sweeper:
 
     def tick(self) -> list[str]:
         """Claim and enqueue what is due now; return the ids enqueued (admitted ones included)."""
+        self._cancel_past_deadlines()
         ready = self._store.claim_due_retries(CLAIM_BATCH)
         ids = self._store.claim_expired_leases(self._lease_seconds, CLAIM_BATCH)
         if time.monotonic() >= self._next_lost_check:
@@ -71,6 +75,15 @@ class Sweeper:
                 len(ids),
             )
         return ids + admitted
+
+    def _cancel_past_deadlines(self) -> None:
+        for task_id in self._store.claim_past_deadlines(CLAIM_BATCH):
+            try:
+                self._store.cancel(task_id, error=DEADLINE_EXCEEDED)
+            except (InvalidTransition, NotFound):  # final meanwhile, or gone
+                continue
+            self._cut_off(task_id)
+            log.info("task %s: canceled, past its Cancel-After deadline", task_id)
 
     def start(self) -> None:
         self._periodic.start()

@@ -28,6 +28,7 @@ def task_view(
         {key: value for key, value in attempt.items() if key not in _INTERNAL_ATTEMPT_FIELDS}
         for attempt in task["attempts"]
     ]
+    view["queue_position"] = None  # read by GET /v1/tasks/{id} only (JobStore.queue_position)
     view["links"] = task_links(task["id"], base_url)
     return view
 

@@ -37,6 +37,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import httpcore
 import httpx
 
+from services import metrics
 from services.cancellation import InFlightCalls, TrackingBackend
 from services.config import Config
 from services.errors import AddressNotAllowed, UpstreamError
@@ -138,9 +139,13 @@ class UpstreamClient:
 
     def generate(self, body: bytes) -> tuple[int, bytes | bytearray]:
         """Call the upstream once; return the HTTP status and body of a success, else raise its error.
+        Counted in the upstream's metrics (in flight, duration, outcome)."""
+        with metrics.upstream_request():
+            return self._call(body)
 
-        A body of known length is read into one buffer of that size: no list of chunks joined into a
-        second copy (a 4K answer is about 13 MB of base64; see ``parse_success`` for the rest).
+    def _call(self, body: bytes) -> tuple[int, bytes | bytearray]:
+        """One call. A body of known length is read into one buffer of that size: no list of chunks joined
+        into a second copy (a 4K answer is about 13 MB of base64; see ``parse_success`` for the rest).
         """
         limit = self._config.max_upstream_response_bytes
         with _mapped_errors("the upstream"):

@@ -39,7 +39,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*")
 MAX_JSON_DEPTH = 64
 MAX_METADATA_DEPTH = 5
 
-_OUR_FIELDS = frozenset({"metadata", "webhook_url", "webhook_events"})
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+
+_OUR_FIELDS = frozenset({"metadata", "webhook_url", "webhook_events", "priority"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Submission:
     metadata: dict[str, Any] | None
     webhook_url: str | None
     webhook_events: tuple[str, ...] | None
+    priority: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,25 @@ class Limits:
     max_inline_image_bytes: int = 7 * 1024 * 1024
     max_metadata_bytes: int = 4096
     allowed_models: frozenset[str] | None = None
+
+
+MAX_CANCEL_AFTER_SECONDS = 7 * 86400
+_DURATION = re.compile(r"(\d{1,9}(?:\.\d{1,3})?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_cancel_after(value: str | None) -> float | None:
+    """The ``Cancel-After`` header (``30s``, ``5m``, ``2h``, ``1500ms``; like Replicate's) in seconds."""
+    if value is None:
+        return None
+    match = _DURATION.fullmatch(value.strip())
+    seconds = float(match[1]) * _UNIT_SECONDS[match[2]] if match else 0.0
+    if not 0 < seconds <= MAX_CANCEL_AFTER_SECONDS:
+        raise InvalidRequest(
+            "Cancel-After must be a duration such as 30s, 5m or 2h, more than 0 and at most 7 days",
+            field="Cancel-After",
+        )
+    return seconds
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -150,6 +172,9 @@ def validate_submission(body: Any, limits: Limits) -> Submission:
     metadata = _check_metadata(body.get("metadata"), limits)
     webhook_url = _check_webhook_url(body.get("webhook_url"))
     webhook_events = _check_webhook_events(body.get("webhook_events"), webhook_url)
+    priority = body.get("priority") or "normal"
+    if priority not in PRIORITIES:
+        raise _invalid("priority", f"priority must be one of {', '.join(PRIORITIES)}.")
     _check_contents(body, limits)
     return Submission(
         upstream_body={key: value for key, value in body.items() if key not in _OUR_FIELDS},
@@ -157,6 +182,7 @@ def validate_submission(body: Any, limits: Limits) -> Submission:
         metadata=metadata,
         webhook_url=webhook_url,
         webhook_events=webhook_events,
+        priority=priority,
     )
 
 

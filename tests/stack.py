@@ -112,6 +112,7 @@ class Stack:
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
     supervisor: Supervisor = field(default_factory=Supervisor)
     owners: dict[str, str] = field(default_factory=dict)  # task id -> the tenant that submitted it
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # worker name -> its WORKER_METRICS_PORT
     _turn: int = 0
 
     @property
@@ -170,7 +171,9 @@ class Stack:
     def start_worker(
         self, name: str, extra_env: Mapping[str, str] | None = None, *, queues: str = "generation"
     ) -> Child:
-        env = {**self.env, **(extra_env or {})}
+        # Each worker serves its metrics on a port of its own, kept if it is started again under its name.
+        port = self.metrics_ports.setdefault(name, free_port())
+        env = {**self.env, "WORKER_METRICS_PORT": str(port), **(extra_env or {})}
         child = self.supervisor.watch(start_worker(env, log_dir=self.log_dir, name=name, queues=queues))
         self.children[name] = child
         return child
@@ -276,6 +279,10 @@ class Stack:
         """Every call the simulator received: key, outcome, status (None: the caller went away before
         the answer), started, finished (None: still in flight)."""
         return self.http.get(f"{self.simulator_url}/_sim/calls").json()
+
+    def worker_metrics_urls(self) -> dict[str, str]:
+        """Worker name -> the URL of its metrics (``WORKER_METRICS_PORT``)."""
+        return {name: f"http://{HOST}:{port}/metrics" for name, port in self.metrics_ports.items()}
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{child.tail(30)}" for name, child in self.children.items())

@@ -52,3 +52,39 @@ def test_cancel_cuts_the_upstream_call_off_and_frees_its_slot(fault_stack: Stack
     print(
         f"the upstream saw the call end {cut_off * 1000:.0f} ms after the cancel; next {started - sent:.2f}s"
     )
+
+
+@pytest.mark.stack(workers=1, UPSTREAM_MAX_CONCURRENCY="1")
+def test_cancel_after_cancels_a_waiting_task_before_it_calls_and_cuts_a_running_one_off(
+    fault_stack: Stack,
+) -> None:
+    stack = fault_stack
+    running_body, waiting_body = with_directive(delay_ms="30000"), with_directive(delay_ms="100")
+    submitted = time.time()
+    running = stack.submit(running_body, headers={"Cancel-After": "2s"}).json()["id"]
+    wait_until(lambda: call_of(stack, directive_key(running_body)), timeout=20, what="the call to start")
+    waiting = stack.submit(waiting_body, headers={"Cancel-After": "500ms"}).json()["id"]
+    assert stack.task(waiting)["deadline_at"] is not None
+
+    late = stack.wait_final(waiting, timeout=20)
+    assert (late["status"], late["error"]["code"]) == ("canceled", "deadline_exceeded")
+    assert late["attempts"] == [] and call_of(stack, directive_key(waiting_body)) is None, "never called"
+
+    cut = stack.wait_final(running, timeout=20)
+    assert (cut["status"], cut["error"]["code"]) == ("canceled", "deadline_exceeded")
+    call = wait_until(
+        lambda: (c := call_of(stack, directive_key(running_body))) and c["finished"] and c,
+        timeout=10,
+        what="the upstream to see its client go",
+    )
+    assert call["status"] is None, "its answer never came: nothing paid"  # type: ignore[index]
+    ended = call["finished"] - submitted  # type: ignore[index]
+    assert 2.0 <= ended < 2.0 + 1.5, f"cut off {ended:.2f}s after the submit (Cancel-After: 2s)"
+    assert_bookkeeping_empty(stack)
+
+
+@pytest.mark.parametrize("value", ["0s", "soon", "8d", "-1s", "1.5.5s", "10000h", ""])
+def test_a_bad_cancel_after_is_400(stack: Stack, value: str) -> None:
+    response = stack.submit(with_directive(), headers={"Cancel-After": value})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["field"] == "Cancel-After"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ APP_VARIABLES = (
     "WEBHOOK_SIGNING_SECRET",
     "WEBHOOK_TIMEOUT",
     "PUBLIC_BASE_URL",
+    "LOG_FORMAT",
 )
 # Credentials: no default anywhere, compose stops with a message when one is unset (${VAR:?message}).
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -73,6 +75,10 @@ def test_webhooks_have_their_own_worker() -> None:
 def test_api_serves_the_app_factory() -> None:
     assert command("api").startswith("gunicorn") and "api:create_app()" in command("api")
     assert "--worker-class gevent" in command("api"), "requests that wait hold no thread"
+    # gunicorn's own lines in the format LOG_FORMAT asks for, in compose as in the image
+    assert "-c gunicorn.conf.py" in command("api")
+    [cmd] = re.findall(r"^CMD (.*)$", dockerfile_stages()["app"], re.M)
+    assert " ".join(json.loads(cmd)) == command("api"), "compose runs the image's own command"
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
 
 
@@ -169,6 +175,29 @@ def test_the_simulator_gets_its_own_stage_with_pillow() -> None:
     assert "pip install --constraint /src/requirements/dev.txt pillow" in simulator
     assert SERVICES["simulator"]["build"]["target"] == "simulator"
     assert SERVICES["simulator"]["image"] != SERVICES["api"]["image"], "one tag per stage"
+
+
+def test_flower_watches_the_broker_from_its_own_stage() -> None:
+    """Flower (a compose profile) reads the app's broker, from an image with Flower at the tested version;
+    its port is on loopback only, and basic auth passes on from the shell (no default, no empty value)."""
+    flower = SERVICES["flower"]
+    assert flower["profiles"] == ["flower"]
+    assert command("flower").startswith("celery -A worker.main flower") and "--port=5555" in command("flower")
+    assert flower["environment"]["REDIS_URL"] == SERVICES["worker"]["environment"]["REDIS_URL"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"] and flower["environment"]["FLOWER_BASIC_AUTH"] is None
+    assert flower["ports"] == ["${FLOWER_BIND:-127.0.0.1}:${FLOWER_PORT:-5555}:5555"]
+    assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert flower["build"] == {"context": ".", "target": "flower"}
+    others = {SERVICES[name]["image"] for name in ("api", "simulator")}
+    assert flower["image"] not in others, "one tag per stage"
+    stage = dockerfile_stages()["flower"]
+    assert re.search(r"^FROM base AS flower\b", "FROM " + stage)
+    assert "pip install --constraint /src/requirements/dev.txt flower" in stage
+    users = re.findall(r"^USER\s+(\S+)", stage, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert "\nflower==" in (ROOT / "requirements" / "dev.txt").read_text()
+    assert "\nflower==" not in (ROOT / "requirements" / "runtime.txt").read_text(), "not in the app image"
 
 
 @pytest.mark.parametrize("service", ["api", "worker", "webhook-worker"])

@@ -38,6 +38,7 @@ def test_values_are_parsed() -> None:
         ("UPSTREAM_TIMEOUT", "-1"),
         ("WORKER_POOL", "gevent"),
         ("S3_PRESIGN_EXPIRES", "1.5"),
+        ("LOG_FORMAT", "xml"),
     ],
 )
 def test_invalid_value_names_the_variable(name: str, value: str) -> None:

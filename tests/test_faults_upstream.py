@@ -122,11 +122,15 @@ def test_the_token_bucket_spaces_calls_across_workers(fault_stack: Stack) -> Non
     bodies = slow_bodies(8, 50)
     ids = submit_many(stack, bodies)
     settle_succeeded(stack, ids)
+    # Measured where the calls arrive: each may reach the simulator a little late on a busy machine (a
+    # request sent 0.2 s after its token makes one gap 0.3 s and the next 0.7 s), so the bounds leave
+    # ``jitter`` for that. Two calls on one token would arrive together: a gap near 0.
+    jitter = 0.25
     starts = sorted(call["started"] for call in stack.sim_call_log())
     span = starts[-1] - starts[0]
-    assert span >= (8 - 2) * 0.5 - 0.1, f"8 calls started within {span:.2f}s"
+    assert span >= (8 - 2) * 0.5 - jitter, f"8 calls started within {span:.2f}s"
     gaps = [later - earlier for earlier, later in zip(starts[1:], starts[2:], strict=False)]
-    assert min(gaps) >= 0.4, f"calls after the burst came {min(gaps):.2f}s apart"
+    assert min(gaps) >= 0.5 - jitter, f"calls after the burst came {min(gaps):.2f}s apart"
     duplicates = paid_twice(stack, bodies)
     assert duplicates == 0
     record(

@@ -31,12 +31,17 @@ class Broker:
     def __init__(self, depth: int = 0) -> None:
         self.depth = depth
         self.sent: list[str] = []
+        self.cut: list[str] = []  # canceled past their deadline: their calls to cut off
         self.asked = 0
         self._lock = threading.Lock()
 
     def enqueue(self, task_ids: Sequence[str]) -> None:
         with self._lock:
             self.sent.extend(task_ids)
+
+    def cut_off(self, task_id: str) -> None:
+        with self._lock:
+            self.cut.append(task_id)
 
     def backlog(self) -> int:
         self.asked += 1
@@ -57,7 +62,13 @@ def sweeper(store: JobStore, broker: Broker, lease_seconds: float = LEASE) -> Sw
     """A sweeper whose admission and recovery both send to ``broker``."""
     admission = Admission(store._redis, store.keys, broker.enqueue, window=0, defaults=NO_LIMITS)
     return Sweeper(
-        store, admission, broker.enqueue, broker.backlog, lease_seconds=lease_seconds, interval=0.05
+        store,
+        admission,
+        broker.enqueue,
+        broker.cut_off,
+        broker.backlog,
+        lease_seconds=lease_seconds,
+        interval=0.05,
     )
 
 

@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -359,3 +360,14 @@ def test_a_process_without_waiters_drops_its_subscription(redis_client: redis.Re
     finish(store, second)
     thread.join(10)
     assert result["task"]["status"] == "succeeded" and events.subscriptions == 2
+
+
+def test_the_sdk_follows_the_servers_own_event_stream(stack: Stack) -> None:
+    """The SDK (``client/``) finds ``/events`` in the OpenAPI document and waits on the stream."""
+    from imagegen import Client
+
+    with Client(stack.api_url) as client:
+        task = client.generate(f"[sim key={uuid.uuid4().hex} delay_ms={SLOW_MS}] a fox")
+        seen: list[str] = []
+        final = client.wait(task.id, timeout=30, on_update=lambda update: seen.append(update.status.value))
+    assert final.succeeded and final.outputs and seen[-1] == "succeeded", seen

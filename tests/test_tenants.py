@@ -17,6 +17,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.processes import HOST, wait_until
+from services.admission import LOW_PRIORITY_AGING, ready_order
 from services.clock import epoch_ms
 from tests.fault_kit import settle_succeeded, slow_bodies
 from tests.receiver import Receiver
@@ -357,6 +358,32 @@ def test_queue_position_counts_the_tenants_tasks_waiting_ahead(tenants: Tenants)
     )
     for task_id in ids:
         assert tenants.wait_final(tenants.a, task_id)["queue_position"] is None
+
+
+def test_priority_orders_a_tenants_waiting_tasks_and_low_ages(tenants: Tenants) -> None:
+    tenants.settings(tenants.a, max_concurrency=1)
+    blocker = tenants.submit(tenants.a, with_directive(delay_ms="800")).json()["id"]
+    names = ["low", "normal-1", "normal-2", "high"]
+    ids = {
+        name: tenants.submit(
+            tenants.a, {**with_directive(delay_ms="50"), "priority": name.split("-")[0]}
+        ).json()["id"]
+        for name in names
+    }
+    assert tenants.task(tenants.a, ids["high"])["priority"] == "high"
+    started = {
+        name: epoch_ms(tenants.wait_final(tenants.a, task_id)["attempts"][0]["started_at"])
+        for name, task_id in ids.items()
+    }
+    assert epoch_ms(tenants.task(tenants.a, blocker)["attempts"][0]["started_at"]) < started["high"]
+    assert sorted(started, key=started.__getitem__) == ["high", "normal-1", "normal-2", "low"]
+    bad = tenants.submit(tenants.a, {**seed_body(), "priority": "urgent"})
+    assert_error(bad, 400, "invalid_field", "priority")
+    # low ages: behind normal tasks created up to LOW_PRIORITY_AGING after it, ahead of later ones
+    aging_ms = round(LOW_PRIORITY_AGING * 1000)
+    assert ready_order(0, "low") > ready_order(aging_ms - 1, "normal")
+    assert ready_order(0, "low") < ready_order(aging_ms + 1, "normal")
+    assert ready_order(30 * 86400 * 1000, "high") < ready_order(0, "normal"), "even 30 days younger"
 
 
 def test_usage_counts_per_day_for_the_callers_tenant_only(tenants: Tenants) -> None:

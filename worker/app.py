@@ -17,13 +17,11 @@ The API never builds this app: it pushes the generation message itself (``servic
 
 from __future__ import annotations
 
-import logging
-
 from celery import Celery
 
 from services.config import Config, load_config
 from services.queue import DELIVER_WEBHOOK_TASK, GENERATE_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
-from worker import steps
+from worker import logs, steps
 
 
 def create_celery(config: Config) -> Celery:
@@ -62,9 +60,11 @@ def create_celery(config: Config) -> Celery:
 
 def create_worker_app(config: Config | None = None) -> Celery:
     """The app ``celery -A worker.main worker`` runs: tasks, and the bootsteps that build the process's
-    clients and start its background threads (``worker/steps.py``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_celery(config or load_config())
+    clients and start its background threads (``worker/steps.py``), with the logging ``LOG_FORMAT`` asks
+    for (``worker/logs.py``)."""
+    config = config or load_config()
+    logs.install(config)
+    app = create_celery(config)
     app.conf.imports = ("worker.tasks",)
     for step in steps.WORKER_STEPS:
         app.steps["worker"].add(step)

@@ -9,6 +9,7 @@
 - ``CancelListenerStep`` cuts off the upstream calls of canceled tasks (``services/cancellation.py``) in
   generation workers;
 - ``DispatcherStep`` runs the webhook dispatcher in workers that consume the ``webhooks`` queue;
+- ``MetricsStep`` serves the process's metrics on ``WORKER_METRICS_PORT`` (``services/metrics.py``);
 - ``PresenceStep`` (consumer) announces the process once its queues are consumed (``services/presence.py``).
 """
 
@@ -17,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from celery import Celery, bootsteps
-from celery.signals import worker_shutting_down
+from celery.signals import worker_process_shutdown, worker_shutting_down
 
+from services import metrics
 from services.cancellation import CancelListener
 from services.presence import Presence
 from services.queue import DELIVER_WEBHOOK_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
@@ -79,6 +82,7 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is u
             rt.store,
             rt.admission,
             rt.enqueue,
+            rt.cancel_signal.publish,
             lambda: int(rt.redis.llen(GENERATION_QUEUE)),
             lease_seconds=rt.config.task_lease_seconds,
             interval=rt.config.sweep_interval,
@@ -141,6 +145,37 @@ class DispatcherStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery i
         self.dispatcher.stop()
 
 
+class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
+    """Serves the process's metrics on ``WORKER_METRICS_PORT`` (0: not served). A port that cannot be
+    bound is logged, and the worker runs on without its metrics: they never stop a job."""
+
+    requires = (RuntimeStep,)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.port = runtime_of(worker.app).config.worker_metrics_port
+        self.server: WSGIServer | None = None
+
+    def include_if(self, worker: Any) -> bool:
+        return bool(self.port)
+
+    def start(self, worker: Any) -> None:
+        try:
+            self.server = metrics.serve(self.port)
+        except OSError as exc:
+            log.error("metrics not served: port %d (WORKER_METRICS_PORT): %s", self.port, exc)
+            return
+        # a prefork pool's child: its live gauges go with it (multiprocess mode only)
+        worker_process_shutdown.connect(lambda pid, **_: metrics.process_exited(pid), weak=False)
+        log.info("metrics served on port %d (/metrics)", self.port)
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
 class PresenceStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped: its base classes are Any
     """Announces the process once its consumer consumes; withdrawn when the consumer stops."""
 
@@ -165,5 +200,12 @@ class PresenceStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is 
         self.stop(consumer)
 
 
-WORKER_STEPS = (RuntimeStep, ShutdownDeadlineStep, SweeperStep, CancelListenerStep, DispatcherStep)
+WORKER_STEPS = (
+    RuntimeStep,
+    ShutdownDeadlineStep,
+    SweeperStep,
+    CancelListenerStep,
+    DispatcherStep,
+    MetricsStep,
+)
 CONSUMER_STEPS = (PresenceStep,)

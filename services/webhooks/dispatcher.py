@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from services.logs import task_scope
 from services.periodic import Periodic
 from services.redis_errors import mapped_redis_errors
-from services.webhooks.outbox import WebhookOutbox
+from services.webhooks.outbox import WebhookOutbox, event_task_id
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class WebhookDispatcher:
             try:
                 self._enqueue(event_id, claim)
             except Exception as exc:  # the lease expires and the event is claimed again
-                log.warning("webhook %s: enqueue failed (%s); retried after its lease", event_id, exc)
+                with task_scope(event_task_id(event_id)):
+                    log.warning("webhook %s: enqueue failed (%s); retried after its lease", event_id, exc)
         return len(claimed)
 
     def start(self) -> None:

@@ -117,6 +117,11 @@ def event_status(event_id_: str) -> str:
     return event_id_.rsplit("_", 1)[1]
 
 
+def event_task_id(event_id_: str) -> str:
+    """The task an event id is about (``event_id``'s inverse)."""
+    return event_id_.removeprefix("msg_").rsplit("_", 1)[0]
+
+
 @dataclass(frozen=True)
 class OutboxEvent:
     """What the store writes into the outbox with a change: the event's id and its document."""

@@ -29,10 +29,11 @@ from typing import Any
 
 import redis
 
-from services import clock
+from services import clock, metrics
 from services.config import Config
 from services.errors import NoWebhook
 from services.keys import Keys
+from services.logs import task_scope
 from services.netguard import Resolver, check_webhook_url
 from services.records import TaskRecord, WebhookSubscription
 from services.serialization import dumps_bytes
@@ -40,7 +41,7 @@ from services.storage import Storage
 from services.task_view import task_view
 from services.tenants import tenant_of
 from services.webhook_secrets import WebhookSecrets
-from services.webhooks.outbox import DEFAULT_EVENTS, WebhookOutbox, event_status
+from services.webhooks.outbox import DEFAULT_EVENTS, Started, WebhookOutbox, event_status
 from services.webhooks.sender import AttemptResult, WebhookSender
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class WebhookService:
         started = self.outbox.begin(event_id, claim, self.config.webhook_lease_seconds)
         if started is None:
             return None
+        with task_scope(started.event["task_id"], tenant_of(started.event["task"])):
+            return self._attempt(event_id, claim, started)
+
+    def _attempt(self, event_id: str, claim: str, started: Started) -> str:
         event = started.event
         attempted_at = clock.now_iso()
         try:
@@ -136,6 +141,7 @@ class WebhookService:
         self.outbox.finish(
             event_id, event["task_id"], claim, entry, next_due_ms=next_due, final_status=outcome
         )
+        metrics.webhook_delivery(outcome)
         level = logging.INFO if outcome in ("delivered", "failed") else logging.WARNING
         log.log(
             level,
