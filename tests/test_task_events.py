@@ -336,7 +336,8 @@ def test_a_waiter_still_sees_the_change_when_the_subscription_is_lost(redis_clie
     events = TaskEvents(redis_client, store.keys, store, idle=0.3)
     task_id = store.create(model="m", payload=b"{}", metadata=None)["id"]
     thread, result = waiting_in_a_thread(events, task_id)
-    assert events.subscriptions == 1
+    # the listener subscribes on its own thread, a moment after the first waiter registers
+    wait_until(lambda: events.subscriptions == 1, timeout=5, what="the subscription")
     redis_client.client_kill_filter(_type="pubsub")  # the published change may be lost now
     finish(store, task_id)
     thread.join(10)
@@ -350,7 +351,7 @@ def test_a_process_without_waiters_drops_its_subscription(redis_client: redis.Re
     channel = store.keys.task_events
     task_id = store.create(model="m", payload=b"{}", metadata=None)["id"]
     thread, result = waiting_in_a_thread(events, task_id)
-    assert redis_client.pubsub_numsub(channel)[0][1] == 1
+    wait_until(lambda: redis_client.pubsub_numsub(channel)[0][1] == 1, timeout=5, what="the subscription")
     finish(store, task_id)
     thread.join(10)
     assert result["task"]["status"] == "succeeded" and events.waiting == 0
