@@ -12,8 +12,10 @@ from services.usage import FIELDS as USAGE_FIELDS
 from services.usage import MAX_DAYS as USAGE_MAX_DAYS
 from services.validation import (
     ASPECT_RATIOS,
+    BATCH_EVENTS,
     IMAGE_SIZES,
     INPUT_MIME_TYPES,
+    MAX_BATCH_REQUESTS,
     MAX_METADATA_DEPTH,
     MAX_MODEL_LENGTH,
     MAX_WEBHOOK_URL_LENGTH,
@@ -301,6 +303,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "status": {"type": "string", "enum": _STATUSES},
+            "batch_id": _nullable({"type": "string", "description": "the batch it was submitted in"}),
             "priority": {"type": "string", "enum": list(PRIORITIES)},
             "deadline_at": _nullable({**_TIME, "description": "from Cancel-After"}),
             "model": {"type": "string"},
@@ -345,7 +348,7 @@ _SCHEMAS: dict[str, Any] = {
         ],
         "properties": {
             "webhook_id": {"type": "string", "description": "the webhook-id header: same on every retry"},
-            "event": {"type": "string", "enum": [f"task.{event}" for event in WEBHOOK_EVENTS]},
+            "event": {"type": "string", "enum": list(BATCH_EVENTS)},
             "attempt": {"type": "integer", "minimum": 1},
             "attempted_at": _TIME,
             "status_code": _nullable({"type": "integer", "description": "the receiver's HTTP status"}),
@@ -371,6 +374,103 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "BatchRequest": {
+        "type": "object",
+        "description": "Up to 1,000 generation requests, every one validated before any is stored, all "
+        "stored or none. A request may set its own `webhook_url`, `metadata` and `priority`.",
+        "required": ["requests"],
+        "additionalProperties": False,
+        "properties": {
+            "requests": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_BATCH_REQUESTS,
+                "items": _ref("GenerationRequest"),
+            },
+            "metadata": _nullable({"type": "object", "description": "the batch's own, like a task's"}),
+            "webhook_url": _nullable({"type": "string", "format": "uri"}),
+            "webhook_events": _nullable(
+                {
+                    "type": "array",
+                    "items": {"type": "string", "enum": list(BATCH_EVENTS)},
+                    "uniqueItems": True,
+                    "description": "default `[batch.completed]`. `batch.completed` is sent once, when every "
+                    "task is final; each `task.*` event is sent for every task whose request has no "
+                    "`webhook_url` of its own",
+                }
+            ),
+        },
+        "anyOf": [{"not": {"required": ["webhook_events"]}}, {"required": ["webhook_url"]}],
+    },
+    "BatchAccepted": {
+        "type": "object",
+        "required": ["id", "object", "status", "created_at", "task_ids", "links"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^batch_[0-9a-f]{32}$"},
+            "object": {"type": "string", "enum": ["batch"]},
+            "status": {"type": "string", "enum": ["in_progress"]},
+            "created_at": _TIME,
+            "task_ids": {"type": "array", "items": {"type": "string", "format": "uuid"}},
+            "links": _ref("BatchLinks"),
+        },
+    },
+    "BatchLinks": {
+        "type": "object",
+        "required": ["self", "tasks"],
+        "properties": {
+            "self": {"type": "string", "format": "uri"},
+            "tasks": {"type": "string", "format": "uri", "description": "its tasks: GET /v1/tasks?batch_id="},
+        },
+    },
+    "Batch": {
+        "type": "object",
+        "required": [
+            "id",
+            "object",
+            "status",
+            "created_at",
+            "completed_at",
+            "cancel_requested_at",
+            "metadata",
+            "counts",
+            "task_ids",
+            "webhook",
+            "links",
+        ],
+        "properties": {
+            "id": {"type": "string", "pattern": "^batch_[0-9a-f]{32}$"},
+            "object": {"type": "string", "enum": ["batch"]},
+            "status": {
+                "type": "string",
+                "enum": ["in_progress", "completed", "canceling", "canceled"],
+                "description": "completed (canceled, after a cancel) once every task is final",
+            },
+            "created_at": _TIME,
+            "completed_at": _nullable({**_TIME, "description": "when its last task finished"}),
+            "cancel_requested_at": _nullable(_TIME),
+            "metadata": _nullable({"type": "object"}),
+            "counts": {
+                "type": "object",
+                "description": "its tasks by status, exact: they move in the same atomic step as each "
+                "task's change (a deleted task stays counted)",
+                "required": ["total", *_STATUSES],
+                "properties": {name: {"type": "integer", "minimum": 0} for name in ["total", *_STATUSES]},
+            },
+            "task_ids": {"type": "array", "items": {"type": "string", "format": "uuid"}},
+            "webhook": _nullable(
+                {
+                    "type": "object",
+                    "required": ["url", "events", "deliveries"],
+                    "properties": {
+                        "url": {"type": "string"},
+                        "events": {"type": "array", "items": {"type": "string", "enum": list(BATCH_EVENTS)}},
+                        "deliveries": {"type": "array", "items": _ref("WebhookDelivery")},
+                    },
+                }
+            ),
+            "links": _ref("BatchLinks"),
+        },
+    },
     "TaskPage": {
         "type": "object",
         "required": ["data", "next_cursor"],
@@ -461,7 +561,16 @@ _SCHEMAS: dict[str, Any] = {
     },
 }
 
+_IDEMPOTENCY_KEY = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]([ -~]*[!-~])?$"}
+_CANCEL_AFTER = {"type": "string", "pattern": "^[0-9]{1,9}(\\.[0-9]{1,3})?(ms|s|m|h)$"}
+
+
+def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "description": description, "schema": schema}
+
+
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 # Prefer: wait (RFC 7240; api/waiting.py, services/task_events.py)
 _PREFER = {
@@ -534,28 +643,19 @@ _PATHS: dict[str, Any] = {
             "summary": "Submit a generation job",
             "operationId": "submitGeneration",
             "parameters": [
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "description": "1 to 255 printable characters, scoped to the API key, kept 24 h: the "
-                    "same key and body return the original task with `Idempotent-Replayed: true`.",
-                    "schema": {
-                        "type": "string",
-                        "minLength": 1,
-                        "maxLength": 255,
-                        "pattern": "^[!-~]([ -~]*[!-~])?$",
-                    },
-                },
-                {
-                    "name": "Cancel-After",
-                    "in": "header",
-                    "required": False,
-                    "description": "A deadline: `30s`, `5m`, `2h` or `1500ms` (at most 7 days). A task not "
-                    "final by then is canceled with `error.code = deadline_exceeded`, its call cut off; one "
-                    "still waiting then never calls the upstream.",
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,9}(\\.[0-9]{1,3})?(ms|s|m|h)$"},
-                },
+                _header(
+                    "Idempotency-Key",
+                    "1 to 255 printable characters, scoped to the API key, kept 24 h: the same key and body "
+                    "return the original task with `Idempotent-Replayed: true`.",
+                    _IDEMPOTENCY_KEY,
+                ),
+                _header(
+                    "Cancel-After",
+                    "A deadline: `30s`, `5m`, `2h` or `1500ms` (at most 7 days). A task not final by then "
+                    "is canceled with `error.code = deadline_exceeded`, its call cut off; one still waiting "
+                    "then never calls the upstream.",
+                    _CANCEL_AFTER,
+                ),
                 _PREFER,
             ],
             "requestBody": {
@@ -597,6 +697,78 @@ _PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/batches": {
+        "post": {
+            "summary": "Submit up to 1,000 generation jobs at once, all or none",
+            "description": "Every request is validated first (an error's `field` names its request: "
+            "`requests[3].model`); then the batch and all its tasks are stored in one atomic step, within "
+            "the tenant's `max_queued` as a whole (a batch counts as one request for `rate_per_minute`). "
+            "`Cancel-After` applies to each task. Each task is a task like any other (`GET /v1/tasks/{id}`, "
+            "its own cancel), with `batch_id` set.",
+            "operationId": "submitBatch",
+            "parameters": [
+                _header(
+                    "Idempotency-Key",
+                    "As for a single job: the same key and body return the same batch.",
+                    _IDEMPOTENCY_KEY,
+                ),
+                _header(
+                    "Cancel-After", "A deadline for each of its tasks, as for a single job.", _CANCEL_AFTER
+                ),
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("BatchRequest")}},
+            },
+            "responses": {
+                "202": _json(
+                    _ref("BatchAccepted"),
+                    "Stored and queued, every task (or, for a replayed Idempotency-Key, the first answer)",
+                    {"Location": {**_STRING, "description": "the batch's URL"}},
+                ),
+                "400": _error("Invalid JSON, body or field, in the batch or in one of its requests"),
+                "401": _error(_UNAUTHORIZED),
+                "409": _error("A request with this Idempotency-Key is still being handled"),
+                "413": _error("Body over the configured limit (MAX_BODY_BYTES)"),
+                "415": _error("Content-Type is not application/json"),
+                "422": _error("This Idempotency-Key was used with a different body"),
+                "429": _retry_later(
+                    "`tenant_queue_full`: the batch's tasks would pass the tenant's max_queued; "
+                    "`rate_limited`: it submits faster than its rate_per_minute. Nothing was stored"
+                ),
+                "503": _unavailable("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/batches/{batch_id}": {
+        "get": {
+            "summary": "A batch: its status, counts by status, completed_at",
+            "operationId": "getBatch",
+            "parameters": [_BATCH_ID],
+            "responses": {
+                "200": _json(_ref("Batch"), "The batch"),
+                "401": _error(_UNAUTHORIZED),
+                "404": _error("No such batch"),
+                "503": _unavailable("The store is unavailable"),
+            },
+        }
+    },
+    "/v1/batches/{batch_id}/cancel": {
+        "post": {
+            "summary": "Cancel every unfinished task of a batch",
+            "description": "Its queued tasks are canceled first (none of them starts meanwhile), then its "
+            "running ones, whose upstream calls are cut off. Sending it again after an error carries on.",
+            "operationId": "cancelBatch",
+            "parameters": [_BATCH_ID],
+            "responses": {
+                "200": _json(_ref("Batch"), "The batch, canceled"),
+                "401": _error(_UNAUTHORIZED),
+                "404": _error("No such batch"),
+                "409": _error("The batch is already completed (invalid_transition)"),
+                "503": _unavailable("The store is unavailable"),
+            },
+        }
+    },
     "/v1/tasks": {
         "get": {
             "summary": "The caller's tasks, newest first, in pages",
@@ -612,6 +784,13 @@ _PATHS: dict[str, Any] = {
                     "in": "query",
                     "required": False,
                     "schema": {"type": "string", "enum": _STATUSES},
+                },
+                {
+                    "name": "batch_id",
+                    "in": "query",
+                    "required": False,
+                    "description": "only the tasks of this batch (read from the batch's own index)",
+                    "schema": {"type": "string", "pattern": "^batch_[0-9a-f]{32}$"},
                 },
                 {"name": "created_after", "in": "query", "required": False, "schema": _TIME},
                 {"name": "created_before", "in": "query", "required": False, "schema": _TIME},

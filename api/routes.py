@@ -17,6 +17,7 @@ from services.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceEr
 from services.records import TaskRecord
 from services.runtime import Runtime
 from services.store import TaskStatus
+from services.submission import Accepted
 from services.task_list import query_from_params
 from services.task_view import task_view
 from services.usage import MAX_DAYS
@@ -35,11 +36,7 @@ def _runtime() -> Runtime:
 @blueprint.post("/v1/images/generations")
 def submit() -> Response:
     rt = _runtime()
-    if request.mimetype != "application/json":
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}",
-            field="Content-Type",
-        )
+    _require_json()
     accepted = rt.submissions.submit(
         _read_body(rt.config.max_body_bytes),
         idempotency_key=request.headers.get("Idempotency-Key"),
@@ -55,12 +52,29 @@ def submit() -> Response:
         except NotFound:  # a replayed submission whose task was deleted since: the first answer
             pass
     if response is None:
-        response = jsonify(accepted.body)
-        response.status_code = accepted.status
+        return _accepted_response(accepted)
+    return _with_accepted_headers(response, accepted)
+
+
+def _accepted_response(accepted: Accepted) -> Response:
+    response = jsonify(accepted.body)
+    response.status_code = accepted.status
+    return _with_accepted_headers(response, accepted)
+
+
+def _with_accepted_headers(response: Response, accepted: Accepted) -> Response:
     response.headers["Location"] = accepted.location
     if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def _require_json() -> None:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}",
+            field="Content-Type",
+        )
 
 
 def _read_body(limit: int) -> bytes:
@@ -82,6 +96,36 @@ def _read_body(limit: int) -> bytes:
         if remaining is not None:
             remaining -= len(chunk)
     return b"".join(chunks)
+
+
+@blueprint.post("/v1/batches")
+def submit_batch() -> Response:
+    """Up to 1,000 submissions, all stored or none (``services/batches.py``)."""
+    rt = _runtime()
+    _require_json()
+    accepted = rt.submissions.submit_batch(
+        _read_body(rt.config.max_body_bytes),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        tenant=current_tenant(),
+        cancel_after=parse_cancel_after(request.headers.get("Cancel-After")),
+    )
+    logs.bind(batch_id=accepted.body["id"])
+    return _accepted_response(accepted)
+
+
+@blueprint.get("/v1/batches/<batch_id>")
+def get_batch(batch_id: str) -> Response:
+    rt = _runtime()
+    batch = rt.batches.get(batch_id, tenant=current_tenant())
+    return jsonify(rt.batches.view(batch, base_url=rt.config.public_base_url))
+
+
+@blueprint.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> Response:
+    rt = _runtime()
+    batch, canceled = rt.batches.cancel(batch_id, tenant=current_tenant())
+    rt.cancel_signal.publish(*canceled)  # the workers running their calls cut them off
+    return jsonify(rt.batches.view(batch, base_url=rt.config.public_base_url))
 
 
 @blueprint.get("/v1/tasks")

@@ -104,9 +104,12 @@ class CancelSignal:
         self._redis = client
         self.channel = keys.cancels
 
-    def publish(self, task_id: str) -> None:
+    def publish(self, *task_ids: str) -> None:
         with mapped_redis_errors():
-            self._redis.publish(self.channel, task_id)
+            pipe = self._redis.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.publish(self.channel, task_id)
+            pipe.execute()
 
 
 class CancelListener:

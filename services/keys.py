@@ -37,11 +37,20 @@ Tenants and admission (``services/tenants.py``, ``services/admission.py``); ``{t
   {p}:ready_tenants        set     tenants whose ready set is not empty (maybe: admission cleans it)
   {p}:admitted             zset    every admitted task -> since (ms); at most UPSTREAM_MAX_CONCURRENCY
 
+Batches (``services/batches.py``): written by the create that writes their tasks, counted by each change
+  {p}:batch:{id}           hash    ``doc`` (JSON: id, tenant, created_at, metadata, webhook, task_ids),
+                                   ``total``, a count per status, ``completed_at`` once every task is final,
+                                   ``cancel_requested_at``. TTL: kept; 30 d once completed
+  {p}:batch:{id}:tasks     zset    the batch's task ids -> their creation (ms): ``GET /v1/tasks?batch_id=``
+                                   TTL: as the batch
+
 Webhooks: the outbox (``services/webhooks/outbox.py``); events are written by the store with the change
-  {p}:wh:event:{event id}  string  one event: its task as it was then (JSON). TTL: kept; 30 d once done
+  {p}:wh:event:{event id}  string  one event: its task (or its batch's id) as it was then (JSON).
+                                   TTL: kept; 30 d once done
   {p}:wh:due               zset    pending event id -> when its next attempt is due (ms)
   {p}:wh:state:{event id}  hash    attempts, round_start, status, claim, next_at. TTL: 30 d once done
-  {p}:wh:log:{task id}     list    one JSON entry per delivery attempt (the last 50). TTL: 30 d
+  {p}:wh:log:{subject id} list    one JSON entry per delivery attempt of a task's (a batch's) events (the
+                                   last 50). TTL: 30 d
 
 The upstream limiter (``services/limits.py``)
   {p}:limit:slots          zset    holder token -> when its slot expires unless renewed (ms)
@@ -143,6 +152,12 @@ class Keys:
 
     def tenant_admitted(self, tenant: str) -> str:
         return self._key("t", tenant, "admitted")
+
+    def batch(self, batch_id: str) -> str:
+        return self._key("batch", batch_id)
+
+    def batch_tasks(self, batch_id: str) -> str:
+        return self._key("batch", batch_id, "tasks")
 
     def tenant_rate(self, tenant: str) -> str:
         return self._key("t", tenant, "rate")

@@ -33,7 +33,7 @@ from services import clock
 from services.config import Config
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-SCOPE_FIELDS = ("task_id", "tenant")
+SCOPE_FIELDS = ("task_id", "batch_id", "tenant")
 REDACTED = "[REDACTED]"
 # A configured secret shorter than this is not searched for in every line: it would redact ordinary
 # words (a test's "test" key). Such a secret is too short to be a secret anyway.

@@ -184,8 +184,8 @@ def _safely(record: Callable[[_Instruments], object]) -> None:
 
 
 # recording ----------------------------------------------------------------------------------------------
-def task_submitted() -> None:
-    _safely(lambda m: m.submitted.inc())
+def task_submitted(count: int = 1) -> None:
+    _safely(lambda m: m.submitted.inc(count))
 
 
 def task_finished(status: str, *, created_at: str, finished_at: str | None) -> None:

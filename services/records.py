@@ -46,6 +46,7 @@ class WebhookSubscription(TypedDict):
 class TaskRecord(TypedDict):
     id: str
     tenant: str  # who owns it (``services/tenants.py``); not shown to clients
+    batch_id: str | None  # the batch it was submitted in (``services/batches.py``); absent in older records
     priority: str  # high, normal, low: its order among its tenant's waiting tasks
     deadline_at: str | None  # Cancel-After: canceled (deadline_exceeded) if not final by then
     status: str  # a TaskStatus value

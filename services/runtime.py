@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import redis
 
 from services.admission import Admission
+from services.batches import Batches
 from services.cancellation import CancelSignal, InFlightCalls
 from services.config import Config
 from services.idempotency import IdempotencyStore
@@ -111,6 +112,10 @@ class Runtime:
     def submissions(self) -> SubmissionService:
         idempotency = IdempotencyStore(self.redis, self.keys, self.config.idempotency_ttl)
         return SubmissionService(self.config, self.store, idempotency, self.webhooks)
+
+    @functools.cached_property
+    def batches(self) -> Batches:
+        return Batches(self.redis, self.keys, self.store, self.webhooks.outbox)
 
     @functools.cached_property
     def task_events(self) -> TaskEvents:

@@ -33,7 +33,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
@@ -52,7 +52,7 @@ from services.serialization import dumps
 from services.tenants import DEFAULT_TENANT, TenantSettings, tenant_of
 from services.usage import RETENTION_SECONDS as USAGE_RETENTION_SECONDS
 from services.validation import WEBHOOK_EVENTS
-from services.webhooks.outbox import event_for_change, event_id
+from services.webhooks.outbox import OutboxEvent, batch_completed_event, event_for_change, event_id
 
 
 class TaskStatus(StrEnum):
@@ -124,6 +124,26 @@ class Attempt:
     saved_result: bytes | None
 
 
+@dataclass(frozen=True)
+class NewTask:
+    """One task to create: what its submission asks for."""
+
+    model: str
+    payload: bytes
+    metadata: dict[str, Any] | None
+    webhook: WebhookSubscription | None = None
+    priority: str = "normal"
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """The batch new tasks belong to: its id, and its record's fields made from its tasks (the hash
+    ``{p}:batch:{id}``, ``services/batches.py``)."""
+
+    id: str
+    fields: Callable[[list[TaskRecord]], dict[str, str]]
+
+
 # Decides, when an attempt is about to start, that the task must fail instead (the job runner's policy:
 # its attempts are used up); None lets it run.
 GiveUp = Callable[[TaskRecord], JobError | None]
@@ -136,6 +156,7 @@ class _Change:
         self.keys = [task_key]
         self.absent: list[int] = []
         self.writes: list[list[str | int]] = []
+        self.batch: dict[str, str | int | bool] | None = None
 
     def _index(self, key: str) -> int:
         if key not in self.keys:
@@ -148,8 +169,34 @@ class _Change:
     def write(self, command: str, key: str, *args: str | int) -> None:
         self.writes.append([command, self._index(key), *(str(arg) for arg in args)])
 
+    def count_in_batch(
+        self, keys: Keys, task: TaskRecord, old_status: str, completion: OutboxEvent, retention: int
+    ) -> None:
+        """Move the task's batch's counts from ``old_status`` to its status; if that leaves none of the
+        batch's tasks unfinished, complete the batch, kept ``retention`` s from then, with
+        ``completion`` as its webhook event (``COMPARE_AND_SET``)."""
+        batch_id = task["batch_id"]
+        assert batch_id is not None
+        self.batch = {
+            "key": self._index(keys.batch(batch_id)),
+            "tasks": self._index(keys.batch_tasks(batch_id)),
+            "event": self._index(keys.webhook_event(completion.id)),
+            "due": self._index(keys.webhooks_due),
+            "from": old_status,
+            "to": task["status"],
+            "final": TaskStatus(task["status"]).is_final,
+            "finished_at": task["finished_at"] or "",
+            "event_id": completion.id,
+            "document": completion.document,
+            "now_ms": clock.now_ms(),
+            "ttl": retention,
+        }
+
     def encoded(self) -> str:
-        return dumps({"absent": self.absent, "writes": self.writes})
+        change: dict[str, Any] = {"absent": self.absent, "writes": self.writes}
+        if self.batch is not None:
+            change["batch"] = self.batch
+        return dumps(change)
 
 
 Transition = Callable[[TaskRecord, _Change], TaskRecord | None]
@@ -176,8 +223,6 @@ class JobStore:
             client,
             scripts.CREATE,
             keys=[
-                "task",
-                "payload_key",
                 "active",
                 "tenant_active",
                 "tenant_ready",
@@ -193,14 +238,11 @@ class JobStore:
                 "tenant_tasks",
                 "tenant_queued",
                 "deadlines",
-                "events",
+                "batch",
+                "batch_tasks",
             ],
             args=[
-                "task_id",
-                "document",
-                "payload",
                 "now_ms",
-                "order",
                 "tenant",
                 "max_queued",
                 "rate_per_minute",
@@ -208,11 +250,13 @@ class JobStore:
                 "window",
                 "also_value",
                 "also_ttl",
-                "message",
                 "usage_ttl",
                 "index_ms",
-                "deadline_ms",
+                "batch_id",
+                "batch_fields",
             ],
+            more_keys="task_keys",
+            more_args="task_args",
         )
         self._claim_due = Script(
             client,
@@ -408,50 +452,88 @@ class JobStore:
         tenant: str = DEFAULT_TENANT,
         priority: str = "normal",
         cancel_after: float | None = None,
-        also_set: Callable[[TaskRecord], tuple[str, str, int]] | None = None,
+        also_set: Callable[[list[TaskRecord]], tuple[str, str, int]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> TaskRecord:
-        """Store a new queued task of ``tenant`` and its payload atomically; return the record.
-
-        One script checks the tenant's limits first (``TooManyRequests``: ``tenant_queue_full`` or
-        ``rate_limited``, nothing written), then writes the task, its payload, its bookkeeping and its
-        usage, and admits it at once if it may run now (``CREATE``). ``also_set(task)`` may name one more
-        record (key, value, ttl) to write in the same step; ``message(task_id)`` the (list, message) of
-        the job's broker message, pushed when the task is admitted, so that a task is never stored
-        without being either enqueued or waiting for admission, nor enqueued without being stored.
-        """
-        task_id = new_task_id()
-        now = time.time()
-        task: TaskRecord = {
-            "id": task_id,
-            "tenant": tenant,
-            "priority": priority,
-            "deadline_at": clock.iso(now + cancel_after) if cancel_after is not None else None,
-            "status": TaskStatus.QUEUED.value,
-            "model": model,
-            "created_at": clock.iso(now),
-            "started_at": None,
-            "finished_at": None,
-            "attempts": [],
-            "outputs": [],
-            "text": [],
-            "usage": None,
-            "metadata": metadata,
-            "error": None,
-            "next_attempt_at": None,
-            "webhook": webhook,
-        }
-        keys = self.keys
-        also_key, also_value, also_ttl = (
-            also_set(task) if also_set is not None else (keys.task(task_id), "", 0)
+        """Store one new task (``create_many`` of one)."""
+        new = NewTask(model=model, payload=payload, metadata=metadata, webhook=webhook, priority=priority)
+        (task,) = self.create_many(
+            [new], tenant=tenant, cancel_after=cancel_after, also_set=also_set, message=message
         )
-        queue, body = message(task_id) if message is not None else (keys.queued, b"")
+        return task
+
+    def create_many(
+        self,
+        new_tasks: Sequence[NewTask],
+        *,
+        tenant: str = DEFAULT_TENANT,
+        cancel_after: float | None = None,
+        also_set: Callable[[list[TaskRecord]], tuple[str, str, int]] | None = None,
+        message: Callable[[str], tuple[str, bytes]] | None = None,
+        batch: NewBatch | None = None,
+    ) -> list[TaskRecord]:
+        """Store new queued tasks of ``tenant`` and their payloads atomically, all or none; return the
+        records.
+
+        One script checks the tenant's limits first (``TooManyRequests``: ``tenant_queue_full`` when
+        they would pass its ``max_queued``, or ``rate_limited``; nothing written), then writes the
+        tasks, their payloads, their bookkeeping and its usage, and admits each at once if it may run
+        now (``CREATE``). ``also_set(tasks)`` may name one more record (key, value, ttl) to write in the
+        same step (an idempotency record); ``message(task_id)`` the (list, message) of a task's broker
+        message, pushed when the task is admitted, so that a task is never stored without being either
+        enqueued or waiting for admission, nor enqueued without being stored. With ``batch``, the
+        tasks belong to it, and its record is written in the same step (``services/batches.py``).
+        """
+        now = time.time()
+        created_at = clock.iso(now)
+        deadline_at = clock.iso(now + cancel_after) if cancel_after is not None else None
+        tasks: list[TaskRecord] = [
+            {
+                "id": new_task_id(),
+                "tenant": tenant,
+                "batch_id": batch.id if batch else None,
+                "priority": new.priority,
+                "deadline_at": deadline_at,
+                "status": TaskStatus.QUEUED.value,
+                "model": new.model,
+                "created_at": created_at,
+                "started_at": None,
+                "finished_at": None,
+                "attempts": [],
+                "outputs": [],
+                "text": [],
+                "usage": None,
+                "metadata": new.metadata,
+                "error": None,
+                "next_attempt_at": None,
+                "webhook": new.webhook,
+            }
+            for new in new_tasks
+        ]
+        keys = self.keys
+        also_key, also_value, also_ttl = also_set(tasks) if also_set is not None else (keys.active, "", 0)
         defaults = self._tenant_defaults
         now_ms = round(now * 1000)
+        deadline_ms = clock.epoch_ms(deadline_at) if deadline_at else ""
+        task_keys: list[str] = []
+        task_args: list[str | bytes | int] = []
+        queue = keys.queued
+        for task, new in zip(tasks, new_tasks, strict=True):
+            task_id = task["id"]
+            queue, body = message(task_id) if message is not None else (keys.queued, b"")
+            task_keys += [keys.task(task_id), keys.payload(task_id), keys.events(task_id)]
+            task_args += [
+                task_id,
+                dumps(task),
+                new.payload,
+                ready_order(now_ms, new.priority),
+                deadline_ms,
+                body,
+            ]
+        batch_id = batch.id if batch else ""
+        batch_fields = dumps([part for item in batch.fields(tasks).items() for part in item]) if batch else ""
         with mapped_redis_errors():
             outcome, value = self._create(
-                task=keys.task(task_id),
-                payload_key=keys.payload(task_id),
                 active=keys.active,
                 tenant_active=keys.tenant_active(tenant),
                 tenant_ready=keys.tenant_ready(tenant),
@@ -467,12 +549,10 @@ class JobStore:
                 tenant_tasks=keys.tenant_tasks(tenant),
                 tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
                 deadlines=keys.deadlines,
-                events=keys.events(task_id),
-                task_id=task_id,
-                document=dumps(task),
-                payload=payload,
+                batch=keys.batch(batch_id) if batch else keys.active,
+                batch_tasks=keys.batch_tasks(batch_id) if batch else keys.active,
+                task_keys=task_keys,
                 now_ms=now_ms,
-                order=ready_order(now_ms, priority),
                 tenant=tenant,
                 max_queued=defaults.max_queued,
                 rate_per_minute=defaults.rate_per_minute,
@@ -480,10 +560,11 @@ class JobStore:
                 window=self._admission_window,
                 also_value=also_value,
                 also_ttl=also_ttl,
-                message=body,
                 usage_ttl=USAGE_RETENTION_SECONDS,
                 index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
-                deadline_ms=clock.epoch_ms(task["deadline_at"]) if task["deadline_at"] else "",
+                batch_id=batch_id,
+                batch_fields=batch_fields,
+                task_args=task_args,
             )
         if outcome == -1:
             raise TooManyRequests(
@@ -497,7 +578,7 @@ class JobStore:
                 code="rate_limited",
                 retry_after=value / 1000,
             )
-        return task
+        return tasks
 
     # leases -----------------------------------------------------------------------------------------
     def renew_lease(self, lease: Lease) -> bool:
@@ -795,6 +876,10 @@ class JobStore:
             extra.write("ZADD", keys.webhooks_due, "NX", clock.now_ms(), event.id)
         # the task's numbered status events, and a wake-up for the requests that wait for them
         # (services/task_events.py); the create writes event 1 (store_scripts.CREATE)
+        batch_id = new.get("batch_id")
+        if old["status"] != new["status"] and batch_id:
+            completion = batch_completed_event(batch_id, tenant)
+            extra.count_in_batch(keys, new, old["status"], completion, self._task_retention)
         if old["status"] != new["status"]:
             extra.write("RPUSH", keys.events(task_id), status.value)
             extra.write("PUBLISH", keys.task_events, task_id)

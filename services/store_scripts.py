@@ -5,8 +5,15 @@ Every key a script touches is passed in KEYS (``services/lua.py`` names them at 
 
 # KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
 # there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "writes": [[command, key index,
-# args...]]}, indexes into KEYS. Returns 1 when written, 0 when the task changed meanwhile, -1 when a key
-# that must be absent exists.
+# args...]], "batch": absent, or the change of status of a task in a batch: {"key", "tasks", "event",
+# "due": KEYS indexes of the batch's hash, its task index, its completion event and the outbox's due set;
+# "from", "to": the statuses; "final": whether "to" is; "finished_at": the task's, when final;
+# "event_id", "document": its completion event; "now_ms", "ttl"}}, indexes into KEYS. The batch's
+# counts move with the change; the change that leaves none of its tasks unfinished completes it:
+# ``completed_at`` (the latest ``finished_at`` of its tasks, whatever order their changes were written
+# in), its retention, and its ``batch.completed`` event in the outbox when its webhook asked for one
+# (its hash's ``notify``).
+# Returns 1 when written, 0 when the task changed meanwhile, -1 when a key that must be absent exists.
 COMPARE_AND_SET = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local extra = cjson.decode(ARGV[3])
@@ -15,62 +22,100 @@ for _, index in ipairs(extra.absent) do
 end
 redis.call('SET', KEYS[1], ARGV[2])
 for _, write in ipairs(extra.writes) do redis.call(write[1], KEYS[write[2]], unpack(write, 3)) end
+local batch = extra.batch
+if batch and redis.call('EXISTS', KEYS[batch.key]) == 1 then
+  local key = KEYS[batch.key]
+  redis.call('HINCRBY', key, batch.from, -1)
+  redis.call('HINCRBY', key, batch.to, 1)
+  if batch.final then
+    local counts = redis.call('HMGET', key, 'total', 'succeeded', 'failed', 'canceled', 'completed_at',
+      'notify', 'last_finished_at')
+    local last = counts[7]
+    if not last or batch.finished_at > last then last = batch.finished_at end
+    redis.call('HSET', key, 'last_finished_at', last)
+    local final = tonumber(counts[2] or '0') + tonumber(counts[3] or '0') + tonumber(counts[4] or '0')
+    if not counts[5] and final >= tonumber(counts[1]) then
+      redis.call('HSET', key, 'completed_at', last)
+      redis.call('EXPIRE', key, batch.ttl)
+      redis.call('EXPIRE', KEYS[batch.tasks], batch.ttl)
+      if counts[6] then
+        redis.call('SET', KEYS[batch.event], batch.document, 'NX')
+        redis.call('ZADD', KEYS[batch.due], 'NX', batch.now_ms, batch.event_id)
+      end
+    end
+  end
+end
 return 1
 """
 
-# Submitting one task. KEYS: see ``_create``'s names. ARGV: the new task's id, record and payload, now and
-# its order in the tenant's ready set (ms), the tenant, the defaults of its limits, the admission window
-# (0: none), the idempotency record to write with it ('' for none) and its TTL, the broker message ('' for
-# none), the usage TTL, how long the tenant's task index keeps an entry (ms), its Cancel-After deadline
-# (ms, '' for none). Refuses with {-1, 0}
-# when the tenant has max_queued unfinished tasks, {-2, ms to wait} when its submission rate is used
-# up; else writes everything and returns {1, admitted}: admitted
-# (1) means the task went straight to the broker, because nothing of its tenant waits and the window
-# and the tenant's max_concurrency have room (``services/admission.py`` applies the same rule to the
-# tasks that wait); otherwise it waits in the tenant's ready set.
+# Submitting tasks: one, or a batch's, all or none. KEYS: the CREATE_KEYS named by ``_create``, then per
+# task its record, payload and status events. ARGV: the CREATE_ARGS (now (ms), the tenant, the defaults of
+# its limits, the admission window (0: none), the idempotency record to write with them ('' for none) and
+# its TTL, the usage TTL, how long the tenant's indexes keep an entry (ms), the batch's id ('' for none)
+# and its hash's fields (JSON [field, value, ...])), then per task its id, record, payload, order in the
+# tenant's ready set (ms), Cancel-After deadline (ms, '' for none) and broker message ('' for none).
+# Refuses with {-1, 0} when the tenant's unfinished tasks would pass max_queued, {-2, ms to wait} when
+# its submission rate is used up (a request, whatever it holds, takes one token); else writes
+# everything and returns {1, how many went straight to the broker}. A task does when nothing of its
+# tenant waits and the window and the tenant's max_concurrency have room (``services/admission.py``
+# applies the same rule to the tasks that wait); otherwise it waits in the tenant's ready set.
 CREATE = """
-local now = tonumber(ARGV[4])
-local tenant = ARGV[6]
-local own = redis.call('HGET', KEYS[10], tenant)
+local FIXED_KEYS, FIXED_ARGS = 17, 12
+local now = tonumber(ARGV[1])
+local tenant = ARGV[2]
+local count = (#KEYS - FIXED_KEYS) / 3
+local own = redis.call('HGET', KEYS[8], tenant)
 local settings = own and cjson.decode(own) or {}
-local max_queued = tonumber(settings.max_queued or ARGV[7])
-if max_queued > 0 and redis.call('SCARD', KEYS[4]) >= max_queued then return {-1, 0} end
-local rate = tonumber(settings.rate_per_minute or ARGV[8])
+local max_queued = tonumber(settings.max_queued or ARGV[3])
+if max_queued > 0 and redis.call('SCARD', KEYS[2]) + count > max_queued then return {-1, 0} end
+local rate = tonumber(settings.rate_per_minute or ARGV[4])
 if rate > 0 then
   local capacity = math.max(1, rate)
-  local state = redis.call('HMGET', KEYS[11], 'tokens', 'at')
+  local state = redis.call('HMGET', KEYS[9], 'tokens', 'at')
   local elapsed = now - tonumber(state[2] or now)
   local tokens = math.min(capacity, tonumber(state[1] or capacity) + elapsed * rate / 60000)
   if tokens < 1 then return {-2, math.ceil((1 - tokens) * 60000 / rate)} end
-  redis.call('HSET', KEYS[11], 'tokens', tokens - 1, 'at', now)
-  redis.call('PEXPIRE', KEYS[11], math.ceil(capacity * 60000 / rate) + 1000)
+  redis.call('HSET', KEYS[9], 'tokens', tokens - 1, 'at', now)
+  redis.call('PEXPIRE', KEYS[9], math.ceil(capacity * 60000 / rate) + 1000)
 end
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('RPUSH', KEYS[18], 'queued')
-redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('ZADD', KEYS[15], now, ARGV[1])
-redis.call('ZADD', KEYS[16], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', '(' .. (now - tonumber(ARGV[15])))
-if ARGV[16] ~= '' then redis.call('ZADD', KEYS[17], ARGV[16], ARGV[1]) end
-redis.call('HINCRBY', KEYS[12], 'submitted', 1)
-redis.call('EXPIRE', KEYS[12], ARGV[14])
-if ARGV[11] ~= '' then redis.call('SET', KEYS[13], ARGV[11], 'EX', ARGV[12]) end
-local window = tonumber(ARGV[10])
-local max_concurrency = tonumber(settings.max_concurrency or ARGV[9])
-if redis.call('ZCARD', KEYS[5]) == 0
-  and (window == 0 or redis.call('ZCARD', KEYS[7]) < window)
-  and (max_concurrency == 0 or redis.call('ZCARD', KEYS[8]) < max_concurrency) then
-  redis.call('ZADD', KEYS[7], now, ARGV[1])
-  redis.call('ZADD', KEYS[8], now, ARGV[1])
-  redis.call('ZADD', KEYS[9], now, ARGV[1])
-  if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[14], ARGV[13]) end
-  return {1, 1}
+local window = tonumber(ARGV[6])
+local max_concurrency = tonumber(settings.max_concurrency or ARGV[5])
+local batch = ARGV[11]
+local sent = 0
+for task = 0, count - 1 do
+  local k, a = FIXED_KEYS + 3 * task, FIXED_ARGS + 6 * task
+  local id = ARGV[a + 1]
+  redis.call('SET', KEYS[k + 2], ARGV[a + 3])
+  redis.call('SET', KEYS[k + 1], ARGV[a + 2])
+  redis.call('RPUSH', KEYS[k + 3], 'queued')
+  redis.call('SADD', KEYS[1], id)
+  redis.call('SADD', KEYS[2], id)
+  redis.call('ZADD', KEYS[13], now, id)
+  redis.call('ZADD', KEYS[14], now, id)
+  if ARGV[a + 5] ~= '' then redis.call('ZADD', KEYS[15], ARGV[a + 5], id) end
+  if batch ~= '' then redis.call('ZADD', KEYS[17], now, id) end
+  if redis.call('ZCARD', KEYS[3]) == 0
+    and (window == 0 or redis.call('ZCARD', KEYS[5]) < window)
+    and (max_concurrency == 0 or redis.call('ZCARD', KEYS[6]) < max_concurrency) then
+    redis.call('ZADD', KEYS[5], now, id)
+    redis.call('ZADD', KEYS[6], now, id)
+    redis.call('ZADD', KEYS[7], now, id)
+    if ARGV[a + 6] ~= '' then redis.call('LPUSH', KEYS[12], ARGV[a + 6]) end
+    sent = sent + 1
+  else
+    redis.call('ZADD', KEYS[3], ARGV[a + 4], id)
+    redis.call('SADD', KEYS[4], tenant)
+  end
 end
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
-redis.call('SADD', KEYS[6], tenant)
-return {1, 0}
+local expired = '(' .. (now - tonumber(ARGV[10]))
+redis.call('ZREMRANGEBYSCORE', KEYS[13], '-inf', expired)
+redis.call('HINCRBY', KEYS[10], 'submitted', count)
+redis.call('EXPIRE', KEYS[10], ARGV[9])
+if ARGV[7] ~= '' then redis.call('SET', KEYS[11], ARGV[7], 'EX', ARGV[8]) end
+if batch ~= '' then
+  redis.call('HSET', KEYS[16], unpack(cjson.decode(ARGV[12])))
+end
+return {1, sent}
 """
 
 # KEYS[1]: the delayed set, KEYS[2]: the set of tenants with ready tasks, KEYS[3..]: the ready set of

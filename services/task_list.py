@@ -2,9 +2,10 @@
 
 The store keeps two indexes per tenant in the same atomic steps that write its tasks
 (``services/store.py``): every task by creation time (``{p}:t:{t}:tasks``) and the tasks of each status
-(``{p}:t:{t}:status:{s}``). A page reads the index that fits the filters (the status's, else all), from
-the cursor down, then the records themselves, and keeps those that pass the other filters (creation
-time is the index's score; ``metadata.<key>=<value>`` is checked on the records).
+(``{p}:t:{t}:status:{s}``); a batch keeps one of its tasks (``{p}:batch:{id}:tasks``). A page reads the
+index that fits the filters (the batch's, else the status's, else all), from the cursor down, then the
+records themselves, and keeps those that pass the other filters (creation time is the index's score;
+``metadata.<key>=<value>`` and the status are checked on the records, and that the caller owns them).
 
 The cursor is the (creation, id) of the last task examined: a page starts strictly after it in the
 index's order (score descending, then id descending), so tasks created meanwhile, which sort before it,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,6 +31,7 @@ from services.errors import InvalidRequest
 from services.keys import Keys
 from services.records import TaskRecord
 from services.redis_errors import mapped_redis_errors
+from services.tenants import tenant_of
 
 MAX_LIMIT = 100
 SCAN_BUDGET = 1000  # index entries a page examines at most
@@ -49,12 +52,14 @@ class Query:
     created_after: int | None = None
     created_before: int | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    batch_id: str | None = None
     cursor: str | None = None
     limit: int = 20
 
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 MAX_METADATA_FILTERS = 10
+BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 
 
 def query_from_params(params: Mapping[str, str]) -> Query:
@@ -80,6 +85,10 @@ def query_from_params(params: Mapping[str, str]) -> Query:
                 raise InvalidRequest(
                     f"{name} must be an ISO 8601 time, e.g. 2026-12-02T10:00:00Z", field=name
                 ) from None
+        elif name == "batch_id":
+            if not BATCH_ID.fullmatch(value):
+                raise InvalidRequest("batch_id must be a batch's id, e.g. batch_0f3c...", field=name)
+            values["batch_id"] = value
         elif name == "limit":
             if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
                 raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}", field=name)
@@ -130,7 +139,12 @@ class TaskList:
 
     def page(self, tenant: str, query: Query) -> Page:
         keys = self._keys
-        index = keys.tenant_status(tenant, query.status) if query.status else keys.tenant_tasks(tenant)
+        if query.batch_id:
+            index = keys.batch_tasks(query.batch_id)
+        elif query.status:
+            index = keys.tenant_status(tenant, query.status)
+        else:
+            index = keys.tenant_tasks(tenant)
         after = decode_cursor(query.cursor) if query.cursor else None
         found: list[TaskRecord] = []
         gone: list[str] = []
@@ -144,7 +158,7 @@ class TaskList:
                     gone.append(task_id)
                 else:
                     task: TaskRecord = json.loads(raw)
-                    if _matches(task, query):
+                    if tenant_of(task) == tenant and _matches(task, query):
                         found.append(task)
                 if len(found) == query.limit or examined == SCAN_BUDGET:
                     break

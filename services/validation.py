@@ -1,4 +1,4 @@
-"""Validation of a client's submission to ``POST /v1/images/generations``.
+"""Validation of a client's submission to ``POST /v1/images/generations`` (and of a batch of them).
 
 ``parse_json_body`` turns the raw body into JSON, strictly and to a bounded depth. ``validate_submission``
 is a pure function over the parsed JSON body: it checks what the upstream requires
@@ -17,6 +17,7 @@ import binascii
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +42,11 @@ MAX_METADATA_DEPTH = 5
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 
+MAX_BATCH_REQUESTS = 1000
+BATCH_EVENTS: tuple[str, ...] = ("batch.completed", *(f"task.{event}" for event in WEBHOOK_EVENTS))
+DEFAULT_BATCH_EVENTS: tuple[str, ...] = ("batch.completed",)
+_BATCH_FIELDS = frozenset({"requests", "metadata", "webhook_url", "webhook_events"})
+
 _OUR_FIELDS = frozenset({"metadata", "webhook_url", "webhook_events", "priority"})
 
 
@@ -54,6 +60,18 @@ class Submission:
     webhook_url: str | None
     webhook_events: tuple[str, ...] | None
     priority: str = "normal"
+
+
+@dataclass(frozen=True)
+class BatchSubmission:
+    """A valid batch: its requests, each a valid submission, and its own fields. ``webhook_events``
+    are ``BATCH_EVENTS``: ``batch.completed`` goes to the batch's ``webhook_url``, and each ``task.*``
+    event is sent there for every task of the batch whose request has no ``webhook_url`` of its own."""
+
+    submissions: list[Submission]
+    metadata: dict[str, Any] | None
+    webhook_url: str | None
+    webhook_events: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -184,6 +202,51 @@ def validate_submission(body: Any, limits: Limits) -> Submission:
         webhook_events=webhook_events,
         priority=priority,
     )
+
+
+def validate_batch(body: Any, limits: Limits) -> BatchSubmission:
+    """Check a batch (``POST /v1/batches``): every request as ``validate_submission`` does, an error's
+    ``field`` naming its request (``requests[3].contents``), and the batch's own fields."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    unknown = sorted(set(body) - _BATCH_FIELDS)
+    if unknown:
+        raise _invalid(
+            unknown[0], f"Unknown field {_show(unknown[0])}; a batch has {', '.join(sorted(_BATCH_FIELDS))}."
+        )
+    requests = body.get("requests")
+    if not isinstance(requests, list) or not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
+        raise _invalid(
+            "requests",
+            f"requests must be an array of 1 to {MAX_BATCH_REQUESTS} request bodies"
+            + (f", not {len(requests)}." if isinstance(requests, list) else "."),
+            code="missing_field" if requests is None else "invalid_field",
+        )
+    metadata = _check_metadata(body.get("metadata"), limits)
+    webhook_url = _check_webhook_url(body.get("webhook_url"))
+    webhook_events = _check_webhook_events(body.get("webhook_events"), webhook_url, BATCH_EVENTS)
+    submissions = []
+    for index, request in enumerate(requests):
+        with in_batch_request(index):
+            submissions.append(validate_submission(request, limits))
+    return BatchSubmission(
+        submissions=submissions,
+        metadata=metadata,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events or (DEFAULT_BATCH_EVENTS if webhook_url else ()),
+    )
+
+
+@contextmanager
+def in_batch_request(index: int) -> Iterator[None]:
+    """An ``InvalidRequest`` raised inside names the batch's request ``index``: ``requests[3].model``."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        exc.field = f"requests[{index}]" + (f".{exc.field}" if exc.field else "")
+        exc.message = f"requests[{index}]: {exc.message}"
+        exc.args = (exc.message,)
+        raise
 
 
 def _invalid(field: str, message: str, code: str = "invalid_field") -> InvalidRequest:
@@ -399,16 +462,18 @@ def _check_webhook_url(url: Any) -> str | None:
     return url
 
 
-def _check_webhook_events(events: Any, webhook_url: str | None) -> tuple[str, ...] | None:
+def _check_webhook_events(
+    events: Any, webhook_url: str | None, choices: tuple[str, ...] = WEBHOOK_EVENTS
+) -> tuple[str, ...] | None:
     if events is None:
         return None
     if webhook_url is None:
         raise _invalid("webhook_events", "webhook_events needs webhook_url.")
-    allowed = ", ".join(WEBHOOK_EVENTS)
+    allowed = ", ".join(choices)
     if not isinstance(events, list) or not events:
         raise _invalid("webhook_events", f"webhook_events must be a non-empty array of: {allowed}.")
     for index, event in enumerate(events):
-        if event not in WEBHOOK_EVENTS:
+        if event not in choices:
             raise _invalid(
                 f"webhook_events[{index}]", f"Unknown webhook event {_show(event)}; use: {allowed}."
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import httpx
@@ -78,10 +79,7 @@ def test_every_path_is_served(document: dict[str, Any], stack: Stack) -> None:
     static = {rule.rule for rule in rules if rule.endpoint == "static" or rule.endpoint.endswith(".static")}
     assert static == {"/static/<path:filename>", "/docs/static/<path:filename>"}
     routes = {
-        rule.rule.replace("<task_id>", "{task_id}")
-        .replace("<tenant>", "{tenant}")
-        .replace("<key_id>", "{key_id}")
-        .replace("<int:index>", "{index}")
+        re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)  # <int:index> -> {index}
         for rule in rules
         if rule.rule not in static and rule.rule not in NOT_DOCUMENTED
     }
@@ -166,3 +164,30 @@ def test_waiting_responses_match_the_document(document: dict[str, Any], stack: S
     check(document, events, "get", stack.http.get(f"{api}/v1/tasks/missing/events"))
     bad = stack.http.get(f"{api}/v1/tasks/{task_id}/events", headers={"Last-Event-ID": "x"})
     check(document, events, "get", bad)
+
+
+def test_batch_responses_match_the_document(document: dict[str, Any], stack: Stack) -> None:
+    api = stack.api_url
+    body = {"requests": [seed_body(), seed_body()], "webhook_url": f"http://127.0.0.1:{free_port()}/b"}
+    accepted = stack.http.post(f"{api}/v1/batches", json=body)
+    check(document, "/v1/batches", "post", accepted)
+    batch_id = accepted.json()["id"]
+    check(document, "/v1/batches/{batch_id}", "get", stack.http.get(f"{api}/v1/batches/{batch_id}"))
+    check(document, "/v1/tasks", "get", stack.http.get(f"{api}/v1/tasks", params={"batch_id": batch_id}))
+    check(document, "/v1/batches", "post", stack.http.post(f"{api}/v1/batches", json={"requests": []}))
+    check(document, "/v1/batches/{batch_id}", "get", stack.http.get(f"{api}/v1/batches/batch_missing"))
+    canceling = stack.http.post(f"{api}/v1/batches", json={"requests": [with_directive(delay_ms="1000")]})
+    canceled = stack.http.post(f"{api}/v1/batches/{canceling.json()['id']}/cancel")
+    check(document, "/v1/batches/{batch_id}/cancel", "post", canceled)
+    check(
+        document,
+        "/v1/batches/{batch_id}/cancel",
+        "post",
+        stack.http.post(canceled.json()["links"]["self"] + "/cancel"),
+    )
+    wait_until(
+        lambda: stack.http.get(f"{api}/v1/batches/{batch_id}").json()["completed_at"],
+        timeout=30,
+        what="the batch",
+    )
+    check(document, "/v1/batches/{batch_id}", "get", stack.http.get(f"{api}/v1/batches/{batch_id}"))

@@ -118,7 +118,7 @@ def event_status(event_id_: str) -> str:
 
 
 def event_task_id(event_id_: str) -> str:
-    """The task an event id is about (``event_id``'s inverse)."""
+    """The task (or batch) an event id is about (``event_id``'s inverse)."""
     return event_id_.removeprefix("msg_").rsplit("_", 1)[0]
 
 
@@ -148,6 +148,21 @@ def event_for_change(old: TaskRecord, new: TaskRecord) -> OutboxEvent | None:
         "type": f"task.{status}",
         "timestamp": clock.now_iso(),
         "task": new,
+    }
+    return OutboxEvent(identifier, dumps(event))
+
+
+def batch_completed_event(batch_id: str, tenant: str) -> OutboxEvent:
+    """The ``batch.completed`` event of a batch, written by the change that finishes its last task if
+    its webhook asked for it (``services/store_scripts.py``); its payload is made from the batch as it
+    is when delivered (final by then)."""
+    identifier = event_id(batch_id, "completed")
+    event = {
+        "id": identifier,
+        "batch_id": batch_id,
+        "tenant": tenant,
+        "type": "batch.completed",
+        "timestamp": clock.now_iso(),
     }
     return OutboxEvent(identifier, dumps(event))
 

@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from services import clock, metrics
+from services.batches import batch_view, load_batch
 from services.config import Config
 from services.errors import NoWebhook
 from services.keys import Keys
@@ -70,6 +71,8 @@ class WebhookService:
             default_secret=config.webhook_signing_secret,
         )
         self._storage = storage
+        self._redis = client
+        self._keys = keys
         self._resolver = resolver
         self._sender: WebhookSender | None = None
         self._lock = threading.Lock()
@@ -113,16 +116,16 @@ class WebhookService:
         started = self.outbox.begin(event_id, claim, self.config.webhook_lease_seconds)
         if started is None:
             return None
-        with task_scope(started.event["task_id"], tenant_of(started.event["task"])):
+        with task_scope(_subject(started.event), _tenant(started.event)):
             return self._attempt(event_id, claim, started)
 
     def _attempt(self, event_id: str, claim: str, started: Started) -> str:
         event = started.event
         attempted_at = clock.now_iso()
         try:
-            body = self.payload(event)
-            signing = self.secrets.signing_secrets(tenant_of(event["task"]))
-            result = self.sender.send(event["task"]["webhook"]["url"], event["id"], body, signing)
+            url, body = self.payload(event)
+            signing = self.secrets.signing_secrets(_tenant(event))
+            result = self.sender.send(url, event["id"], body, signing)
         except Exception as exc:  # a bug must not lose the event: record it and retry on schedule
             log.exception("webhook %s: attempt %d failed unexpectedly", event_id, started.attempt)
             result = AttemptResult(None, f"internal error: {type(exc).__name__}", 0)
@@ -139,7 +142,7 @@ class WebhookService:
             "next_retry_at": clock.iso_from_ms(next_due) if next_due is not None else None,
         }
         self.outbox.finish(
-            event_id, event["task_id"], claim, entry, next_due_ms=next_due, final_status=outcome
+            event_id, _subject(event), claim, entry, next_due_ms=next_due, final_status=outcome
         )
         metrics.webhook_delivery(outcome)
         level = logging.INFO if outcome in ("delivered", "failed") else logging.WARNING
@@ -154,18 +157,25 @@ class WebhookService:
         )
         return outcome
 
-    def payload(self, event: dict[str, Any]) -> bytes:
-        """``{"type", "timestamp", "data"}``, data being the task as ``GET /v1/tasks/{id}`` shows it
-        (as it was when the event happened) with freshly signed output URLs."""
-        snapshot: TaskRecord = event["task"]
-        data = task_view(
-            snapshot,
-            self._storage,
-            base_url=self.config.public_base_url,
-            deliveries=self.outbox.deliveries(snapshot["id"]),
-        )
+    def payload(self, event: dict[str, Any]) -> tuple[str, bytes]:
+        """Where the event goes, and ``{"type", "timestamp", "data"}``: data being the task as
+        ``GET /v1/tasks/{id}`` shows it (as it was when the event happened) with freshly signed output
+        URLs, or the batch as ``GET /v1/batches/{id}`` shows it (final since the event)."""
+        base_url = self.config.public_base_url
+        if "batch_id" in event:
+            batch = load_batch(self._redis, self._keys, event["batch_id"])
+            webhook = batch.doc["webhook"] if batch is not None else None
+            if batch is None or webhook is None:
+                raise NoWebhook(f"batch {event['batch_id']} is gone")
+            data = batch_view(batch, base_url=base_url, deliveries=self.outbox.deliveries(batch.id))
+        else:
+            snapshot: TaskRecord = event["task"]
+            webhook = snapshot["webhook"]
+            assert webhook is not None  # an event is written only for a task with a webhook
+            deliveries = self.outbox.deliveries(snapshot["id"])
+            data = task_view(snapshot, self._storage, base_url=base_url, deliveries=deliveries)
         document = {"type": event["type"], "timestamp": event["timestamp"], "data": data}
-        return dumps_bytes(document)
+        return str(webhook["url"]), dumps_bytes(document)
 
     def _next_step(self, result: AttemptResult, round_attempt: int) -> tuple[str, int | None]:
         """The attempt's outcome and, when it is to be retried, when (epoch ms)."""
@@ -182,3 +192,12 @@ class WebhookService:
         if result.retry_after is not None:
             delay = max(delay, min(result.retry_after, MAX_RETRY_AFTER_SECONDS))
         return "failed", clock.now_ms() + round(delay * 1000)
+
+
+def _subject(event: dict[str, Any]) -> str:
+    """The id of what the event is about: its task, or its batch."""
+    return str(event["batch_id"] if "batch_id" in event else event["task_id"])
+
+
+def _tenant(event: dict[str, Any]) -> str:
+    return str(event["tenant"]) if "batch_id" in event else tenant_of(event["task"])
