@@ -4,9 +4,12 @@ A new task goes straight to the broker when nothing of its tenant is waiting and
 (``JobStore.create``'s script). Otherwise it waits in its tenant's ready set (``{p}:t:{t}:ready``, in
 submission order), and ``Admission.admit`` hands waiting tasks to the broker as room appears:
 
-- the window: at most ``UPSTREAM_MAX_CONCURRENCY`` tasks admitted at once (``{p}:admitted``: sent to the
-  broker or running), so the broker's queue stays short and a burst from one tenant cannot bury the
-  others' tasks behind it (0: no cap, no window);
+- the window: at most as many tasks admitted at once (``{p}:admitted``: sent to the broker or running)
+  as the workers consuming now can run (``{p}:capacity``: each worker process announces its
+  concurrency, ``services/presence.py``), and at most ``UPSTREAM_MAX_CONCURRENCY`` when that is set. So
+  the broker never holds a backlog of its own: every task that cannot start now waits here, where
+  priority, fair share and ``queue_position`` apply, and a burst from one tenant cannot bury the others'
+  tasks behind it;
 - each tenant: at most its ``max_concurrency`` admitted (``{p}:t:{t}:admitted``);
 - fair share: each free place goes to the tenant with the fewest admitted tasks per unit of ``weight``
   (ties: the oldest waiting task), so free upstream slots are shared in proportion to the weights, not
@@ -38,18 +41,35 @@ from services.lua import Script
 from services.redis_errors import mapped_redis_errors
 from services.tenants import TenantSettings
 
-# KEYS: admitted, queued, ready_tenants, tenants; then per tenant its ready and its admitted set.
-# ARGV: now (ms), window (0: none), the defaults of max_concurrency and weight, the most to admit in this
-# call; then the tenants' names (in the order of their keys). Returns the admitted task ids.
-_ADMIT = """
+# A Lua function for the scripts that admit (here and ``store_scripts.CREATE``): how many tasks may be
+# admitted at once, given the window setting (``window_setting``: 0 none, > 0 a cap, < 0 no cap of its
+# own), the capacity set and now (ms); nil for no limit.
+ADMISSION_WINDOW = """
+local function admission_window(window, capacity, now)
+  if window == 0 then return nil end
+  local slots = 0
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', capacity, now, '+inf')) do
+    slots = slots + tonumber(string.match(member, '=(%d+)$') or '0')
+  end
+  if window > 0 and window < slots then return window end
+  return slots
+end
+"""
+
+# KEYS: admitted, queued, ready_tenants, tenants, capacity; then per tenant its ready and its admitted
+# set. ARGV: now (ms), window setting, the defaults of max_concurrency and weight, the most to admit in
+# this call; then the tenants' names (in the order of their keys). Returns the admitted task ids.
+_ADMIT = (
+    ADMISSION_WINDOW
+    + """
 local now = tonumber(ARGV[1])
 local room = tonumber(ARGV[5])
-local window = tonumber(ARGV[2])
-if window > 0 then room = math.min(room, window - redis.call('ZCARD', KEYS[1])) end
+local window = admission_window(tonumber(ARGV[2]), KEYS[5], now)
+if window ~= nil then room = math.min(room, window - redis.call('ZCARD', KEYS[1])) end
 local tenants = {}
 for index = 6, #ARGV do
-  local ready = KEYS[5 + (index - 6) * 2]
-  local admitted = KEYS[6 + (index - 6) * 2]
+  local ready = KEYS[6 + (index - 6) * 2]
+  local admitted = KEYS[7 + (index - 6) * 2]
   local own = redis.call('HGET', KEYS[4], ARGV[index])
   local settings = own and cjson.decode(own) or {}
   if redis.call('ZCARD', ready) == 0 then
@@ -92,8 +112,18 @@ for _, tenant in ipairs(tenants) do
 end
 return picked
 """
+)
 
 BATCH = 500  # the most admitted by one call; a full batch is followed by another at once
+WORKERS_CAPACITY = -1  # the window setting without a cap of its own: the workers' capacity only
+
+
+def window_setting(upstream_max_concurrency: int) -> int:
+    """The window the scripts apply (``ADMISSION_WINDOW``) for ``UPSTREAM_MAX_CONCURRENCY`` (0: no cap):
+    bounded by the consuming workers' capacity either way. (0 itself, no window at all, is for tests of
+    the store alone, which have no workers.)"""
+    return upstream_max_concurrency or WORKERS_CAPACITY
+
 
 # A task's place in its tenant's ready set (ms): its creation, moved by its priority. ``high`` comes
 # before every ``normal`` task still waiting (ten years ahead); ``low`` waits behind the ``normal`` tasks
@@ -126,7 +156,7 @@ class Admission:
         self._admit = Script(
             client,
             _ADMIT,
-            keys=["admitted", "queued", "ready_tenants", "tenants"],
+            keys=["admitted", "queued", "ready_tenants", "tenants", "capacity"],
             args=["now_ms", "window", "max_concurrency", "weight", "limit"],
             more_keys="tenant_keys",
             more_args="tenant_names",
@@ -151,6 +181,7 @@ class Admission:
                 queued=keys.queued,
                 ready_tenants=keys.ready_tenants,
                 tenants=keys.tenants,
+                capacity=keys.capacity,
                 tenant_keys=tenant_keys,
                 now_ms=clock.now_ms(),
                 window=self._window,

@@ -35,7 +35,10 @@ Tenants and admission (``services/tenants.py``, ``services/admission.py``); ``{t
   {p}:t:{t}:whsec          hash    webhook secrets: ``current``, ``previous``, ``previous_until`` (ms)
   {p}:t:{t}:usage:{day}    hash    the tenant's counts of one UTC day (submitted, succeeded, ...). TTL 400 d
   {p}:ready_tenants        set     tenants whose ready set is not empty (maybe: admission cleans it)
-  {p}:admitted             zset    every admitted task -> since (ms); at most UPSTREAM_MAX_CONCURRENCY
+  {p}:admitted             zset    every admitted task -> since (ms); at most the window
+  {p}:capacity             zset    ``host:pid=N`` of each worker process consuming generation jobs, N its
+                                   concurrency -> until when it counts (ms): the window's bound. Renewed
+                                   with its presence; removed when it stops (``services/presence.py``)
 
 Batches (``services/batches.py``): written by the create that writes their tasks, counted by each change
   {p}:batch:{id}           hash    ``doc`` (JSON: id, tenant, created_at, metadata, webhook, task_ids),
@@ -175,6 +178,10 @@ class Keys:
     @property
     def admitted(self) -> str:
         return self._key("admitted")
+
+    @property
+    def capacity(self) -> str:
+        return self._key("capacity")
 
     # webhooks ---------------------------------------------------------------------------------------
     def webhook_event(self, event_id: str) -> str:

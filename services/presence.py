@@ -1,7 +1,8 @@
 """Which worker processes are consuming now: each one announces itself while it consumes.
 
 A worker's consumer, once its queues are being consumed, writes ``{p}:worker:{host}:{pid}`` (its node
-name and queues, JSON) with a short TTL and renews it; it deletes it when it stops. A process that dies
+name, queues and slots, JSON) with a short TTL and renews it, and its slots in ``{p}:capacity``; it
+deletes both when it stops. A process that dies
 disappears when the TTL runs out. Operators (and the fault tests, which must not submit before every
 worker consumes) read ``consuming()``; the ``host:pid`` is the prefix of the ``worker`` recorded on every
 attempt it runs.
@@ -16,6 +17,7 @@ from typing import Any
 
 import redis
 
+from services import clock
 from services.errors import StoreUnavailable
 from services.keys import Keys
 from services.periodic import Periodic
@@ -31,17 +33,30 @@ def process_name() -> str:
 
 
 class Presence:
-    """One worker process's announcement, renewed every ``HEARTBEAT_SECONDS`` until withdrawn."""
+    """One worker process's announcement, renewed every ``HEARTBEAT_SECONDS`` until withdrawn; with
+    ``slots`` (the jobs it runs at once, if it consumes generation jobs), its part of the workers'
+    capacity, which bounds admission's window (``services/admission.py``)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, node: str, queues: list[str]) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, node: str, queues: list[str], slots: int = 0) -> None:
         self._redis = client
         self._key = keys.worker(process_name())
-        self._info = dumps({"node": node, "queues": sorted(queues), "process": process_name()})
+        self._capacity = keys.capacity
+        self._slots = f"{process_name()}={slots}" if slots > 0 else None
+        self._info = dumps(
+            {"node": node, "queues": sorted(queues), "process": process_name(), "slots": slots}
+        )
         self._periodic = Periodic("presence", HEARTBEAT_SECONDS, self._announce)
 
     def _announce(self) -> bool:
+        ttl = 3 * HEARTBEAT_SECONDS
         with mapped_redis_errors():
-            self._redis.set(self._key, self._info, ex=round(3 * HEARTBEAT_SECONDS))
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._key, self._info, ex=round(ttl))
+            if self._slots is not None:
+                now = clock.now_ms()
+                pipe.zadd(self._capacity, {self._slots: now + clock.ms(ttl)})
+                pipe.zremrangebyscore(self._capacity, "-inf", now)  # processes that died
+            pipe.execute()
         return False
 
     def start(self) -> None:
@@ -54,6 +69,8 @@ class Presence:
         try:
             with mapped_redis_errors():
                 self._redis.delete(self._key)
+                if self._slots is not None:
+                    self._redis.zrem(self._capacity, self._slots)
         except StoreUnavailable:
             pass
 

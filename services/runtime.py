@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from services.admission import Admission
+from services.admission import Admission, window_setting
 from services.batches import Batches
 from services.cancellation import CancelSignal, InFlightCalls
 from services.config import Config
@@ -65,7 +65,7 @@ class Runtime:
             config.key_prefix,
             task_retention=config.task_retention_days * 86400,
             tenant_defaults=self.tenant_defaults,
-            admission_window=config.upstream_max_concurrency,
+            admission_window=window_setting(config.upstream_max_concurrency),
         )
         self.keys = self.store.keys
         self.storage = Storage(self.config, max_pool_connections=max(10, self.config.worker_concurrency))
@@ -99,7 +99,7 @@ class Runtime:
             self.redis,
             self.keys,
             self.enqueue,
-            window=self.config.upstream_max_concurrency,
+            window=window_setting(self.config.upstream_max_concurrency),
             defaults=self.tenant_defaults,
         )
 

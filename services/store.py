@@ -240,6 +240,7 @@ class JobStore:
                 "deadlines",
                 "batch",
                 "batch_tasks",
+                "capacity",
             ],
             args=[
                 "now_ms",
@@ -551,6 +552,7 @@ class JobStore:
                 deadlines=keys.deadlines,
                 batch=keys.batch(batch_id) if batch else keys.active,
                 batch_tasks=keys.batch_tasks(batch_id) if batch else keys.active,
+                capacity=keys.capacity,
                 task_keys=task_keys,
                 now_ms=now_ms,
                 tenant=tenant,

@@ -3,6 +3,8 @@
 Every key a script touches is passed in KEYS (``services/lua.py`` names them at each call site).
 """
 
+from services.admission import ADMISSION_WINDOW
+
 # KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
 # there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "writes": [[command, key index,
 # args...]], "batch": absent, or the change of status of a task in a batch: {"key", "tasks", "event",
@@ -48,19 +50,22 @@ end
 return 1
 """
 
-# Submitting tasks: one, or a batch's, all or none. KEYS: the CREATE_KEYS named by ``_create``, then per
-# task its record, payload and status events. ARGV: the CREATE_ARGS (now (ms), the tenant, the defaults of
-# its limits, the admission window (0: none), the idempotency record to write with them ('' for none) and
-# its TTL, the usage TTL, how long the tenant's indexes keep an entry (ms), the batch's id ('' for none)
-# and its hash's fields (JSON [field, value, ...])), then per task its id, record, payload, order in the
-# tenant's ready set (ms), Cancel-After deadline (ms, '' for none) and broker message ('' for none).
+# Submitting tasks: one, or a batch's, all or none. KEYS: the keys named by ``_create`` (the last: the
+# workers' capacity), then per task its record, payload and status events. ARGV: now (ms), the tenant,
+# the defaults of its limits, the window setting (``admission.window_setting``), the idempotency record
+# to write with them ('' for none) and its TTL, the usage TTL, how long the tenant's indexes keep an
+# entry (ms), the batch's id ('' for none) and its hash's fields (JSON [field, value, ...]), then per
+# task its id, record, payload, order in the tenant's ready set (ms), Cancel-After deadline (ms, '' for
+# none) and broker message ('' for none).
 # Refuses with {-1, 0} when the tenant's unfinished tasks would pass max_queued, {-2, ms to wait} when
 # its submission rate is used up (a request, whatever it holds, takes one token); else writes
 # everything and returns {1, how many went straight to the broker}. A task does when nothing of its
 # tenant waits and the window and the tenant's max_concurrency have room (``services/admission.py``
 # applies the same rule to the tasks that wait); otherwise it waits in the tenant's ready set.
-CREATE = """
-local FIXED_KEYS, FIXED_ARGS = 17, 12
+CREATE = (
+    ADMISSION_WINDOW
+    + """
+local FIXED_KEYS, FIXED_ARGS = 18, 12
 local now = tonumber(ARGV[1])
 local tenant = ARGV[2]
 local count = (#KEYS - FIXED_KEYS) / 3
@@ -78,7 +83,7 @@ if rate > 0 then
   redis.call('HSET', KEYS[9], 'tokens', tokens - 1, 'at', now)
   redis.call('PEXPIRE', KEYS[9], math.ceil(capacity * 60000 / rate) + 1000)
 end
-local window = tonumber(ARGV[6])
+local window = admission_window(tonumber(ARGV[6]), KEYS[18], now)
 local max_concurrency = tonumber(settings.max_concurrency or ARGV[5])
 local batch = ARGV[11]
 local sent = 0
@@ -95,7 +100,7 @@ for task = 0, count - 1 do
   if ARGV[a + 5] ~= '' then redis.call('ZADD', KEYS[15], ARGV[a + 5], id) end
   if batch ~= '' then redis.call('ZADD', KEYS[17], now, id) end
   if redis.call('ZCARD', KEYS[3]) == 0
-    and (window == 0 or redis.call('ZCARD', KEYS[5]) < window)
+    and (window == nil or redis.call('ZCARD', KEYS[5]) < window)
     and (max_concurrency == 0 or redis.call('ZCARD', KEYS[6]) < max_concurrency) then
     redis.call('ZADD', KEYS[5], now, id)
     redis.call('ZADD', KEYS[6], now, id)
@@ -117,6 +122,7 @@ if batch ~= '' then
 end
 return {1, sent}
 """
+)
 
 # KEYS[1]: the delayed set, KEYS[2]: the set of tenants with ready tasks, KEYS[3..]: the ready set of
 # each candidate's tenant. ARGV[1]: now (ms); then per candidate its id, tenant and order (ms). Moves each

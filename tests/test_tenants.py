@@ -427,3 +427,33 @@ def submit_many_as(stack: Stack, tenant: str, bodies: list[dict[str, Any]]) -> l
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
     return ids
+
+
+# --------------------------------------------------------------------------------------------------
+# no cap at all: the workers' capacity is the window (a stack of its own: one worker of 2 threads)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.stack(workers=1, WORKER_CONCURRENCY="2")
+def test_without_a_cap_tasks_the_workers_cannot_start_wait_in_priority_order(fault_stack: Stack) -> None:
+    """With no UPSTREAM_MAX_CONCURRENCY the broker still holds no backlog: the window is what the
+    consuming workers can run (their announced slots), so a high task submitted behind normal ones starts
+    first, and queue_position counts."""
+    stack = fault_stack
+    client, keys = stack.runtime.redis, stack.runtime.keys
+    [slots] = [member.decode() for member in client.zrange(keys.capacity, 0, -1)]
+    assert slots == f"{socket.gethostname()}:{stack.children['worker0'].pid}=2"
+    blockers = slow_bodies(2, 1500)
+    blocker_ids = submit_many_as(stack, "fault-a", blockers)
+    wait_until(lambda: len(stack.sim_call_log()) == 2, timeout=20, what="both slots busy")
+    names = ["normal-1", "normal-2", "normal-3", "high"]
+    ids = {}
+    for name in names:
+        body = {**with_directive(delay_ms="50"), "priority": name.split("-")[0]}
+        ids[name] = stack.submit(body, tenant="fault-a").json()["id"]
+    positions = {name: stack.task(task_id)["queue_position"] for name, task_id in ids.items()}
+    assert positions == {"normal-1": 2, "normal-2": 3, "normal-3": 4, "high": 1}
+    tasks = settle_succeeded(stack, [*blocker_ids, *ids.values()], timeout=60)
+    started = {name: epoch_ms(tasks[task_id]["attempts"][0]["started_at"]) for name, task_id in ids.items()}
+    assert min(started, key=started.__getitem__) == "high", started
+    assert stack.sim_stats()["max_in_flight"] <= 2

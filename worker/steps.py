@@ -188,7 +188,8 @@ class PresenceStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is 
     def start(self, consumer: Any) -> None:
         rt = runtime_of(consumer.app)
         queues = list(consumer.app.amqp.queues.consume_from)
-        self.presence = Presence(rt.redis, rt.keys, consumer.hostname, queues)
+        slots = consumer.controller.concurrency if GENERATION_QUEUE in queues else 0
+        self.presence = Presence(rt.redis, rt.keys, consumer.hostname, queues, slots)
         self.presence.start()
 
     def stop(self, consumer: Any) -> None:
