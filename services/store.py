@@ -519,7 +519,7 @@ class JobStore:
         task_keys: list[str] = []
         task_args: list[str | bytes | int] = []
         queue = keys.queued
-        for task, new in zip(tasks, new_tasks, strict=True):
+        for position, (task, new) in enumerate(zip(tasks, new_tasks, strict=True)):
             task_id = task["id"]
             queue, body = message(task_id) if message is not None else (keys.queued, b"")
             task_keys += [keys.task(task_id), keys.payload(task_id), keys.events(task_id)]
@@ -527,7 +527,8 @@ class JobStore:
                 task_id,
                 dumps(task),
                 new.payload,
-                ready_order(now_ms, new.priority),
+                # a batch's tasks wait in their order: apart by less than a millisecond in all
+                repr(ready_order(now_ms, new.priority) + position / len(tasks)),
                 deadline_ms,
                 body,
             ]

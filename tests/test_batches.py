@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from devstack.processes import wait_until
+from services.admission import WORKERS_CAPACITY
 from services.batches import Batches, new_batch
 from services.errors import TooManyRequests
 from services.keys import Keys
@@ -280,3 +281,13 @@ def test_batch_counts_follow_every_change_exactly(redis_client: redis.Redis) -> 
     event = json.loads(redis_client.get(keys.webhook_event(f"msg_{batch.id}_completed")))
     assert (event["type"], event["batch_id"], event["tenant"]) == ("batch.completed", batch.id, "default")
     assert 0 < redis_client.ttl(keys.batch(batch.id)) <= 30 * 86400
+
+
+def test_a_batchs_tasks_wait_in_the_order_of_its_requests(redis_client: redis.Redis) -> None:
+    """Created in the same millisecond, they still wait in their requests' order (not their ids')."""
+    store = JobStore(redis_client, admission_window=WORKERS_CAPACITY)  # no workers: every task waits
+    new = [NewTask(model="m", payload=b"{}", metadata=None) for _ in range(50)]
+    tasks = store.create_many(new, batch=new_batch("batch_" + "1" * 32, "default", None, None))
+    waiting = [member.decode() for member in redis_client.zrange(store.keys.tenant_ready("default"), 0, -1)]
+    assert waiting == [task["id"] for task in tasks]
+    assert [store.queue_position(store.get(task["id"])) for task in tasks[:3]] == [1, 2, 3]
