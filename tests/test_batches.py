@@ -24,7 +24,7 @@ from services.store import JobStore, NewTask
 from services.tenants import TenantSettings
 from services.validation import MAX_BATCH_REQUESTS
 from services.webhooks.outbox import WebhookOutbox
-from tests.fault_kit import assert_bookkeeping_empty
+from tests.fault_kit import assert_bookkeeping_empty, settle_succeeded, slow_bodies, worker_holding_calls
 from tests.receiver import Receiver
 from tests.stack import Stack, directive_key, seed_body, with_directive
 
@@ -291,3 +291,43 @@ def test_a_batchs_tasks_wait_in_the_order_of_its_requests(redis_client: redis.Re
     waiting = [member.decode() for member in redis_client.zrange(store.keys.tenant_ready("default"), 0, -1)]
     assert waiting == [task["id"] for task in tasks]
     assert [store.queue_position(store.get(task["id"])) for task in tasks[:3]] == [1, 2, 3]
+
+
+def test_counts_stay_exact_and_the_batch_completes_once_when_a_worker_is_killed(fault_stack: Stack) -> None:
+    """SIGKILL the worker holding most of a batch's calls: its tasks run again elsewhere (running ->
+    running after the lease), and the counts, which move with each change, end exact; the batch
+    completes once, with one ``batch.completed`` event."""
+    stack = fault_stack
+    secret = stack.http.get(f"{stack.api_url}/v1/webhooks/secret", headers=stack.headers("fault-b"))
+    receiver = Receiver(secret.json()["key"])
+    try:
+        bodies = slow_bodies(30, 2000)
+        response = post_batch(
+            stack, {"requests": bodies, "webhook_url": receiver.url("/k")}, tenant="fault-b"
+        )
+        assert response.status_code == 202, response.text
+        batch_id, ids = response.json()["id"], response.json()["task_ids"]
+        stack.owners.update(dict.fromkeys(ids, "fault-b"))
+        victim, _ = worker_holding_calls(stack, bodies, ids, 20)
+        stack.children[victim].kill()
+        settle_succeeded(stack, ids)
+        batch = wait_batch(stack, batch_id, "fault-b")
+        assert batch["counts"] == {
+            "total": 30,
+            "queued": 0,
+            "running": 0,
+            "succeeded": 30,
+            "failed": 0,
+            "canceled": 0,
+        }
+        assert any(a["outcome"] == "worker_lost" for task_id in ids for a in stack.task(task_id)["attempts"])
+        [event] = receiver.wait_for("/k", 1)
+        assert event.verify_error is None and event.payload["data"]["counts"] == batch["counts"]
+        wait_until(
+            lambda: get_batch(stack, batch_id, "fault-b").json()["webhook"]["deliveries"],
+            timeout=10,
+            what="log",
+        )
+        assert [item.webhook_id for item in receiver.at("/k")] == [f"msg_{batch_id}_completed"]
+    finally:
+        receiver.stop()
