@@ -178,10 +178,14 @@ class TaskList:
             top = after[0]
         bottom: int | str = "-inf" if query.created_after is None else query.created_after
         offset = 0
+        # Without a metadata filter the index applies every filter, so the page is its first ``limit``
+        # entries (and the cursor's own, read again): read just those first; more only if some were
+        # gone. With one, most records read are dropped: a batch at a time.
+        size = _BATCH if query.metadata else query.limit + (1 if after is not None else 0)
         while True:
             entries = cast(
                 "list[tuple[bytes, float]]",
-                self._redis.zrevrangebyscore(index, top, bottom, start=offset, num=_BATCH, withscores=True),
+                self._redis.zrevrangebyscore(index, top, bottom, start=offset, num=size, withscores=True),
             )
             offset += len(entries)
             batch = [(member.decode(), int(score)) for member, score in entries]
@@ -194,5 +198,6 @@ class TaskList:
             )
             for (task_id, score), raw in zip(batch, records, strict=True):
                 yield task_id, score, raw
-            if len(entries) < _BATCH:
+            if len(entries) < size:
                 return
+            size = _BATCH

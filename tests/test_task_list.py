@@ -4,6 +4,7 @@ the index's upkeep (an expired record's entry is dropped, a rare filter stops at
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from typing import Any
 
@@ -151,3 +152,30 @@ def test_a_rare_filter_stops_at_the_scan_budget_with_a_cursor(
     second = tasks.page("t", Query(metadata=(("k", "rare"),), cursor=first.next_cursor))
     assert [task["id"] for task in second.tasks] == [rare] and second.next_cursor is None
     assert store.get(rare)["status"] == TaskStatus.QUEUED
+
+
+def test_a_page_without_a_metadata_filter_reads_only_the_records_it_shows(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = []
+    for _ in range(30):
+        ids.append(store.create(model="m", payload=b"{}", metadata={"k": "v"}, tenant="t")["id"])
+        time.sleep(0.002)  # one creation ms each: the cursor's score is its own task's only
+    client = store._redis
+    read: list[int] = []
+    mget = client.mget
+    monkeypatch.setattr(client, "mget", lambda keys: read.append(len(keys)) or mget(keys))
+    tasks = TaskList(client, store.keys)
+    first = tasks.page("t", Query(limit=5))
+    second = tasks.page("t", Query(limit=5, cursor=first.next_cursor))
+    queued = tasks.page("t", Query(limit=5, status="queued"))
+    assert [task["id"] for task in first.tasks + second.tasks] == ids[::-1][:10]
+    assert [task["id"] for task in queued.tasks] == ids[::-1][:5]
+    assert read == [5, 5, 5], "the page's own records (after the cursor's entry), not a batch of 200"
+    read.clear()
+    store._redis.delete(store.keys.task(ids[-2]))  # one gone: one more read, of a batch
+    assert [task["id"] for task in tasks.page("t", Query(limit=5)).tasks] == ids[::-1][:1] + ids[::-1][2:6]
+    assert read == [5, 25]
+    read.clear()
+    assert len(tasks.page("t", Query(limit=5, metadata=(("k", "v"),))).tasks) == 5
+    assert read == [29], "a metadata filter drops most records it reads: a batch at a time"
