@@ -514,7 +514,7 @@ class JobStore:
         keys = self.keys
         also_key, also_value, also_ttl = also_set(tasks) if also_set is not None else (keys.active, "", 0)
         defaults = self._tenant_defaults
-        now_ms = round(now * 1000)
+        now_ms = clock.epoch_ms(created_at)  # the index's score is exactly the record's created_at
         deadline_ms = clock.epoch_ms(deadline_at) if deadline_at else ""
         task_keys: list[str] = []
         task_args: list[str | bytes | int] = []

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from services import task_list
+from services.clock import epoch_ms
 from services.store import JobStore, TaskStatus
 from services.task_list import Query, TaskList
 from tests.stack import ApiServer, Stack, seed_body, with_directive
@@ -179,3 +180,16 @@ def test_a_page_without_a_metadata_filter_reads_only_the_records_it_shows(
     read.clear()
     assert len(tasks.page("t", Query(limit=5, metadata=(("k", "v"),))).tasks) == 5
     assert read == [29], "a metadata filter drops most records it reads: a batch at a time"
+
+
+def test_the_index_scores_a_task_with_its_own_created_at(store: JobStore) -> None:
+    """A time window [created_at, created_at + 1 ms) finds the task: the index's score is the record's
+    millisecond (it was rounded from the clock while the record's was truncated, so half the tasks were
+    outside their own window)."""
+    tasks = TaskList(store._redis, store.keys)
+    for _ in range(40):
+        task = store.create(model="m", payload=b"{}", metadata=None, tenant="t")
+        created = epoch_ms(task["created_at"])
+        window = Query(created_after=created, created_before=created + 1)
+        assert task["id"] in [found["id"] for found in tasks.page("t", window).tasks]
+        assert store._redis.zscore(store.keys.tenant_tasks("t"), task["id"]) == created
