@@ -774,9 +774,8 @@ _PATHS: dict[str, Any] = {
             "summary": "The caller's tasks, newest first, in pages",
             "description": "Stable cursor paging: tasks created meanwhile never appear in later pages, "
             "and none is skipped or repeated. A page examines at most 1,000 tasks: with a rare "
-            "filter it may hold fewer than `limit` and still have a `next_cursor`. "
-            "`metadata.<key>=<value>` (up to 10) keeps tasks whose metadata has that key with that value "
-            "(as JSON text unless a string). Webhook deliveries are left out (see the task itself).",
+            "filter it may hold fewer than `limit` and still have a `next_cursor`. Webhook deliveries are "
+            "left out (see the task itself).",
             "operationId": "listTasks",
             "parameters": [
                 {
@@ -794,6 +793,25 @@ _PATHS: dict[str, Any] = {
                 },
                 {"name": "created_after", "in": "query", "required": False, "schema": _TIME},
                 {"name": "created_before", "in": "query", "required": False, "schema": _TIME},
+                {
+                    # OpenAPI 3.0 cannot name a family of parameters; an exploded form object can: each of
+                    # its properties is one parameter of that name (deepObject would be metadata[key]=).
+                    "name": "metadata",
+                    "in": "query",
+                    "required": False,
+                    "description": "Filters on the tasks' metadata, each a parameter "
+                    "`metadata.<key>=<value>` (the properties of this object are named `metadata.<key>`): "
+                    "keeps tasks whose metadata has that key with that value (as JSON text unless a "
+                    "string). Up to 10.",
+                    "style": "form",
+                    "explode": True,
+                    "schema": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                        "maxProperties": 10,
+                    },
+                    "example": {"metadata.order": "42"},
+                },
                 {
                     "name": "limit",
                     "in": "query",
