@@ -791,8 +791,20 @@ _PATHS: dict[str, Any] = {
                     "description": "only the tasks of this batch (read from the batch's own index)",
                     "schema": {"type": "string", "pattern": "^batch_[0-9a-f]{32}$"},
                 },
-                {"name": "created_after", "in": "query", "required": False, "schema": _TIME},
-                {"name": "created_before", "in": "query", "required": False, "schema": _TIME},
+                {
+                    "name": "created_after",
+                    "in": "query",
+                    "required": False,
+                    "description": "only tasks created at or after this time (inclusive)",
+                    "schema": _TIME,
+                },
+                {
+                    "name": "created_before",
+                    "in": "query",
+                    "required": False,
+                    "description": "only tasks created before this time (exclusive)",
+                    "schema": _TIME,
+                },
                 {
                     # OpenAPI 3.0 cannot name a family of parameters; an exploded form object can: each of
                     # its properties is one parameter of that name (deepObject would be metadata[key]=).

@@ -74,8 +74,10 @@ def test_filters_by_status_and_creation_time(stack: Stack) -> None:
     stack.http.post(f"{stack.api_url}/v1/tasks/{slow}/cancel")
     assert sum(all_pages(stack, f"metadata.run={run}&status=canceled"), []) == [slow], "moved with its status"
     created = stack.task(failed)["created_at"]
-    assert sum(all_pages(stack, f"metadata.run={run}&created_after={created}"), []) == [slow, failed]
-    assert sum(all_pages(stack, f"metadata.run={run}&created_before={created}"), []) == [done]
+    after = sum(all_pages(stack, f"metadata.run={run}&created_after={created}"), [])
+    assert after == [slow, failed], "created_after is inclusive"
+    before = sum(all_pages(stack, f"metadata.run={run}&created_before={created}"), [])
+    assert before == [done], "created_before is exclusive"
 
 
 @pytest.mark.parametrize(
