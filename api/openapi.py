@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from services.task_list import MAX_METADATA_FILTERS, MAX_METADATA_KEY, MAX_METADATA_VALUE
 from services.usage import FIELDS as USAGE_FIELDS
 from services.usage import MAX_DAYS as USAGE_MAX_DAYS
 from services.validation import (
@@ -814,13 +815,14 @@ _PATHS: dict[str, Any] = {
                     "description": "Filters on the tasks' metadata, each a parameter "
                     "`metadata.<key>=<value>` (the properties of this object are named `metadata.<key>`): "
                     "keeps tasks whose metadata has that key with that value (as JSON text unless a "
-                    "string). Up to 10.",
+                    f"string). Up to {MAX_METADATA_FILTERS}; a key of at most {MAX_METADATA_KEY} "
+                    f"characters, a value of at most {MAX_METADATA_VALUE}.",
                     "style": "form",
                     "explode": True,
                     "schema": {
                         "type": "object",
-                        "additionalProperties": {"type": "string"},
-                        "maxProperties": 10,
+                        "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
+                        "maxProperties": MAX_METADATA_FILTERS,
                     },
                     "example": {"metadata.order": "42"},
                 },

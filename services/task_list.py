@@ -59,6 +59,8 @@ class Query:
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 MAX_METADATA_FILTERS = 10
+MAX_METADATA_KEY = 90  # characters of <key> in metadata.<key>=<value>
+MAX_METADATA_VALUE = 1000
 BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 
 
@@ -68,12 +70,18 @@ def query_from_params(params: Mapping[str, str]) -> Query:
     values: dict[str, Any] = {}
     for name, value in params.items():
         if name.startswith("metadata.") and len(name) > len("metadata."):
-            if len(metadata) == MAX_METADATA_FILTERS or len(name) > 100 or len(value) > 1000:
+            key = name.removeprefix("metadata.")
+            if (
+                len(metadata) == MAX_METADATA_FILTERS
+                or len(key) > MAX_METADATA_KEY
+                or len(value) > MAX_METADATA_VALUE
+            ):
                 raise InvalidRequest(
-                    f"at most {MAX_METADATA_FILTERS} metadata filters; keys of 90, values of 1000 characters",
-                    field=name[:100],
+                    f"at most {MAX_METADATA_FILTERS} metadata filters, each key of at most "
+                    f"{MAX_METADATA_KEY} characters and each value of at most {MAX_METADATA_VALUE}",
+                    field=name[: len("metadata.") + MAX_METADATA_KEY + 1],
                 )
-            metadata.append((name.removeprefix("metadata."), value))
+            metadata.append((key, value))
         elif name == "status":
             if value not in STATUSES:
                 raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}", field=name)

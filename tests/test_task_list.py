@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from services import task_list
+from services.errors import InvalidRequest
 from services.store import JobStore, TaskStatus
 from services.task_list import Query, TaskList
 from tests.stack import ApiServer, Stack, seed_body, with_directive
@@ -97,6 +98,16 @@ def test_bad_parameters_are_400_naming_them(stack: Stack, query: str, field: str
     response = listed(stack, query)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["field"] == field
+
+
+def test_a_metadata_key_may_have_90_characters_not_91() -> None:
+    """The limit the message states is the one applied, on the key (not ``metadata.`` and the key)."""
+    longest = "k" * task_list.MAX_METADATA_KEY
+    assert task_list.query_from_params({f"metadata.{longest}": "v"}).metadata == ((longest, "v"),)
+    with pytest.raises(InvalidRequest) as refused:
+        task_list.query_from_params({f"metadata.{longest}k": "v"})
+    assert refused.value.field == f"metadata.{longest}k"
+    assert f"key of at most {task_list.MAX_METADATA_KEY} characters" in refused.value.message
 
 
 def test_a_tenant_lists_its_own_tasks_only(stack: Stack) -> None:
