@@ -837,7 +837,8 @@ _PATHS: dict[str, Any] = {
             "responses": {
                 "200": _json(_ref("TaskPage"), "A page of tasks"),
                 "400": _error(
-                    "A parameter out of range or unknown, or a cursor this server did not hand out"
+                    "A parameter out of range, unknown or given more than once, or a cursor this server "
+                    "did not hand out"
                 ),
                 "401": _error(_UNAUTHORIZED),
                 "503": _unavailable("The store is unavailable"),

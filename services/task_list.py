@@ -20,7 +20,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -64,11 +64,17 @@ MAX_METADATA_VALUE = 1000
 BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 
 
-def query_from_params(params: Mapping[str, str]) -> Query:
-    """The query of ``GET /v1/tasks``'s parameters; 400 naming the parameter for anything else."""
+def query_from_params(params: Iterable[tuple[str, str]]) -> Query:
+    """The query of ``GET /v1/tasks``'s parameters, every (name, value) of the query string (a repeated
+    name as often as it is given); 400 naming the parameter for anything else. A parameter given twice
+    is refused rather than read once: which value was meant is the client's to say."""
     metadata: list[tuple[str, str]] = []
     values: dict[str, Any] = {}
-    for name, value in params.items():
+    given: set[str] = set()
+    for name, value in params:
+        if name in given:  # its first use was accepted: a known name, or a short metadata.<key>
+            raise InvalidRequest(f"{name} is given more than once; give each parameter once", field=name)
+        given.add(name)
         if name.startswith("metadata.") and len(name) > len("metadata."):
             key = name.removeprefix("metadata.")
             if (

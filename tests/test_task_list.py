@@ -92,6 +92,9 @@ def test_filters_by_status_and_creation_time(stack: Stack) -> None:
         ("cursor=not-a-cursor", "cursor"),
         ("batch=1", "batch"),
         ("&".join(f"metadata.k{n}=v" for n in range(11)), "metadata.k10"),
+        ("status=queued&status=bogus", "status"),  # a repeated parameter, not its first value only
+        ("limit=5&limit=5", "limit"),
+        ("metadata.k=a&metadata.k=b", "metadata.k"),
     ],
 )
 def test_bad_parameters_are_400_naming_them(stack: Stack, query: str, field: str) -> None:
@@ -103,9 +106,9 @@ def test_bad_parameters_are_400_naming_them(stack: Stack, query: str, field: str
 def test_a_metadata_key_may_have_90_characters_not_91() -> None:
     """The limit the message states is the one applied, on the key (not ``metadata.`` and the key)."""
     longest = "k" * task_list.MAX_METADATA_KEY
-    assert task_list.query_from_params({f"metadata.{longest}": "v"}).metadata == ((longest, "v"),)
+    assert task_list.query_from_params([(f"metadata.{longest}", "v")]).metadata == ((longest, "v"),)
     with pytest.raises(InvalidRequest) as refused:
-        task_list.query_from_params({f"metadata.{longest}k": "v"})
+        task_list.query_from_params([(f"metadata.{longest}k", "v")])
     assert refused.value.field == f"metadata.{longest}k"
     assert f"key of at most {task_list.MAX_METADATA_KEY} characters" in refused.value.message
 
