@@ -652,9 +652,10 @@ _PATHS: dict[str, Any] = {
                 ),
                 _header(
                     "Cancel-After",
-                    "A deadline: `30s`, `5m`, `2h` or `1500ms` (at most 7 days). A task not final by then "
-                    "is canceled with `error.code = deadline_exceeded`, its call cut off; one still waiting "
-                    "then never calls the upstream.",
+                    "A deadline: a number (up to 3 decimals) and a unit, `ms`, `s`, `m` or `h`, e.g. "
+                    "`1500ms`, `30s`, `1.5m`, `2h`; more than 0, at most `168h` (7 days). A task not final "
+                    "by then is canceled with `error.code = deadline_exceeded`, its call cut off; one still "
+                    "waiting then never calls the upstream.",
                     _CANCEL_AFTER,
                 ),
                 _PREFER,
