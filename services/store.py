@@ -912,7 +912,7 @@ def _require_open_attempt(task: TaskRecord, lease: Lease) -> None:
 
 def _check(current: TaskStatus, target: TaskStatus) -> None:
     if target not in ALLOWED_TRANSITIONS[current]:
-        raise InvalidTransition(f"a {current.value} task cannot become {target.value}")
+        raise InvalidTransition(f"a {current.value} task cannot become {target.value}", current=current.value)
 
 
 def _finish(
