@@ -780,7 +780,12 @@ class JobStore:
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
             _require_owner(task, tenant)
-            _check(TaskStatus(task["status"]), TaskStatus.CANCELED)
+            status = TaskStatus(task["status"])
+            if status.is_final:  # what a client canceling it twice, or too late, needs to hear
+                raise InvalidTransition(
+                    f"task {task_id} is already {status.value} (final)", current=status.value
+                )
+            _check(status, TaskStatus.CANCELED)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="canceled")
             return _finish(task, TaskStatus.CANCELED, now, error=error.to_record() if error else None)

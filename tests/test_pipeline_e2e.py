@@ -264,5 +264,6 @@ def test_cancel_a_running_task_records_nothing_after_it(stack: Stack) -> None:
     assert stack.output_objects(task_id) == [], "the refused attempt's upload is deleted"
     again = stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_transition"
+    assert again.json()["error"]["message"] == f"task {task_id} is already canceled (final)"
     missing = stack.http.post(f"{stack.api_url}/v1/tasks/nope/cancel")
     assert missing.status_code == 404
