@@ -893,7 +893,8 @@ _PATHS: dict[str, Any] = {
                     "in": "header",
                     "required": False,
                     "description": "the `id` of the last event the client has (EventSource sends it when it "
-                    "reconnects): the stream starts after it",
+                    "reconnects): the stream starts after it. One beyond the task's last event is a 400: "
+                    "events are numbered as they happen, so no stream sent it.",
                     "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
                 },
             ],
@@ -909,7 +910,10 @@ _PATHS: dict[str, Any] = {
                         }
                     },
                 },
-                "400": _error("Last-Event-ID is not the id of an event"),
+                "400": _error(
+                    "Last-Event-ID is not the id of an event of the task (not a number, or beyond its last "
+                    "event)"
+                ),
                 "401": _error(_UNAUTHORIZED),
                 "404": _error("No such task"),
                 "503": _unavailable("The store is unavailable"),

@@ -17,7 +17,7 @@ from services.errors import InvalidRequest, ServiceError
 from services.prefer import wait_preference
 from services.records import TaskRecord
 from services.serialization import dumps
-from services.task_events import MAX_WAIT_SECONDS, Connected, TaskEvent
+from services.task_events import MAX_WAIT_SECONDS, NOT_AN_EVENT_ID, Connected, TaskEvent
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,13 @@ def requested_wait(prefer: list[str]) -> int | None:
 
 
 def last_event_id(header: str | None) -> int:
-    """The ``Last-Event-ID`` a reconnecting client sends: the last event it has (0: none)."""
+    """The ``Last-Event-ID`` a reconnecting client sends: the last event it has (0: none). Whether the
+    task has had that event is the stream's to check (``TaskEvents.stream``)."""
     if header is None or not header.strip():
         return 0
     value = header.strip()
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        raise InvalidRequest("Last-Event-ID must be the id of an event of this stream", field="Last-Event-ID")
+        raise InvalidRequest(NOT_AN_EVENT_ID, field="Last-Event-ID")
     return int(value)
 
 

@@ -280,6 +280,22 @@ def test_a_bad_last_event_id_is_refused(stack: Stack) -> None:
     assert missing.status_code == 404
 
 
+def test_a_last_event_id_beyond_the_tasks_last_event_is_refused(stack: Stack) -> None:
+    """Events are numbered in order as they happen, so an id past the task's last event is no event this
+    stream sent, whether the task is final or not: the same 400 as a malformed one, not an empty stream."""
+    events = f"{stack.api_url}/v1/tasks/{{}}/events"
+    done = stack.run(seed_body())["id"]  # events 1 to 3: queued, running, succeeded
+    slow = stack.submit(with_directive(delay_ms=LONG_MS)).json()["id"]
+    try:
+        malformed = stack.http.get(events.format(done), headers={"Last-Event-ID": "x"}).json()
+        for task_id, beyond in ((done, "4"), (done, "99"), (slow, "99")):
+            response = stack.http.get(events.format(task_id), headers={"Last-Event-ID": beyond})
+            assert response.status_code == 400, (beyond, response.text)
+            assert response.json() == malformed
+    finally:
+        cancel(stack, slow)
+
+
 # the store's events -----------------------------------------------------------------------------------
 def test_the_store_numbers_each_change_of_status(redis_client: redis.Redis) -> None:
     store = JobStore(redis_client, prefix="events-test", task_retention=86400)
