@@ -579,8 +579,9 @@ _PREFER = {
     "in": "header",
     "required": False,
     "description": "`wait=N` (or `wait` alone: 60): hold the answer until the task is final or N seconds "
-    "pass, N at most 60 (more is taken as 60). A value that is not a whole number of seconds is ignored, "
-    "as are other preferences. `Preference-Applied` says which wait was applied.",
+    "pass, N at most 60 (more is taken as 60). `wait=0` (no wait) and a value that is not a whole number "
+    "of seconds are ignored, as are other preferences: the usual answer, without `Preference-Applied`. "
+    "`Preference-Applied` says which wait was applied.",
     "schema": {"type": "string"},
     "example": "wait=30",
 }

@@ -28,8 +28,8 @@ _TCP_ESTABLISHED = 1  # struct tcp_info's first byte, tcpi_state (linux/tcp_stat
 
 def requested_wait(prefer: list[str]) -> int | None:
     """Seconds the client prefers to wait (``Prefer: wait[=N]``, capped at ``MAX_WAIT_SECONDS``), or None:
-    no wait asked for, an unusable value (ignored, as RFC 7240 says), or 0."""
-    return wait_preference(prefer, maximum=MAX_WAIT_SECONDS) or None
+    no wait asked for, an unusable value (ignored, as RFC 7240 says), or 0 (``services/prefer.py``)."""
+    return wait_preference(prefer, maximum=MAX_WAIT_SECONDS)
 
 
 def last_event_id(header: str | None) -> int:

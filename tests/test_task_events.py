@@ -121,6 +121,10 @@ def test_prefer_header_parsing() -> None:
     assert wait_preference(["wait=61"], maximum=60) == 60
     assert wait_preference(["waiting=5", "return=representation"], maximum=60) is None
     assert wait_preference(["wait=٣"], maximum=60) is None, "ASCII digits only"
+    assert wait_preference(["wait=0"], maximum=60) is None, "no wait: the usual answer"
+    assert wait_preference(['wait="00", wait=5'], maximum=60) is None, "the first one counts"
+    assert wait_preference(["wait=" + "9" * 5000], maximum=60) == 60, "longer than int() takes"
+    assert wait_preference(["wait=0060", "wait=007"], maximum=60) == 60
 
 
 def raw_request(stack: Stack, path: str, headers: dict[str, str]) -> socket.socket:
