@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask
+from flask import Flask, Response
 
 from api import admin, auth, console, docs, errors, logs, routes
 from services.config import Config, load_config
@@ -34,4 +34,13 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(console.blueprint)
     app.register_blueprint(docs.blueprint)
     logs.register(app)
+    app.after_request(_no_content_no_type)
     return app
+
+
+def _no_content_no_type(response: Response) -> Response:
+    """A 204 has no content, so no Content-Type either: Flask's ``Response(status=204)`` would say
+    ``text/html`` (``DELETE /v1/tasks/{id}``, ``DELETE /v1/admin/keys/{id}``)."""
+    if response.status_code == 204:
+        response.headers.pop("Content-Type", None)
+    return response

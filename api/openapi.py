@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from services.task_list import MAX_METADATA_FILTERS, MAX_METADATA_KEY, MAX_METADATA_VALUE
 from services.usage import FIELDS as USAGE_FIELDS
 from services.usage import MAX_DAYS as USAGE_MAX_DAYS
 from services.validation import (
@@ -578,8 +579,9 @@ _PREFER = {
     "in": "header",
     "required": False,
     "description": "`wait=N` (or `wait` alone: 60): hold the answer until the task is final or N seconds "
-    "pass, N at most 60 (more is taken as 60). A value that is not a whole number of seconds is ignored, "
-    "as are other preferences. `Preference-Applied` says which wait was applied.",
+    "pass, N at most 60 (more is taken as 60). `wait=0` (no wait) and a value that is not a whole number "
+    "of seconds are ignored, as are other preferences: the usual answer, without `Preference-Applied`. "
+    "`Preference-Applied` says which wait was applied.",
     "schema": {"type": "string"},
     "example": "wait=30",
 }
@@ -651,9 +653,10 @@ _PATHS: dict[str, Any] = {
                 ),
                 _header(
                     "Cancel-After",
-                    "A deadline: `30s`, `5m`, `2h` or `1500ms` (at most 7 days). A task not final by then "
-                    "is canceled with `error.code = deadline_exceeded`, its call cut off; one still waiting "
-                    "then never calls the upstream.",
+                    "A deadline: a number (up to 3 decimals) and a unit, `ms`, `s`, `m` or `h`, e.g. "
+                    "`1500ms`, `30s`, `1.5m`, `2h`; more than 0, at most `168h` (7 days). A task not final "
+                    "by then is canceled with `error.code = deadline_exceeded`, its call cut off; one still "
+                    "waiting then never calls the upstream.",
                     _CANCEL_AFTER,
                 ),
                 _PREFER,
@@ -774,9 +777,8 @@ _PATHS: dict[str, Any] = {
             "summary": "The caller's tasks, newest first, in pages",
             "description": "Stable cursor paging: tasks created meanwhile never appear in later pages, "
             "and none is skipped or repeated. A page examines at most 1,000 tasks: with a rare "
-            "filter it may hold fewer than `limit` and still have a `next_cursor`. "
-            "`metadata.<key>=<value>` (up to 10) keeps tasks whose metadata has that key with that value "
-            "(as JSON text unless a string). Webhook deliveries are left out (see the task itself).",
+            "filter it may hold fewer than `limit` and still have a `next_cursor`. Webhook deliveries are "
+            "left out (see the task itself).",
             "operationId": "listTasks",
             "parameters": [
                 {
@@ -792,8 +794,40 @@ _PATHS: dict[str, Any] = {
                     "description": "only the tasks of this batch (read from the batch's own index)",
                     "schema": {"type": "string", "pattern": "^batch_[0-9a-f]{32}$"},
                 },
-                {"name": "created_after", "in": "query", "required": False, "schema": _TIME},
-                {"name": "created_before", "in": "query", "required": False, "schema": _TIME},
+                {
+                    "name": "created_after",
+                    "in": "query",
+                    "required": False,
+                    "description": "only tasks created at or after this time (inclusive)",
+                    "schema": _TIME,
+                },
+                {
+                    "name": "created_before",
+                    "in": "query",
+                    "required": False,
+                    "description": "only tasks created before this time (exclusive)",
+                    "schema": _TIME,
+                },
+                {
+                    # OpenAPI 3.0 cannot name a family of parameters; an exploded form object can: each of
+                    # its properties is one parameter of that name (deepObject would be metadata[key]=).
+                    "name": "metadata",
+                    "in": "query",
+                    "required": False,
+                    "description": "Filters on the tasks' metadata, each a parameter "
+                    "`metadata.<key>=<value>` (the properties of this object are named `metadata.<key>`): "
+                    "keeps tasks whose metadata has that key with that value (as JSON text unless a "
+                    f"string). Up to {MAX_METADATA_FILTERS}; a key of at most {MAX_METADATA_KEY} "
+                    f"characters, a value of at most {MAX_METADATA_VALUE}.",
+                    "style": "form",
+                    "explode": True,
+                    "schema": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
+                        "maxProperties": MAX_METADATA_FILTERS,
+                    },
+                    "example": {"metadata.order": "42"},
+                },
                 {
                     "name": "limit",
                     "in": "query",
@@ -805,7 +839,8 @@ _PATHS: dict[str, Any] = {
             "responses": {
                 "200": _json(_ref("TaskPage"), "A page of tasks"),
                 "400": _error(
-                    "A parameter out of range or unknown, or a cursor this server did not hand out"
+                    "A parameter out of range, unknown or given more than once, or a cursor this server "
+                    "did not hand out"
                 ),
                 "401": _error(_UNAUTHORIZED),
                 "503": _unavailable("The store is unavailable"),
@@ -859,7 +894,8 @@ _PATHS: dict[str, Any] = {
                     "in": "header",
                     "required": False,
                     "description": "the `id` of the last event the client has (EventSource sends it when it "
-                    "reconnects): the stream starts after it",
+                    "reconnects): the stream starts after it. One beyond the task's last event is a 400: "
+                    "events are numbered as they happen, so no stream sent it.",
                     "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
                 },
             ],
@@ -875,7 +911,10 @@ _PATHS: dict[str, Any] = {
                         }
                     },
                 },
-                "400": _error("Last-Event-ID is not the id of an event"),
+                "400": _error(
+                    "Last-Event-ID is not the id of an event of the task (not a number, or beyond its last "
+                    "event)"
+                ),
                 "401": _error(_UNAUTHORIZED),
                 "404": _error("No such task"),
                 "503": _unavailable("The store is unavailable"),

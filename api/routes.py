@@ -132,7 +132,7 @@ def cancel_batch(batch_id: str) -> Response:
 def list_tasks() -> Response:
     """The caller's tasks, newest first (``services/task_list.py``); webhook deliveries are left out."""
     rt = _runtime()
-    page = rt.task_list.page(current_tenant(), query_from_params(request.args))
+    page = rt.task_list.page(current_tenant(), query_from_params(request.args.items(multi=True)))
     base_url = rt.config.public_base_url
     data = [task_view(task, rt.storage, base_url=base_url) for task in page.tasks]
     return jsonify({"data": data, "next_cursor": page.next_cursor})

@@ -17,7 +17,7 @@ from services.errors import InvalidRequest, ServiceError
 from services.prefer import wait_preference
 from services.records import TaskRecord
 from services.serialization import dumps
-from services.task_events import MAX_WAIT_SECONDS, Connected, TaskEvent
+from services.task_events import MAX_WAIT_SECONDS, NOT_AN_EVENT_ID, Connected, TaskEvent
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,18 @@ _TCP_ESTABLISHED = 1  # struct tcp_info's first byte, tcpi_state (linux/tcp_stat
 
 def requested_wait(prefer: list[str]) -> int | None:
     """Seconds the client prefers to wait (``Prefer: wait[=N]``, capped at ``MAX_WAIT_SECONDS``), or None:
-    no wait asked for, an unusable value (ignored, as RFC 7240 says), or 0."""
-    return wait_preference(prefer, maximum=MAX_WAIT_SECONDS) or None
+    no wait asked for, an unusable value (ignored, as RFC 7240 says), or 0 (``services/prefer.py``)."""
+    return wait_preference(prefer, maximum=MAX_WAIT_SECONDS)
 
 
 def last_event_id(header: str | None) -> int:
-    """The ``Last-Event-ID`` a reconnecting client sends: the last event it has (0: none)."""
+    """The ``Last-Event-ID`` a reconnecting client sends: the last event it has (0: none). Whether the
+    task has had that event is the stream's to check (``TaskEvents.stream``)."""
     if header is None or not header.strip():
         return 0
     value = header.strip()
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        raise InvalidRequest("Last-Event-ID must be the id of an event of this stream", field="Last-Event-ID")
+        raise InvalidRequest(NOT_AN_EVENT_ID, field="Last-Event-ID")
     return int(value)
 
 

@@ -4,8 +4,9 @@
 ``{p}:cancels`` (``CancelSignal.publish``). Every generation worker process listens there
 (``CancelListener``, a bootstep) and, if one of its threads is calling the upstream for that task, shuts
 that call's connection down (``InFlightCalls.abort``): the read in progress fails at once, the upstream
-sees its client go, and the thread records nothing (the store refuses the closed attempt's writes),
-releases its limiter slot and admits the next task.
+sees its client go, and the thread records nothing (its call's error is ``CallCutOff``: the cancel closed
+the attempt already, and the store would refuse its writes), releases its limiter slot and admits the
+next task.
 
 To cut a call off from another thread, the upstream client's connections are made through
 ``TrackingBackend``, which records each thread's sockets; ``socket.shutdown`` (not ``close``) wakes a
@@ -28,6 +29,7 @@ from typing import Any
 import httpcore
 import redis
 
+from services.errors import CallCutOff
 from services.keys import Keys
 from services.periodic import Periodic
 from services.redis_errors import mapped_redis_errors
@@ -53,11 +55,21 @@ class InFlightCalls:
 
     @contextmanager
     def calling(self, task_id: str) -> Iterator[None]:
-        """The current thread calls the upstream for ``task_id`` while the block runs."""
+        """The current thread calls the upstream for ``task_id`` while the block runs. The error of a call
+        ``abort`` cut off (its connection shut down) is ``CallCutOff``: the expected end of a canceled
+        task's call, not the upstream's failure."""
         with self._lock:
             self._threads[task_id] = threading.get_ident()
         try:
             yield
+        except Exception as exc:
+            with self._lock:
+                cut_off = task_id in self.aborted
+            if cut_off:
+                raise CallCutOff(
+                    f"task {task_id}: its upstream call was cut off: the task was canceled"
+                ) from exc
+            raise
         finally:
             with self._lock:
                 self._threads.pop(task_id, None)

@@ -26,6 +26,8 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
     ├── StorageUnavailable            503 storage_unavailable    (retryable: S3 is down)
     ├── InvalidTransition             409 invalid_transition     (a state change the task's state forbids)
     ├── LeaseLost                     409 lease_lost             (a worker's lease on its task expired)
+    ├── CallCutOff                    409 call_cut_off           (a canceled task's upstream call, cut off:
+    │                                                             never shown)
     ├── Deferred                      503 deferred               (the upstream limiter asks to wait: the
     │                                                             task is given back, never shown)
     └── JobError                      why one generation job failed; recorded on the task as ``error``
@@ -180,8 +182,14 @@ class StorageUnavailable(ServiceError):
 
 
 class InvalidTransition(ServiceError):
+    """A change the task's status forbids; ``current`` is that status, when the store knows it."""
+
     status = 409
     code = "invalid_transition"
+
+    def __init__(self, message: str, *, current: str | None = None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 class LeaseLost(ServiceError):
@@ -189,6 +197,14 @@ class LeaseLost(ServiceError):
 
     status = 409
     code = "lease_lost"
+
+
+class CallCutOff(ServiceError):
+    """An upstream call that a cancel cut off (``services/cancellation.py``): its task is canceled already,
+    so there is nothing to record."""
+
+    status = 409
+    code = "call_cut_off"
 
 
 class Deferred(ServiceError):

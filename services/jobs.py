@@ -10,7 +10,8 @@ is never run again, and when the outputs cannot be stored (an image URL that can
 down) the upstream's answer (re-encoded from what was parsed: ``encode_result``) is kept in the store, so
 the retry stores it instead of calling again. An attempt whose worker lost its task (a stale worker: its
 lease expired and another attempt started, or the task was canceled) records nothing: the store refuses
-its writes, and it deletes the objects it uploaded.
+its writes, and it deletes the objects it uploaded. (After a cancel that is the expected end, logged as
+such, not warned of; a call the cancel cut off does not even try to write.)
 (What remains: a worker killed between receiving an answer and storing its outputs, an upload's
 duration, leaves that answer unused; the job is called again. Saving every answer first would cost
 each job a multi-megabyte Redis write to cover that.)
@@ -30,6 +31,7 @@ from services.cancellation import InFlightCalls
 from services.clock import parse_iso
 from services.config import Config
 from services.errors import (
+    CallCutOff,
     Deferred,
     InvalidTransition,
     JobError,
@@ -203,8 +205,15 @@ class JobRunner:
             except StoreUnavailable:
                 raise  # whether a closing write was applied is unknown: its objects stay
             except (LeaseLost, InvalidTransition) as exc:
-                log.warning("task %s: attempt %d's result is refused: %s", task_id, lease.attempt, exc)
+                _log_refused(task_id, lease, "result", exc)
                 self._delete_quietly(task_id, uploaded)
+                return
+            except CallCutOff:  # the cancel closed the attempt already: nothing to record, nothing uploaded
+                log.info(
+                    "task %s: attempt %d's upstream call was cut off: the task was canceled",
+                    task_id,
+                    lease.attempt,
+                )
                 return
             except Exception as exc:
                 closing.set()
@@ -330,7 +339,7 @@ class JobRunner:
             self._store.fail(lease, error)
             log.warning("task %s: failed (%s): %s", task_id, error.code, error.message)
         except (LeaseLost, InvalidTransition) as exc:
-            log.warning("task %s: attempt %d's failure is refused: %s", task_id, lease.attempt, exc)
+            _log_refused(task_id, lease, "failure", exc)
 
     def _after_refusal(self, task: TaskRecord, lease: Lease, error: JobError) -> None:
         """A 429: every worker waits it out (shared cooldown); the task waits too, without using an
@@ -353,6 +362,18 @@ class JobRunner:
             return
         self._store.schedule_retry(lease, error, delay=delay)
         log.warning("task %s: upstream refused (%s); every worker waits %.2fs", task["id"], error.code, delay)
+
+
+def _log_refused(task_id: str, lease: Lease, what: str, exc: LeaseLost | InvalidTransition) -> None:
+    """An attempt's closing write, refused by the store. After a cancel that is the expected end (the
+    cancel closed the attempt; its call ended, or was cut off, after that): no warning. Anything else (a
+    lease lost to another worker, another change meanwhile) is worth one."""
+    if isinstance(exc, InvalidTransition) and exc.current == TaskStatus.CANCELED:
+        log.info(
+            "task %s: attempt %d's %s is not recorded: the task was canceled", task_id, lease.attempt, what
+        )
+    else:
+        log.warning("task %s: attempt %d's %s is refused: %s", task_id, lease.attempt, what, exc)
 
 
 def _job_error(task_id: str, exc: Exception) -> JobError:

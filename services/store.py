@@ -783,7 +783,12 @@ class JobStore:
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
             _require_owner(task, tenant)
-            _check(TaskStatus(task["status"]), TaskStatus.CANCELED)
+            status = TaskStatus(task["status"])
+            if status.is_final:  # what a client canceling it twice, or too late, needs to hear
+                raise InvalidTransition(
+                    f"task {task_id} is already {status.value} (final)", current=status.value
+                )
+            _check(status, TaskStatus.CANCELED)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="canceled")
             return _finish(task, TaskStatus.CANCELED, now, error=error.to_record() if error else None)
@@ -915,7 +920,7 @@ def _require_open_attempt(task: TaskRecord, lease: Lease) -> None:
 
 def _check(current: TaskStatus, target: TaskStatus) -> None:
     if target not in ALLOWED_TRANSITIONS[current]:
-        raise InvalidTransition(f"a {current.value} task cannot become {target.value}")
+        raise InvalidTransition(f"a {current.value} task cannot become {target.value}", current=current.value)
 
 
 def _finish(

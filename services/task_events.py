@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import redis
 
+from services.errors import InvalidRequest
 from services.keys import Keys
 from services.records import TaskRecord
 from services.redis_errors import mapped_redis_errors
@@ -45,6 +46,7 @@ RESUBSCRIBE_SECONDS = 1.0  # after the subscription failed, the listener tries a
 IDLE_SECONDS = 30.0  # a process without waiters this long drops its subscription (made again when needed)
 
 Connected = Callable[[], bool]
+NOT_AN_EVENT_ID = "Last-Event-ID must be the id of an event of this stream"
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,20 @@ class TaskEvents:
         """The task's events after event ``after``, then each one as it happens, until the final one;
         ``None`` when a heartbeat is due (``heartbeat`` s without an event; at once when there is nothing
         to send at the start, so the client sees the stream open). Ends early if the task is gone
-        (deleted, expired) or the client hung up. The caller checks the tenant first."""
+        (deleted, expired) or the client hung up. The caller checks the tenant first.
+
+        An ``after`` beyond the task's last event is ``InvalidRequest`` at once, before the stream starts
+        (so it can be a 400): events are numbered in order as they happen, so no stream sent that id,
+        and waiting for it would skip the events before it."""
+        with mapped_redis_errors():
+            last = self._redis.llen(self._keys.events(task_id))
+        if after > last:
+            raise InvalidRequest(NOT_AN_EVENT_ID, field="Last-Event-ID")
+        return self._stream(task_id, after=after, heartbeat=heartbeat, connected=connected)
+
+    def _stream(
+        self, task_id: str, *, after: int, heartbeat: float, connected: Connected
+    ) -> Generator[TaskEvent | None, None, None]:
         with self._watch(task_id) as waiter:
             sent = after
             beat_at = time.monotonic()

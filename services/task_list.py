@@ -20,7 +20,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -59,21 +59,35 @@ class Query:
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 MAX_METADATA_FILTERS = 10
+MAX_METADATA_KEY = 90  # characters of <key> in metadata.<key>=<value>
+MAX_METADATA_VALUE = 1000
 BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 
 
-def query_from_params(params: Mapping[str, str]) -> Query:
-    """The query of ``GET /v1/tasks``'s parameters; 400 naming the parameter for anything else."""
+def query_from_params(params: Iterable[tuple[str, str]]) -> Query:
+    """The query of ``GET /v1/tasks``'s parameters, every (name, value) of the query string (a repeated
+    name as often as it is given); 400 naming the parameter for anything else. A parameter given twice
+    is refused rather than read once: which value was meant is the client's to say."""
     metadata: list[tuple[str, str]] = []
     values: dict[str, Any] = {}
-    for name, value in params.items():
+    given: set[str] = set()
+    for name, value in params:
+        if name in given:  # its first use was accepted: a known name, or a short metadata.<key>
+            raise InvalidRequest(f"{name} is given more than once; give each parameter once", field=name)
+        given.add(name)
         if name.startswith("metadata.") and len(name) > len("metadata."):
-            if len(metadata) == MAX_METADATA_FILTERS or len(name) > 100 or len(value) > 1000:
+            key = name.removeprefix("metadata.")
+            if (
+                len(metadata) == MAX_METADATA_FILTERS
+                or len(key) > MAX_METADATA_KEY
+                or len(value) > MAX_METADATA_VALUE
+            ):
                 raise InvalidRequest(
-                    f"at most {MAX_METADATA_FILTERS} metadata filters; keys of 90, values of 1000 characters",
-                    field=name[:100],
+                    f"at most {MAX_METADATA_FILTERS} metadata filters, each key of at most "
+                    f"{MAX_METADATA_KEY} characters and each value of at most {MAX_METADATA_VALUE}",
+                    field=name[: len("metadata.") + MAX_METADATA_KEY + 1],
                 )
-            metadata.append((name.removeprefix("metadata."), value))
+            metadata.append((key, value))
         elif name == "status":
             if value not in STATUSES:
                 raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}", field=name)

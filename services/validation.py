@@ -87,6 +87,11 @@ class Limits:
 MAX_CANCEL_AFTER_SECONDS = 7 * 86400
 _DURATION = re.compile(r"(\d{1,9}(?:\.\d{1,3})?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Every accepted unit and the maximum in hours, the largest unit: "7d" is no duration here.
+_CANCEL_AFTER_REFUSED = (
+    f"Cancel-After must be a number (up to 3 decimals) and one of the units {', '.join(_UNIT_SECONDS)}, "
+    f"e.g. 1500ms, 30s, 1.5m or 2h; more than 0 and at most {MAX_CANCEL_AFTER_SECONDS // 3600}h (7 days)"
+)
 
 
 def parse_cancel_after(value: str | None) -> float | None:
@@ -96,10 +101,7 @@ def parse_cancel_after(value: str | None) -> float | None:
     match = _DURATION.fullmatch(value.strip())
     seconds = float(match[1]) * _UNIT_SECONDS[match[2]] if match else 0.0
     if not 0 < seconds <= MAX_CANCEL_AFTER_SECONDS:
-        raise InvalidRequest(
-            "Cancel-After must be a duration such as 30s, 5m or 2h, more than 0 and at most 7 days",
-            field="Cancel-After",
-        )
+        raise InvalidRequest(_CANCEL_AFTER_REFUSED, field="Cancel-After")
     return seconds
 
 

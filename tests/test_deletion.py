@@ -24,6 +24,7 @@ def test_a_deleted_task_is_gone_with_its_images_and_everything_kept_of_it(stack:
 
     response = stack.http.delete(f"{stack.api_url}/v1/tasks/{task_id}")
     assert response.status_code == 204 and response.content == b""
+    assert "content-type" not in response.headers, "no content, no type"
     assert stack.http.get(f"{stack.api_url}/v1/tasks/{task_id}").status_code == 404
     assert stack.output_objects(task_id) == []
     assert client.exists(keys.task(task_id), keys.payload(task_id), keys.webhook_log(task_id)) == 0

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -231,6 +232,10 @@ def seconds_between(earlier: str, later: str) -> float:
 
 def outcomes(task: TaskRecord) -> list[tuple[str | None, str | None, int | None]]:
     return [(a["outcome"], a["error_code"], a["upstream_status"]) for a in task["attempts"]]
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 # ---------------------------------------------------------------- success
@@ -521,12 +526,14 @@ def test_storage_down_on_every_attempt_fails_the_task_after_one_upstream_call(h:
 # ---------------------------------------------------------------- cancel
 
 
-def test_a_canceled_tasks_late_success_is_dropped(h: Harness) -> None:
+def test_a_canceled_tasks_late_success_is_dropped(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     h.upstream.will_answer((200, success_body()))
     task_id = h.submit()
     h.upstream.during_call = lambda: h.store.cancel(task_id)  # the client cancels while the call runs
 
-    h.runner().run(task_id)
+    with caplog.at_level(logging.INFO, logger="services.jobs"):
+        h.runner().run(task_id)
+    assert warnings_of(caplog) == [], "a cancel's expected end: its result is not recorded"
     task = h.store.get(task_id)
     assert task["status"] == TaskStatus.CANCELED
     assert task["outputs"] == [] and task["text"] == [] and task["error"] is None
@@ -578,16 +585,40 @@ def test_a_stale_workers_saved_answer_and_failure_are_refused(h: Harness) -> Non
     assert h.in_set(h.store.keys.delayed, task_id) is None, "no retry scheduled by it"
 
 
-def test_a_canceled_tasks_late_failure_is_dropped(h: Harness) -> None:
+def test_a_canceled_tasks_late_failure_is_dropped(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     h.upstream.will_answer((503, sample("error-503.json")))
     task_id = h.submit()
     h.upstream.during_call = lambda: h.store.cancel(task_id)
 
-    h.runner().run(task_id)
+    with caplog.at_level(logging.INFO, logger="services.jobs"):
+        h.runner().run(task_id)
     task = h.store.get(task_id)
     assert task["status"] == TaskStatus.CANCELED and task["next_attempt_at"] is None
     assert outcomes(task) == [("canceled", None, None)]
     assert h.in_set(h.store.keys.delayed, task_id) is None
+    assert "attempt 1's failure is not recorded: the task was canceled" in caplog.text
+    assert warnings_of(caplog) == [], "the expected end of a cancel, not a warning"
+
+
+def test_a_call_cut_off_by_a_cancel_records_nothing_and_warns_of_nothing(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.upstream.will_answer(httpx.ReadError("the connection was shut down"))  # what a cut-off call sees
+    task_id = h.submit()
+    runner = h.runner()
+
+    def cancel() -> None:  # what POST /v1/tasks/{id}/cancel, then the worker's CancelListener, do
+        h.store.cancel(task_id)
+        assert runner._calls.abort(task_id)
+
+    h.upstream.during_call = cancel
+    with caplog.at_level(logging.INFO, logger="services.jobs"):
+        runner.run(task_id)
+    task = h.store.get(task_id)
+    assert task["status"] == TaskStatus.CANCELED and outcomes(task) == [("canceled", None, None)]
+    assert h.in_set(h.store.keys.delayed, task_id) is None
+    assert "attempt 1's upstream call was cut off: the task was canceled" in caplog.text
+    assert warnings_of(caplog) == []
 
 
 # ---------------------------------------------------------------- the limiter

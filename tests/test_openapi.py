@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from typing import Any
 
 import httpx
@@ -125,6 +126,24 @@ def test_real_responses_match_the_document(document: dict[str, Any], stack: Stac
     )
     check(document, "/healthz", "get", stack.http.get(f"{api}/healthz"))
     check(document, "/readyz", "get", stack.http.get(f"{api}/readyz"))
+
+
+def test_the_metadata_filters_are_documented_as_the_api_reads_them(
+    document: dict[str, Any], stack: Stack
+) -> None:
+    """``metadata.<key>=<value>``, a family of query parameters, is one exploded form object in the
+    document: each of its properties, named ``metadata.<key>``, is sent as a parameter of its own."""
+    operation = document["paths"]["/v1/tasks"]["get"]
+    [metadata] = [parameter for parameter in operation["parameters"] if parameter["name"] == "metadata"]
+    assert (metadata["in"], metadata["style"], metadata["explode"]) == ("query", "form", True)
+    assert all(name.startswith("metadata.") for name in metadata["example"])
+    run = uuid.uuid4().hex
+    task_id = stack.submit({**seed_body(), "metadata": {"run": run}}).json()["id"]
+    filters = {"metadata.run": run}  # the object, serialized as the document says
+    OAS30Validator(metadata["schema"]).validate(filters)
+    response = stack.http.get(f"{stack.api_url}/v1/tasks", params=filters)
+    check(document, "/v1/tasks", "get", response)
+    assert [task["id"] for task in response.json()["data"]] == [task_id]
 
 
 def test_webhook_responses_match_the_document(document: dict[str, Any], stack: Stack) -> None:

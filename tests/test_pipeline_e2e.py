@@ -251,8 +251,9 @@ def test_cancel_a_running_task_records_nothing_after_it(stack: Stack) -> None:
     # its result refused and deletes what it uploaded: either way the task stays canceled, with no
     # outputs, and no object is left.
     handled = (
-        f"task {task_id}: attempt 1's failure is refused",
-        f"task {task_id}: attempt 1's result is refused",
+        f"task {task_id}: attempt 1's upstream call was cut off",
+        f"task {task_id}: attempt 1's failure is not recorded",
+        f"task {task_id}: attempt 1's result is not recorded",
     )
     wait_until(
         lambda: any(line in stack.worker_logs() for line in handled), timeout=15, what="the worker to be done"
@@ -263,5 +264,6 @@ def test_cancel_a_running_task_records_nothing_after_it(stack: Stack) -> None:
     assert stack.output_objects(task_id) == [], "the refused attempt's upload is deleted"
     again = stack.http.post(f"{stack.api_url}/v1/tasks/{task_id}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_transition"
+    assert again.json()["error"]["message"] == f"task {task_id} is already canceled (final)"
     missing = stack.http.post(f"{stack.api_url}/v1/tasks/nope/cancel")
     assert missing.status_code == 404

@@ -214,8 +214,14 @@ def test_cancel_a_queued_or_running_task_but_not_a_final_one(store: JobStore) ->
         store.fail(lease, JobError("late"))
     with pytest.raises(InvalidTransition):
         succeed(store, lease)
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransition) as again:
         store.cancel(running)
+    assert again.value.message == f"task {running} is already canceled (final)"
+    assert again.value.code == "invalid_transition"
+    _, lease = begin(store, done := new_task(store))
+    succeed(store, lease)
+    with pytest.raises(InvalidTransition, match=rf"^task {done} is already succeeded \(final\)$"):
+        store.cancel(done)
 
 
 def test_a_script_is_called_with_every_key_it_declares_and_nothing_else(store: JobStore) -> None:

@@ -121,6 +121,10 @@ def test_prefer_header_parsing() -> None:
     assert wait_preference(["wait=61"], maximum=60) == 60
     assert wait_preference(["waiting=5", "return=representation"], maximum=60) is None
     assert wait_preference(["wait=٣"], maximum=60) is None, "ASCII digits only"
+    assert wait_preference(["wait=0"], maximum=60) is None, "no wait: the usual answer"
+    assert wait_preference(['wait="00", wait=5'], maximum=60) is None, "the first one counts"
+    assert wait_preference(["wait=" + "9" * 5000], maximum=60) == 60, "longer than int() takes"
+    assert wait_preference(["wait=0060", "wait=007"], maximum=60) == 60
 
 
 def raw_request(stack: Stack, path: str, headers: dict[str, str]) -> socket.socket:
@@ -278,6 +282,22 @@ def test_a_bad_last_event_id_is_refused(stack: Stack) -> None:
     assert response.status_code == 400 and response.json()["error"]["field"] == "Last-Event-ID"
     missing = stack.http.get(f"{stack.api_url}/v1/tasks/no-such-task/events")
     assert missing.status_code == 404
+
+
+def test_a_last_event_id_beyond_the_tasks_last_event_is_refused(stack: Stack) -> None:
+    """Events are numbered in order as they happen, so an id past the task's last event is no event this
+    stream sent, whether the task is final or not: the same 400 as a malformed one, not an empty stream."""
+    events = f"{stack.api_url}/v1/tasks/{{}}/events"
+    done = stack.run(seed_body())["id"]  # events 1 to 3: queued, running, succeeded
+    slow = stack.submit(with_directive(delay_ms=LONG_MS)).json()["id"]
+    try:
+        malformed = stack.http.get(events.format(done), headers={"Last-Event-ID": "x"}).json()
+        for task_id, beyond in ((done, "4"), (done, "99"), (slow, "99")):
+            response = stack.http.get(events.format(task_id), headers={"Last-Event-ID": beyond})
+            assert response.status_code == 400, (beyond, response.text)
+            assert response.json() == malformed
+    finally:
+        cancel(stack, slow)
 
 
 # the store's events -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import redis
 
 from services import task_list
 from services.clock import epoch_ms
+from services.errors import InvalidRequest
 from services.store import JobStore, TaskStatus
 from services.task_list import Query, TaskList
 from tests.stack import ApiServer, Stack, seed_body, with_directive
@@ -76,8 +77,10 @@ def test_filters_by_status_and_creation_time(stack: Stack) -> None:
     stack.http.post(f"{stack.api_url}/v1/tasks/{slow}/cancel")
     assert sum(all_pages(stack, f"metadata.run={run}&status=canceled"), []) == [slow], "moved with its status"
     created = stack.task(failed)["created_at"]
-    assert sum(all_pages(stack, f"metadata.run={run}&created_after={created}"), []) == [slow, failed]
-    assert sum(all_pages(stack, f"metadata.run={run}&created_before={created}"), []) == [done]
+    after = sum(all_pages(stack, f"metadata.run={run}&created_after={created}"), [])
+    assert after == [slow, failed], "created_after is inclusive"
+    before = sum(all_pages(stack, f"metadata.run={run}&created_before={created}"), [])
+    assert before == [done], "created_before is exclusive"
 
 
 @pytest.mark.parametrize(
@@ -91,12 +94,25 @@ def test_filters_by_status_and_creation_time(stack: Stack) -> None:
         ("cursor=not-a-cursor", "cursor"),
         ("batch=1", "batch"),
         ("&".join(f"metadata.k{n}=v" for n in range(11)), "metadata.k10"),
+        ("status=queued&status=bogus", "status"),  # a repeated parameter, not its first value only
+        ("limit=5&limit=5", "limit"),
+        ("metadata.k=a&metadata.k=b", "metadata.k"),
     ],
 )
 def test_bad_parameters_are_400_naming_them(stack: Stack, query: str, field: str) -> None:
     response = listed(stack, query)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["field"] == field
+
+
+def test_a_metadata_key_may_have_90_characters_not_91() -> None:
+    """The limit the message states is the one applied, on the key (not ``metadata.`` and the key)."""
+    longest = "k" * task_list.MAX_METADATA_KEY
+    assert task_list.query_from_params([(f"metadata.{longest}", "v")]).metadata == ((longest, "v"),)
+    with pytest.raises(InvalidRequest) as refused:
+        task_list.query_from_params([(f"metadata.{longest}k", "v")])
+    assert refused.value.field == f"metadata.{longest}k"
+    assert f"key of at most {task_list.MAX_METADATA_KEY} characters" in refused.value.message
 
 
 def test_a_tenant_lists_its_own_tasks_only(stack: Stack) -> None:

@@ -17,6 +17,7 @@ from services.validation import (
     MAX_METADATA_DEPTH,
     MAX_MODEL_LENGTH,
     Limits,
+    parse_cancel_after,
     parse_json_body,
     validate_submission,
 )
@@ -474,3 +475,19 @@ def test_parse_reads_big_flat_bodies_fast() -> None:
     started = time.monotonic()
     assert len(parse_json_body(raw)) == 2_000_001
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("1500ms", 1.5), ("1.5s", 1.5), ("2.25m", 135), ("168h", 604800)]
+)
+def test_cancel_after_accepts(value: str, seconds: float) -> None:
+    assert parse_cancel_after(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["7d", "168.001h", "1.5555s", "0ms", "30"])
+def test_cancel_after_refuses_naming_the_units_and_the_maximum(value: str) -> None:
+    """The message lists exactly what is accepted: "7 days" alone would invite 7d, which is no unit."""
+    with pytest.raises(InvalidRequest) as refused:
+        parse_cancel_after(value)
+    assert refused.value.field == "Cancel-After"
+    assert "units ms, s, m, h" in refused.value.message and "at most 168h" in refused.value.message
