@@ -570,6 +570,14 @@ def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, An
     return {"name": name, "in": "header", "required": False, "description": description, "schema": schema}
 
 
+# What both submissions (one job, a batch) may answer besides 400, 429 and 503
+_SUBMIT_ERRORS: dict[str, Any] = {
+    "401": _error(_UNAUTHORIZED),
+    "409": _error("A request with this Idempotency-Key is still being handled"),
+    "413": _error("Body over the configured limit (MAX_BODY_BYTES)"),
+    "415": _error("Content-Type is not application/json"),
+    "422": _error("This Idempotency-Key was used with a different body"),
+}
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -687,11 +695,7 @@ _PATHS: dict[str, Any] = {
                     "links": _TASK_LINKS,
                 },
                 "400": _error("Invalid JSON, body or field"),
-                "401": _error(_UNAUTHORIZED),
-                "409": _error("A request with this Idempotency-Key is still being handled"),
-                "413": _error("Body over the configured limit (MAX_BODY_BYTES)"),
-                "415": _error("Content-Type is not application/json"),
-                "422": _error("This Idempotency-Key was used with a different body"),
+                **_SUBMIT_ERRORS,
                 "429": _retry_later(
                     "`tenant_queue_full`: the tenant has max_queued unfinished tasks; `rate_limited`: it "
                     "submits faster than its rate_per_minute"
@@ -730,11 +734,7 @@ _PATHS: dict[str, Any] = {
                     {"Location": {**_STRING, "description": "the batch's URL"}},
                 ),
                 "400": _error("Invalid JSON, body or field, in the batch or in one of its requests"),
-                "401": _error(_UNAUTHORIZED),
-                "409": _error("A request with this Idempotency-Key is still being handled"),
-                "413": _error("Body over the configured limit (MAX_BODY_BYTES)"),
-                "415": _error("Content-Type is not application/json"),
-                "422": _error("This Idempotency-Key was used with a different body"),
+                **_SUBMIT_ERRORS,
                 "429": _retry_later(
                     "`tenant_queue_full`: the batch's tasks would pass the tenant's max_queued; "
                     "`rate_limited`: it submits faster than its rate_per_minute. Nothing was stored"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, request
@@ -35,14 +36,7 @@ def _runtime() -> Runtime:
 
 @blueprint.post("/v1/images/generations")
 def submit() -> Response:
-    rt = _runtime()
-    _require_json()
-    accepted = rt.submissions.submit(
-        _read_body(rt.config.max_body_bytes),
-        idempotency_key=request.headers.get("Idempotency-Key"),
-        tenant=current_tenant(),
-        cancel_after=parse_cancel_after(request.headers.get("Cancel-After")),
-    )
+    accepted = _accept(_runtime().submissions.submit)
     logs.bind(task_id=accepted.body["id"])
     wait = requested_wait(request.headers.getlist("Prefer"))
     response = None
@@ -54,6 +48,17 @@ def submit() -> Response:
     if response is None:
         return _accepted_response(accepted)
     return _with_accepted_headers(response, accepted)
+
+
+def _accept(submit: Callable[..., Accepted]) -> Accepted:
+    """Hand a submission's JSON body and headers (``Idempotency-Key``, ``Cancel-After``) to ``submit``."""
+    _require_json()
+    return submit(
+        _read_body(_runtime().config.max_body_bytes),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        tenant=current_tenant(),
+        cancel_after=parse_cancel_after(request.headers.get("Cancel-After")),
+    )
 
 
 def _accepted_response(accepted: Accepted) -> Response:
@@ -101,14 +106,7 @@ def _read_body(limit: int) -> bytes:
 @blueprint.post("/v1/batches")
 def submit_batch() -> Response:
     """Up to 1,000 submissions, all stored or none (``services/batches.py``)."""
-    rt = _runtime()
-    _require_json()
-    accepted = rt.submissions.submit_batch(
-        _read_body(rt.config.max_body_bytes),
-        idempotency_key=request.headers.get("Idempotency-Key"),
-        tenant=current_tenant(),
-        cancel_after=parse_cancel_after(request.headers.get("Cancel-After")),
-    )
+    accepted = _accept(_runtime().submissions.submit_batch)
     logs.bind(batch_id=accepted.body["id"])
     return _accepted_response(accepted)
 
