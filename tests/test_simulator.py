@@ -324,14 +324,12 @@ def test_stats_calls_and_reset(client: httpx.Client) -> None:
 def test_holds_200_concurrent_slow_requests() -> None:
     limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
     with running(SimConfig(), limits=limits) as (_, client), ThreadPoolExecutor(200) as pool:
-        started = time.monotonic()
         futures = [pool.submit(generate, client, f"slow {i} [sim delay_ms=1000]") for i in range(200)]
         wait_until(lambda: client.get("/_sim/stats").json()["in_flight"] == 200)
         assert [future.result().status_code for future in futures] == [200] * 200
-        elapsed = time.monotonic() - started
         stats = settled_stats(client)
+    # all 200 held at once (no wall-clock bound: a timed assertion flakes on a busy machine)
     assert stats["max_in_flight"] == 200
-    assert elapsed < 6
 
 
 def test_api_key_is_required_when_configured() -> None:
