@@ -26,6 +26,7 @@ import redis
 from services.errors import IdempotencyConflict, IdempotencyKeyReused, InvalidRequest
 from services.keys import Keys
 from services.redis_errors import mapped_redis_errors
+from services.replication import NO_REPLICA_ACK, ReplicaAck
 from services.serialization import dumps
 
 PENDING_SECONDS = 60
@@ -54,10 +55,13 @@ class Claim:
 
 
 class IdempotencyStore:
-    def __init__(self, client: redis.Redis, keys: Keys, ttl: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, ttl: int, *, replica_ack: ReplicaAck = NO_REPLICA_ACK
+    ) -> None:
         self._redis = client
         self._keys = keys
         self._ttl = ttl
+        self._replica_ack = replica_ack
 
     def claim(self, key: str, *, scope: str, body: bytes) -> Claim | Replay:
         """Take ``key`` for this request, or return the response already given for it."""
@@ -89,7 +93,20 @@ class IdempotencyStore:
             raise IdempotencyConflict(
                 "a request with this Idempotency-Key is still being handled", field="Idempotency-Key"
             )
+        if self._replica_ack.replicas:
+            self._replicated(redis_key, raw)
         return Replay(record["status"], record["body"])
+
+    def _replicated(self, redis_key: str, record: bytes | str) -> None:
+        """Before a replay is answered, its record (and so its task, written in the same step) must be on
+        enough replicas, like the first answer (``services/replication.py``): the first request may have
+        got a 503 because it was not yet. WAIT counts this connection's writes, so the record is written
+        again as it is (its TTL kept; XX: never brought back once expired), then waited for."""
+        with mapped_redis_errors():
+            _, acknowledged = self._replica_ack.write(
+                self._redis, lambda pipe: pipe.set(redis_key, record, xx=True, keepttl=True)
+            )
+        self._replica_ack.require(int(acknowledged))
 
     def release(self, claim: Claim) -> None:
         """Give the key back after a request was rejected before it created anything."""

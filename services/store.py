@@ -48,6 +48,7 @@ from services.keys import Keys
 from services.lua import Script
 from services.records import AttemptRecord, ErrorRecord, OutputRecord, TaskRecord, WebhookSubscription
 from services.redis_errors import mapped_redis_errors
+from services.replication import NO_REPLICA_ACK, ReplicaAck
 from services.serialization import dumps
 from services.tenants import DEFAULT_TENANT, TenantSettings, tenant_of
 from services.usage import RETENTION_SECONDS as USAGE_RETENTION_SECONDS
@@ -212,8 +213,10 @@ class JobStore:
         payload_retention: int = 86400,
         tenant_defaults: TenantSettings = NO_LIMITS,
         admission_window: int = 0,
+        replica_ack: ReplicaAck = NO_REPLICA_ACK,
     ) -> None:
         self._redis = client
+        self._replica_ack = replica_ack
         self.keys = Keys(prefix)
         self._task_retention = task_retention
         self._payload_retention = payload_retention
@@ -534,41 +537,45 @@ class JobStore:
             ]
         batch_id = batch.id if batch else ""
         batch_fields = dumps([part for item in batch.fields(tasks).items() for part in item]) if batch else ""
+        values: dict[str, Any] = dict(
+            active=keys.active,
+            tenant_active=keys.tenant_active(tenant),
+            tenant_ready=keys.tenant_ready(tenant),
+            ready_tenants=keys.ready_tenants,
+            admitted=keys.admitted,
+            tenant_admitted=keys.tenant_admitted(tenant),
+            queued=keys.queued,
+            tenants=keys.tenants,
+            tenant_rate=keys.tenant_rate(tenant),
+            usage=keys.tenant_usage(tenant, clock.day(now)),
+            also_key=also_key,
+            queue=queue,
+            tenant_tasks=keys.tenant_tasks(tenant),
+            tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
+            deadlines=keys.deadlines,
+            batch=keys.batch(batch_id) if batch else keys.active,
+            batch_tasks=keys.batch_tasks(batch_id) if batch else keys.active,
+            capacity=keys.capacity,
+            task_keys=task_keys,
+            now_ms=now_ms,
+            tenant=tenant,
+            max_queued=defaults.max_queued,
+            rate_per_minute=defaults.rate_per_minute,
+            max_concurrency=defaults.max_concurrency,
+            window=self._admission_window,
+            also_value=also_value,
+            also_ttl=also_ttl,
+            usage_ttl=USAGE_RETENTION_SECONDS,
+            index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
+            batch_id=batch_id,
+            batch_fields=batch_fields,
+            task_args=task_args,
+        )
         with mapped_redis_errors():
-            outcome, value = self._create(
-                active=keys.active,
-                tenant_active=keys.tenant_active(tenant),
-                tenant_ready=keys.tenant_ready(tenant),
-                ready_tenants=keys.ready_tenants,
-                admitted=keys.admitted,
-                tenant_admitted=keys.tenant_admitted(tenant),
-                queued=keys.queued,
-                tenants=keys.tenants,
-                tenant_rate=keys.tenant_rate(tenant),
-                usage=keys.tenant_usage(tenant, clock.day(now)),
-                also_key=also_key,
-                queue=queue,
-                tenant_tasks=keys.tenant_tasks(tenant),
-                tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
-                deadlines=keys.deadlines,
-                batch=keys.batch(batch_id) if batch else keys.active,
-                batch_tasks=keys.batch_tasks(batch_id) if batch else keys.active,
-                capacity=keys.capacity,
-                task_keys=task_keys,
-                now_ms=now_ms,
-                tenant=tenant,
-                max_queued=defaults.max_queued,
-                rate_per_minute=defaults.rate_per_minute,
-                max_concurrency=defaults.max_concurrency,
-                window=self._admission_window,
-                also_value=also_value,
-                also_ttl=also_ttl,
-                usage_ttl=USAGE_RETENTION_SECONDS,
-                index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
-                batch_id=batch_id,
-                batch_fields=batch_fields,
-                task_args=task_args,
-            )
+            if self._replica_ack.replicas:
+                (outcome, value), acknowledged = self._create.call_acknowledged(self._replica_ack, **values)
+            else:
+                outcome, value = self._create(**values)
         if outcome == -1:
             raise TooManyRequests(
                 f"tenant {tenant!r} has as many unfinished tasks as it may queue; retry when some are done",
@@ -581,6 +588,9 @@ class JobStore:
                 code="rate_limited",
                 retry_after=value / 1000,
             )
+        if self._replica_ack.replicas:
+            # stored on the primary; acknowledged only once on enough replicas (services/replication.py)
+            self._replica_ack.require(acknowledged)
         return tasks
 
     # leases -----------------------------------------------------------------------------------------
