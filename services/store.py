@@ -43,7 +43,14 @@ import redis
 from services import clock, metrics
 from services import store_scripts as scripts
 from services.admission import ready_order
-from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, TooManyRequests
+from services.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JobError,
+    LeaseLost,
+    NotFound,
+    TooManyRequests,
+)
 from services.keys import Keys
 from services.lua import Script
 from services.records import AttemptRecord, ErrorRecord, OutputRecord, TaskRecord, WebhookSubscription
@@ -258,6 +265,7 @@ class JobStore:
                 "index_ms",
                 "batch_id",
                 "batch_fields",
+                "also_expect",
             ],
             more_keys="task_keys",
             more_args="task_args",
@@ -456,7 +464,7 @@ class JobStore:
         tenant: str = DEFAULT_TENANT,
         priority: str = "normal",
         cancel_after: float | None = None,
-        also_set: Callable[[list[TaskRecord]], tuple[str, str, int]] | None = None,
+        also_set: Callable[[list[TaskRecord]], tuple[str, str, int, str]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> TaskRecord:
         """Store one new task (``create_many`` of one)."""
@@ -472,7 +480,7 @@ class JobStore:
         *,
         tenant: str = DEFAULT_TENANT,
         cancel_after: float | None = None,
-        also_set: Callable[[list[TaskRecord]], tuple[str, str, int]] | None = None,
+        also_set: Callable[[list[TaskRecord]], tuple[str, str, int, str]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
         batch: NewBatch | None = None,
     ) -> list[TaskRecord]:
@@ -515,7 +523,9 @@ class JobStore:
             for new in new_tasks
         ]
         keys = self.keys
-        also_key, also_value, also_ttl = also_set(tasks) if also_set is not None else (keys.active, "", 0)
+        also_key, also_value, also_ttl, also_expect = (
+            also_set(tasks) if also_set is not None else (keys.active, "", 0, "")
+        )
         defaults = self._tenant_defaults
         now_ms = round(now * 1000)
         deadline_ms = clock.epoch_ms(deadline_at) if deadline_at else ""
@@ -569,6 +579,7 @@ class JobStore:
             index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
             batch_id=batch_id,
             batch_fields=batch_fields,
+            also_expect=also_expect,
             task_args=task_args,
         )
         with mapped_redis_errors():
@@ -576,6 +587,10 @@ class JobStore:
                 (outcome, value), acknowledged = self._create.call_acknowledged(self._replica_ack, **values)
             else:
                 outcome, value = self._create(**values)
+        if outcome == -3:
+            raise IdempotencyConflict(
+                "a request with this Idempotency-Key is still being handled", field="Idempotency-Key"
+            )
         if outcome == -1:
             raise TooManyRequests(
                 f"tenant {tenant!r} has as many unfinished tasks as it may queue; retry when some are done",
