@@ -30,7 +30,7 @@ from tests.stack import Stack, directive_key, with_directive
 
 pytestmark = pytest.mark.timeout(180)
 
-SUBMITTERS = 3
+SUBMITTERS = 4
 CALL_MS = 800  # each upstream call: many are in flight when the primary dies
 RECOVERY_LIMIT = 15.0  # seconds from the kill to the first 202 of a request sent after it
 
@@ -42,6 +42,7 @@ class Submissions:
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # task id -> body
     answers: list[tuple[float, float, int | str]] = field(default_factory=list)  # sent, answered, status
     refusals: Counter[str] = field(default_factory=Counter)  # 503 messages, 409s, connection errors
+    waits: list[float] = field(default_factory=list)  # per accepted request: first try to its 202, s
     problems: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -54,6 +55,7 @@ def submit_until_accepted(stack: Stack, tenant: str, seen: Submissions, stop: th
     """One request, sent again like a client would until it is accepted (or the test stops)."""
     body = with_directive(delay_ms=str(CALL_MS))
     headers = {"Idempotency-Key": str(uuid.uuid4())}
+    first_try = time.monotonic()
     while not stop.is_set():
         sent = time.monotonic()
         try:
@@ -68,6 +70,7 @@ def submit_until_accepted(stack: Stack, tenant: str, seen: Submissions, stop: th
             seen.answers.append((sent, time.monotonic(), response.status_code))
             if response.status_code == 202:
                 seen.accepted[response.json()["id"]] = body
+                seen.waits.append(time.monotonic() - first_try)
                 return
             code = response.json().get("error", {}).get("code")
             if response.status_code == 503 and code == "store_unavailable":
@@ -118,7 +121,10 @@ def test_sigkill_the_redis_primary_under_load(fault_stack: Stack) -> None:
             what="the sentinels to agree on a new primary",
         )
         promoted_after = time.monotonic() - killed_at
-        wait_until(lambda: seen.accepted_after(killed_at) >= 1, timeout=30, what="a 202 after the kill")
+        try:
+            wait_until(lambda: seen.accepted_after(killed_at) >= 1, timeout=30, what="a 202 after the kill")
+        except TimeoutError:
+            raise AssertionError(f"no 202 after the kill; refused: {dict(seen.refusals)}") from None
         count = len(seen.accepted)
         wait_until(lambda: len(seen.accepted) >= count + 20, timeout=30, what="20 more accepted")
     finally:
@@ -161,7 +167,8 @@ def test_sigkill_the_redis_primary_under_load(fault_stack: Stack) -> None:
             sum(duplicates.values()),
             f"202 again {first_202:.1f}s after the kill (new primary named at {promoted_after:.1f}s)",
             note=f"REDIS_MIN_REPLICAS_ACK=1; {promoted} promoted; {in_flight} calls in flight at the kill; "
-            f"refused during the switch: {dict(seen.refusals)}; worker restarts by the supervisor: "
+            f"refused during the switch: {dict(seen.refusals)}; the longest a request waited for its 202 "
+            f"(same Idempotency-Key): {max(seen.waits):.1f}s; worker restarts by the supervisor: "
             f"{sum(child.restarts for child in stack.children.values())}",
         )
     )
