@@ -35,7 +35,11 @@ from services.redis_errors import mapped_redis_errors
 from services.replication import NO_REPLICA_ACK, ReplicaAck
 from services.serialization import dumps
 
-PENDING_SECONDS = 10
+# Short: a claim only has to outlive its request's way from the claim to the create (validation, one
+# Redis call), and a claim whose request never creates its task (cut off by a Redis failover: measured,
+# every client retrying its key) holds the key this long. Safe however short: the create requires the
+# request's own claim (or none) on the key, so a slower request never makes a second task.
+PENDING_SECONDS = 3
 # KEYS[1]: the idempotency record; ARGV[1]: the pending record a request wrote. Deletes it if it is still
 # there (a rejected request gives its key back), and nothing else.
 _RELEASE = """
