@@ -23,6 +23,7 @@ SCENARIOS: dict[str, str] = {
     "p5": "bench.p5",
     "fairness": "bench.fairness",
     "waiters": "bench.waiters",
+    "replication": "bench.replication",
 }
 # what `python -m bench all` runs: the performance targets of bench/README.md, at their default sizes
 PERFORMANCE = ("p1a", "p1b", "p2", "p3", "p4", "p5")
