@@ -490,10 +490,12 @@ class JobStore:
         One script checks the tenant's limits first (``TooManyRequests``: ``tenant_queue_full`` when
         they would pass its ``max_queued``, or ``rate_limited``; nothing written), then writes the
         tasks, their payloads, their bookkeeping and its usage, and admits each at once if it may run
-        now (``CREATE``). ``also_set(tasks)`` may name one more record (key, value, ttl) to write in the
-        same step (an idempotency record); ``message(task_id)`` the (list, message) of a task's broker
-        message, pushed when the task is admitted, so that a task is never stored without being either
-        enqueued or waiting for admission, nor enqueued without being stored. With ``batch``, the
+        now (``CREATE``). ``also_set(tasks)`` may name one more record (key, value, ttl, expected) to
+        write in the same step (an idempotency record), only if the key holds ``expected`` or nothing
+        (the request's own claim; ``IdempotencyConflict``, nothing written, if another request's);
+        ``message(task_id)`` the (list, message) of a task's broker message, pushed when the task is
+        admitted, so that a task is never stored without being either enqueued or waiting for
+        admission, nor enqueued without being stored. With ``batch``, the
         tasks belong to it, and its record is written in the same step (``services/batches.py``).
         """
         now = time.time()
