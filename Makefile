@@ -40,12 +40,12 @@ setup: $(STAMP) ## create the virtualenv and install the locked versions (done b
 run: $(STAMP) ## run the whole service on embedded defaults (API on $$PORT, default 8000)
 	$(BIN)/python -m devstack
 
-# Flower reads the broker (REDIS_URL, else the embedded Redis of a running `make run`) and asks the workers
+# Flower reads the broker (REDIS_URL or REDIS_SENTINELS, else the embedded Redis of a running `make run`) and asks the workers
 # for their state; it turns their task events on while it runs (README.md, "Flower"). FLOWER_BASIC_AUTH=user:pass
 # protects it, and enables its HTTP API (/api/...).
 flower: $(STAMP) ## Flower, Celery's dashboard, on $$FLOWER_ADDRESS:$$FLOWER_PORT (127.0.0.1:5555) against $$REDIS_URL
 	@url="$${REDIS_URL:-$$(cat $(DATA_DIR)/redis_url 2>/dev/null)}"; \
-	if [ -z "$$url" ]; then echo "make flower: set REDIS_URL, or start make run first" >&2; exit 2; fi; \
+	if [ -z "$$url$$REDIS_SENTINELS" ]; then echo "make flower: set REDIS_URL (or REDIS_SENTINELS), or start make run first" >&2; exit 2; fi; \
 	echo "Flower on http://$(FLOWER_ADDRESS):$(FLOWER_PORT)"; \
 	REDIS_URL="$$url" exec $(BIN)/celery -A worker.main flower --address=$(FLOWER_ADDRESS) --port=$(FLOWER_PORT)
 

@@ -1,7 +1,7 @@
 """``python -m devstack`` (what ``make run`` runs): the API, a generation worker and a webhook worker,
 plus whatever is not configured.
 
-REDIS_URL unset → a redis-server with AOF persistence in ``$DATA_DIR/redis`` (its URL in
+REDIS_URL and REDIS_SENTINELS unset → a redis-server with AOF persistence in ``$DATA_DIR/redis`` (its URL in
 ``$DATA_DIR/redis_url``, for ``make flower``); S3_ENDPOINT_URL unset → an
 embedded S3 server (moto) whose data is NOT kept; UPSTREAM_BASE_URL unset → the upstream simulator;
 WEBHOOK_SIGNING_SECRET unset → a secret generated once and kept in ``$DATA_DIR/webhook_secret``.
@@ -52,7 +52,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         load_config()  # fail fast on an invalid variable, before starting anything
-        if not os.environ.get("REDIS_URL"):
+        if not os.environ.get("REDIS_URL") and not os.environ.get("REDIS_SENTINELS"):
             port = free_port()
             children.append(start_redis(data_dir / "redis", port, log_dir=log_dir))
             env["REDIS_URL"] = f"redis://{HOST}:{port}/0"

@@ -130,18 +130,74 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def start_redis(data_dir: Path, port: int, *, log_dir: Path, appendfsync: str = "everysec") -> Child:
-    """A redis-server that keeps its data (AOF) in ``data_dir``; the same call restarts it on that data."""
+def start_redis(
+    data_dir: Path,
+    port: int,
+    *,
+    log_dir: Path,
+    appendfsync: str = "everysec",
+    name: str = "redis",
+    replicaof: int | None = None,
+) -> Child:
+    """A redis-server that keeps its data (AOF) in ``data_dir``; the same call restarts it on that data.
+    ``replicaof``: the port of the primary (on ``HOST``) it starts as a replica of."""
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "redis-server", "--port", str(port), "--bind", HOST, "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "",
         "--maxmemory-policy", "noeviction", "--protected-mode", "no", "--daemonize", "no",
     ]  # fmt: skip
-    child = Child("redis", args, dict(os.environ), log_dir / "redis.log").start()
+    if replicaof is not None:
+        args += ["--replicaof", HOST, str(replicaof)]
+    # a replica (or a former primary made one) is sent the data at once, not after Redis's default 5 s
+    args += ["--repl-diskless-sync-delay", "0"]
+    child = Child(name, args, dict(os.environ), log_dir / f"{name}.log").start()
     client = redis.Redis(host=HOST, port=port, socket_connect_timeout=0.5)
     try:
         wait_until(client.ping, timeout=15, what=f"redis-server on port {port}")
+    finally:
+        client.close()
+    return child
+
+
+def start_sentinel(
+    data_dir: Path,
+    port: int,
+    *,
+    log_dir: Path,
+    master: str,
+    primary_port: int,
+    quorum: int = 2,
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 3000,
+    name: str = "sentinel",
+) -> Child:
+    """A ``redis-server --sentinel`` watching the primary on ``primary_port`` under the name ``master``.
+    Sentinel rewrites its configuration file as it learns: each gets its own in ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / f"{name}.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                f"port {port}",
+                f"bind {HOST}",
+                "protected-mode no",
+                "daemonize no",
+                f"dir {data_dir}",
+                f"sentinel monitor {master} {HOST} {primary_port} {quorum}",
+                f"sentinel down-after-milliseconds {master} {down_after_ms}",
+                f"sentinel failover-timeout {master} {failover_timeout_ms}",
+                f"sentinel parallel-syncs {master} 1",
+                "",
+            ]
+        )
+    )
+    child = Child(
+        name, ["redis-server", str(conf), "--sentinel"], dict(os.environ), log_dir / f"{name}.log"
+    ).start()
+    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=0.5)
+    try:
+        wait_until(client.ping, timeout=15, what=f"redis-sentinel on port {port}")
     finally:
         client.close()
     return child

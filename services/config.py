@@ -30,6 +30,14 @@ DEFAULT_WEBHOOK_RETRY_SCHEDULE: tuple[float, ...] = (
 @dataclass(frozen=True)
 class Config:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis behind Sentinel (services/redis_connection.py): the sentinels' addresses and the primary's name;
+    # REDIS_URL then gives only the scheme (rediss: TLS), the credentials and the database number
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    # a submission's 202 waits until this many replicas hold it (WAIT; services/replication.py); 0: off
+    redis_min_replicas_ack: int = 0
+    redis_replica_ack_timeout: float = 0.5
     key_prefix: str = "iq"
 
     s3_endpoint_url: str | None = None
@@ -133,6 +141,24 @@ def _redis_url(value: str) -> str:
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
     return value
+
+
+def _sentinels(value: str) -> tuple[tuple[str, int], ...]:
+    """``host:port`` pairs, comma-separated (``[v6 address]:port`` too)."""
+    requirement = "must be comma-separated host:port pairs, e.g. 10.0.0.1:26379,10.0.0.2:26379"
+    addresses: list[tuple[str, int]] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.strip().removeprefix("[").removesuffix("]")
+        if not sep or not host or any(char.isspace() or char in "/@[]" for char in host):
+            raise ValueError(requirement)
+        addresses.append((host, _number(int, port, lambda number: 0 < number <= 65535, requirement)))
+    if not addresses:
+        raise ValueError(requirement)
+    return tuple(addresses)
 
 
 def _number(convert: Callable[[str], T], value: str, valid: Callable[[T], bool], requirement: str) -> T:
@@ -244,6 +270,11 @@ def _schedule(value: str) -> tuple[float, ...]:
 # variable name -> (field, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "REDIS_URL": ("redis_url", _redis_url),
+    "REDIS_SENTINELS": ("redis_sentinels", _sentinels),
+    "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _str),
+    "REDIS_SENTINEL_PASSWORD": ("redis_sentinel_password", _str),
+    "REDIS_MIN_REPLICAS_ACK": ("redis_min_replicas_ack", _non_negative_int),
+    "REDIS_REPLICA_ACK_TIMEOUT": ("redis_replica_ack_timeout", _positive_float),
     "KEY_PREFIX": ("key_prefix", _str),
     "S3_ENDPOINT_URL": ("s3_endpoint_url", _url),
     "S3_PUBLIC_ENDPOINT_URL": ("s3_public_endpoint_url", _url),
@@ -332,6 +363,14 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
 
 
 def _check(config: Config) -> None:
+    if bool(config.redis_sentinels) != bool(config.redis_sentinel_master):
+        raise ConfigError("REDIS_SENTINELS and REDIS_SENTINEL_MASTER must be set together, or neither")
+    if config.redis_sentinel_password is not None and not config.redis_sentinels:
+        raise ConfigError("REDIS_SENTINEL_PASSWORD is set without REDIS_SENTINELS")
+    if config.redis_sentinels and config.redis_url.startswith("unix://"):
+        raise ConfigError("REDIS_URL must be a redis:// or rediss:// URL with REDIS_SENTINELS (not unix://)")
+    if config.redis_min_replicas_ack and config.redis_replica_ack_timeout >= config.store_timeout:
+        raise ConfigError("REDIS_REPLICA_ACK_TIMEOUT must be shorter than STORE_TIMEOUT")
     if config.retry_max_delay < config.retry_base_delay:
         raise ConfigError("RETRY_MAX_DELAY must be at least RETRY_BASE_DELAY")
     if config.idempotency_ttl < 86400:

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.client import Pipeline
+from redis.exceptions import NoScriptError
+
+from services.replication import ReplicaAck
 
 
 class Script:
@@ -26,6 +30,8 @@ class Script:
         more_keys: str | None = None,
         more_args: str | None = None,
     ) -> None:
+        self._client = client
+        self._source = source
         self._script = client.register_script(source)
         self._keys = tuple(keys)
         self._args = tuple(args)
@@ -33,6 +39,26 @@ class Script:
         self._more_args = more_args
 
     def __call__(self, **values: Any) -> Any:
+        keys, args = self._arguments(values)
+        return self._script(keys=keys, args=args)
+
+    def call_acknowledged(self, ack: ReplicaAck, **values: Any) -> tuple[Any, int]:
+        """Run the script and WAIT for ``ack.replicas`` in one round trip (``services/replication.py``);
+        return its result and how many replicas acknowledged. A server without the script (a new
+        primary after a failover: scripts are not replicated) gets it first; nothing ran then."""
+        keys, args = self._arguments(values)
+
+        def commands(pipe: Pipeline) -> None:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+
+        try:
+            result, acknowledged = ack.write(self._client, commands)
+        except NoScriptError:
+            self._client.script_load(self._source)
+            result, acknowledged = ack.write(self._client, commands)
+        return result, int(acknowledged)
+
+    def _arguments(self, values: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         expected = {*self._keys, *self._args} | {name for name in (self._more_keys, self._more_args) if name}
         required = {*self._keys, *self._args}
         if not required <= values.keys() or not values.keys() <= expected:
@@ -42,4 +68,4 @@ class Script:
             )
         keys = [values[name] for name in self._keys] + list(values.get(self._more_keys or "", ()))
         args = [values[name] for name in self._args] + list(values.get(self._more_args or "", ()))
-        return self._script(keys=keys, args=args)
+        return keys, args

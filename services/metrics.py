@@ -65,8 +65,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from services import clock
 from services.errors import ServiceError
@@ -301,17 +299,6 @@ def process_exited(pid: int) -> None:
 
 
 # read from Redis at scrape time -------------------------------------------------------------------------
-def scrape_client(redis_url: str) -> redis.Redis:
-    """A Redis client for scrapes: ``SCRAPE_TIMEOUT`` to connect and per call, no retries."""
-    return redis.Redis.from_url(
-        redis_url,
-        socket_timeout=SCRAPE_TIMEOUT,
-        socket_connect_timeout=SCRAPE_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-        max_connections=4,
-    )
-
-
 class QueueCollector(Collector):
     """The queues' depths and ages, the limiter's slots and the cap, read from Redis on every scrape in two
     round trips (the second only when tenants wait); without Redis, ``imagegen_store_up 0`` and nothing

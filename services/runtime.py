@@ -21,8 +21,10 @@ from services.jobs import JobRunner
 from services.keys import Keys
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
-from services.metrics import QueueCollector, scrape_client
+from services.metrics import QueueCollector
 from services.queue import enqueue_generations
+from services.redis_connection import redis_client, scrape_client
+from services.replication import ReplicaAck
 from services.storage import Storage
 from services.store import JobStore
 from services.submission import SubmissionService
@@ -32,21 +34,6 @@ from services.tenants import Tenants, TenantSettings
 from services.upstream_client import UpstreamClient
 from services.usage import Usage
 from services.webhooks.service import WebhookService
-
-
-def redis_client(config: Config) -> redis.Redis:
-    """A client whose pool, once all its connections are in use, makes the next caller wait for one (up
-    to ``STORE_TIMEOUT``) instead of failing at once: under gevent (the API) any number of requests may
-    need one at the same moment, e.g. waiters woken together (``services/task_events.py``)."""
-    pool = redis.BlockingConnectionPool.from_url(
-        config.redis_url,
-        socket_timeout=config.store_timeout,
-        socket_connect_timeout=config.store_timeout,
-        health_check_interval=30,
-        max_connections=max(64, config.worker_concurrency * 4),
-        timeout=config.store_timeout,
-    )
-    return redis.Redis(connection_pool=pool)
 
 
 @dataclass
@@ -66,9 +53,15 @@ class Runtime:
             task_retention=config.task_retention_days * 86400,
             tenant_defaults=self.tenant_defaults,
             admission_window=window_setting(config.upstream_max_concurrency),
+            replica_ack=self.replica_ack,
         )
         self.keys = self.store.keys
         self.storage = Storage(self.config, max_pool_connections=max(10, self.config.worker_concurrency))
+
+    @property
+    def replica_ack(self) -> ReplicaAck:
+        """How many replicas must hold a new task before its 202 (``REDIS_MIN_REPLICAS_ACK``)."""
+        return ReplicaAck(self.config.redis_min_replicas_ack, self.config.redis_replica_ack_timeout)
 
     @property
     def tenant_defaults(self) -> TenantSettings:
@@ -110,7 +103,9 @@ class Runtime:
     # the API ----------------------------------------------------------------------------------------
     @functools.cached_property
     def submissions(self) -> SubmissionService:
-        idempotency = IdempotencyStore(self.redis, self.keys, self.config.idempotency_ttl)
+        idempotency = IdempotencyStore(
+            self.redis, self.keys, self.config.idempotency_ttl, replica_ack=self.replica_ack
+        )
         return SubmissionService(self.config, self.store, idempotency, self.webhooks)
 
     @functools.cached_property
@@ -127,7 +122,7 @@ class Runtime:
         """The queues' depths for ``GET /metrics``, read with a client of its own whose short timeout
         keeps a scrape from hanging on a Redis that is down."""
         return QueueCollector(
-            scrape_client(self.config.redis_url),
+            scrape_client(self.config),
             self.keys,
             max_concurrency=self.config.upstream_max_concurrency,
         )

@@ -43,11 +43,19 @@ import redis
 from services import clock, metrics
 from services import store_scripts as scripts
 from services.admission import ready_order
-from services.errors import InvalidTransition, JobError, LeaseLost, NotFound, TooManyRequests
+from services.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JobError,
+    LeaseLost,
+    NotFound,
+    TooManyRequests,
+)
 from services.keys import Keys
 from services.lua import Script
 from services.records import AttemptRecord, ErrorRecord, OutputRecord, TaskRecord, WebhookSubscription
 from services.redis_errors import mapped_redis_errors
+from services.replication import NO_REPLICA_ACK, ReplicaAck
 from services.serialization import dumps
 from services.tenants import DEFAULT_TENANT, TenantSettings, tenant_of
 from services.usage import RETENTION_SECONDS as USAGE_RETENTION_SECONDS
@@ -212,8 +220,10 @@ class JobStore:
         payload_retention: int = 86400,
         tenant_defaults: TenantSettings = NO_LIMITS,
         admission_window: int = 0,
+        replica_ack: ReplicaAck = NO_REPLICA_ACK,
     ) -> None:
         self._redis = client
+        self._replica_ack = replica_ack
         self.keys = Keys(prefix)
         self._task_retention = task_retention
         self._payload_retention = payload_retention
@@ -255,6 +265,7 @@ class JobStore:
                 "index_ms",
                 "batch_id",
                 "batch_fields",
+                "also_expect",
             ],
             more_keys="task_keys",
             more_args="task_args",
@@ -453,7 +464,7 @@ class JobStore:
         tenant: str = DEFAULT_TENANT,
         priority: str = "normal",
         cancel_after: float | None = None,
-        also_set: Callable[[list[TaskRecord]], tuple[str, str, int]] | None = None,
+        also_set: Callable[[list[TaskRecord]], tuple[str, str, int, str]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
     ) -> TaskRecord:
         """Store one new task (``create_many`` of one)."""
@@ -469,7 +480,7 @@ class JobStore:
         *,
         tenant: str = DEFAULT_TENANT,
         cancel_after: float | None = None,
-        also_set: Callable[[list[TaskRecord]], tuple[str, str, int]] | None = None,
+        also_set: Callable[[list[TaskRecord]], tuple[str, str, int, str]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
         batch: NewBatch | None = None,
     ) -> list[TaskRecord]:
@@ -479,10 +490,12 @@ class JobStore:
         One script checks the tenant's limits first (``TooManyRequests``: ``tenant_queue_full`` when
         they would pass its ``max_queued``, or ``rate_limited``; nothing written), then writes the
         tasks, their payloads, their bookkeeping and its usage, and admits each at once if it may run
-        now (``CREATE``). ``also_set(tasks)`` may name one more record (key, value, ttl) to write in the
-        same step (an idempotency record); ``message(task_id)`` the (list, message) of a task's broker
-        message, pushed when the task is admitted, so that a task is never stored without being either
-        enqueued or waiting for admission, nor enqueued without being stored. With ``batch``, the
+        now (``CREATE``). ``also_set(tasks)`` may name one more record (key, value, ttl, expected) to
+        write in the same step (an idempotency record), only if the key holds ``expected`` or nothing
+        (the request's own claim; ``IdempotencyConflict``, nothing written, if another request's);
+        ``message(task_id)`` the (list, message) of a task's broker message, pushed when the task is
+        admitted, so that a task is never stored without being either enqueued or waiting for
+        admission, nor enqueued without being stored. With ``batch``, the
         tasks belong to it, and its record is written in the same step (``services/batches.py``).
         """
         now = time.time()
@@ -512,7 +525,9 @@ class JobStore:
             for new in new_tasks
         ]
         keys = self.keys
-        also_key, also_value, also_ttl = also_set(tasks) if also_set is not None else (keys.active, "", 0)
+        also_key, also_value, also_ttl, also_expect = (
+            also_set(tasks) if also_set is not None else (keys.active, "", 0, "")
+        )
         defaults = self._tenant_defaults
         now_ms = clock.epoch_ms(created_at)  # the index's score is exactly the record's created_at
         deadline_ms = clock.epoch_ms(deadline_at) if deadline_at else ""
@@ -534,40 +549,49 @@ class JobStore:
             ]
         batch_id = batch.id if batch else ""
         batch_fields = dumps([part for item in batch.fields(tasks).items() for part in item]) if batch else ""
+        values: dict[str, Any] = dict(
+            active=keys.active,
+            tenant_active=keys.tenant_active(tenant),
+            tenant_ready=keys.tenant_ready(tenant),
+            ready_tenants=keys.ready_tenants,
+            admitted=keys.admitted,
+            tenant_admitted=keys.tenant_admitted(tenant),
+            queued=keys.queued,
+            tenants=keys.tenants,
+            tenant_rate=keys.tenant_rate(tenant),
+            usage=keys.tenant_usage(tenant, clock.day(now)),
+            also_key=also_key,
+            queue=queue,
+            tenant_tasks=keys.tenant_tasks(tenant),
+            tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
+            deadlines=keys.deadlines,
+            batch=keys.batch(batch_id) if batch else keys.active,
+            batch_tasks=keys.batch_tasks(batch_id) if batch else keys.active,
+            capacity=keys.capacity,
+            task_keys=task_keys,
+            now_ms=now_ms,
+            tenant=tenant,
+            max_queued=defaults.max_queued,
+            rate_per_minute=defaults.rate_per_minute,
+            max_concurrency=defaults.max_concurrency,
+            window=self._admission_window,
+            also_value=also_value,
+            also_ttl=also_ttl,
+            usage_ttl=USAGE_RETENTION_SECONDS,
+            index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
+            batch_id=batch_id,
+            batch_fields=batch_fields,
+            also_expect=also_expect,
+            task_args=task_args,
+        )
         with mapped_redis_errors():
-            outcome, value = self._create(
-                active=keys.active,
-                tenant_active=keys.tenant_active(tenant),
-                tenant_ready=keys.tenant_ready(tenant),
-                ready_tenants=keys.ready_tenants,
-                admitted=keys.admitted,
-                tenant_admitted=keys.tenant_admitted(tenant),
-                queued=keys.queued,
-                tenants=keys.tenants,
-                tenant_rate=keys.tenant_rate(tenant),
-                usage=keys.tenant_usage(tenant, clock.day(now)),
-                also_key=also_key,
-                queue=queue,
-                tenant_tasks=keys.tenant_tasks(tenant),
-                tenant_queued=keys.tenant_status(tenant, TaskStatus.QUEUED),
-                deadlines=keys.deadlines,
-                batch=keys.batch(batch_id) if batch else keys.active,
-                batch_tasks=keys.batch_tasks(batch_id) if batch else keys.active,
-                capacity=keys.capacity,
-                task_keys=task_keys,
-                now_ms=now_ms,
-                tenant=tenant,
-                max_queued=defaults.max_queued,
-                rate_per_minute=defaults.rate_per_minute,
-                max_concurrency=defaults.max_concurrency,
-                window=self._admission_window,
-                also_value=also_value,
-                also_ttl=also_ttl,
-                usage_ttl=USAGE_RETENTION_SECONDS,
-                index_ms=clock.ms(self._task_retention + INDEX_SLACK_SECONDS),
-                batch_id=batch_id,
-                batch_fields=batch_fields,
-                task_args=task_args,
+            if self._replica_ack.replicas:
+                (outcome, value), acknowledged = self._create.call_acknowledged(self._replica_ack, **values)
+            else:
+                outcome, value = self._create(**values)
+        if outcome == -3:
+            raise IdempotencyConflict(
+                "a request with this Idempotency-Key is still being handled", field="Idempotency-Key"
             )
         if outcome == -1:
             raise TooManyRequests(
@@ -581,6 +605,9 @@ class JobStore:
                 code="rate_limited",
                 retry_after=value / 1000,
             )
+        if self._replica_ack.replicas:
+            # stored on the primary; acknowledged only once on enough replicas (services/replication.py)
+            self._replica_ack.require(acknowledged)
         return tasks
 
     # leases -----------------------------------------------------------------------------------------

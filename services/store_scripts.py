@@ -54,10 +54,12 @@ return 1
 # workers' capacity), then per task its record, payload and status events. ARGV: now (ms), the tenant,
 # the defaults of its limits, the window setting (``admission.window_setting``), the idempotency record
 # to write with them ('' for none) and its TTL, the usage TTL, how long the tenant's indexes keep an
-# entry (ms), the batch's id ('' for none) and its hash's fields (JSON [field, value, ...]), then per
+# entry (ms), the batch's id ('' for none) and its hash's fields (JSON [field, value, ...]), the pending
+# idempotency record the key must still hold, or nothing ('' for no check), then per
 # task its id, record, payload, order in the tenant's ready set (ms), Cancel-After deadline (ms, '' for
 # none) and broker message ('' for none).
-# Refuses with {-1, 0} when the tenant's unfinished tasks would pass max_queued, {-2, ms to wait} when
+# Refuses with {-3, 0} when the idempotency key holds another request's record (``services/idempotency.py``),
+# {-1, 0} when the tenant's unfinished tasks would pass max_queued, {-2, ms to wait} when
 # its submission rate is used up (a request, whatever it holds, takes one token); else writes
 # everything and returns {1, how many went straight to the broker}. A task does when nothing of its
 # tenant waits and the window and the tenant's max_concurrency have room (``services/admission.py``
@@ -65,9 +67,13 @@ return 1
 CREATE = (
     ADMISSION_WINDOW
     + """
-local FIXED_KEYS, FIXED_ARGS = 18, 12
+local FIXED_KEYS, FIXED_ARGS = 18, 13
 local now = tonumber(ARGV[1])
 local tenant = ARGV[2]
+if ARGV[13] ~= '' then
+  local held = redis.call('GET', KEYS[11])
+  if held and held ~= ARGV[13] then return {-3, 0} end
+end
 local count = (#KEYS - FIXED_KEYS) / 3
 local own = redis.call('HGET', KEYS[8], tenant)
 local settings = own and cjson.decode(own) or {}

@@ -138,7 +138,7 @@ class SubmissionService:
             )
         batch_id = new_batch_id()
 
-        def done_record(tasks: list[TaskRecord]) -> tuple[str, str, int]:
+        def done_record(tasks: list[TaskRecord]) -> tuple[str, str, int, str]:
             assert claim is not None
             return claim.done_record(202, self._batch_summary(batch_id, tasks))
 

@@ -13,7 +13,9 @@ from tests.stack import Stack, running_stack
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "stack(workers=N, VAR=value): options of a fault test's own stack")
+    config.addinivalue_line(
+        "markers", "stack(workers=N, redis_replicas=N, VAR=value): options of a fault test's own stack"
+    )
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -52,5 +54,8 @@ def fault_stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stac
     marker = request.node.get_closest_marker("stack")
     options = dict(marker.kwargs) if marker else {}
     workers = options.pop("workers", 2)
-    with running_stack(tmp_path, worker_count=workers, **{**FAULT_ENV, **options}) as running:
+    replicas = options.pop("redis_replicas", 0)
+    with running_stack(
+        tmp_path, worker_count=workers, redis_replicas=replicas, **{**FAULT_ENV, **options}
+    ) as running:
         yield running

@@ -30,6 +30,7 @@ from devstack.processes import (
     start_worker,
     wait_until,
 )
+from devstack.sentinel import RedisGroup
 from services import presence
 from services.config import Config, load_config
 from services.records import TaskRecord
@@ -113,6 +114,9 @@ class Stack:
     supervisor: Supervisor = field(default_factory=Supervisor)
     owners: dict[str, str] = field(default_factory=dict)  # task id -> the tenant that submitted it
     metrics_ports: dict[str, int] = field(default_factory=dict)  # worker name -> its WORKER_METRICS_PORT
+    # Redis as a primary with replicas behind three sentinels (devstack/sentinel.py) instead of one server
+    redis_replicas: int = 0
+    group: RedisGroup | None = None
     _turn: int = 0
 
     @property
@@ -142,14 +146,20 @@ class Stack:
         return self.env["UPSTREAM_BASE_URL"]
 
     def start(self, worker_count: int = 1, *, webhook_worker: bool = True) -> Stack:
-        self.redis_port = free_port()
-        self.start_redis()
+        if self.redis_replicas:
+            self.group = RedisGroup(self.root / "redis", self.log_dir).start(replicas=self.redis_replicas)
+            self.children.update(self.group.children)
+            redis_env = self.group.env()
+        else:
+            self.redis_port = free_port()
+            self.start_redis()
+            redis_env = {"REDIS_URL": f"redis://{HOST}:{self.redis_port}/0"}
         s3_port, sim_port, api_port = free_port(), free_port(), free_port()
         self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir)
         self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir)
         self.env.update(
             TEST_ENV,
-            REDIS_URL=f"redis://{HOST}:{self.redis_port}/0",
+            **redis_env,
             S3_ENDPOINT_URL=f"http://{HOST}:{s3_port}",
             UPSTREAM_BASE_URL=f"http://{HOST}:{sim_port}",
             WEBHOOK_SIGNING_SECRET=generate_secret(),
@@ -290,10 +300,16 @@ class Stack:
 
 @contextmanager
 def running_stack(
-    root: Path, worker_count: int = 1, *, webhook_worker: bool = True, **overrides: str
+    root: Path,
+    worker_count: int = 1,
+    *,
+    webhook_worker: bool = True,
+    redis_replicas: int = 0,
+    **overrides: str,
 ) -> Iterator[Stack]:
-    """A stack with ``worker_count`` generation workers and, unless told not to, a webhook worker."""
-    stack = Stack(root, overrides)
+    """A stack with ``worker_count`` generation workers and, unless told not to, a webhook worker; with
+    ``redis_replicas``, its Redis is a primary with that many replicas behind three sentinels."""
+    stack = Stack(root, overrides, redis_replicas=redis_replicas)
     try:
         yield stack.start(worker_count, webhook_worker=webhook_worker)
     finally:

@@ -15,6 +15,10 @@ COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 SERVICES: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)["services"]
 APP_VARIABLES = (
     "REDIS_URL",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_MASTER",
+    "REDIS_SENTINEL_PASSWORD",
+    "REDIS_MIN_REPLICAS_ACK",
     "S3_ENDPOINT_URL",
     "S3_BUCKET",
     "S3_REGION",

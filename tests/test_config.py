@@ -119,3 +119,49 @@ def test_every_variable_is_documented() -> None:
     for name in VARIABLES:
         assert f"`{name}`" in readme, f"{name} is not in README.md's configuration table"
         assert f"# {name}=" in example, f"{name} is not in .env.example"
+
+
+def test_sentinels_are_parsed() -> None:
+    config = load_config(
+        {
+            "REDIS_SENTINELS": " 10.0.0.1:26379, sentinel-2.internal:26380,[fd00::3]:26381,",
+            "REDIS_SENTINEL_MASTER": "imagegen",
+            "REDIS_SENTINEL_PASSWORD": "s3cret",
+            "REDIS_MIN_REPLICAS_ACK": "1",
+        }
+    )
+    assert config.redis_sentinels == (("10.0.0.1", 26379), ("sentinel-2.internal", 26380), ("fd00::3", 26381))
+    assert config.redis_sentinel_master == "imagegen" and config.redis_min_replicas_ack == 1
+    assert "s3cret" not in repr(config)
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000", ":26379", "a:b", ",", "u@h:1"])
+def test_invalid_sentinels_name_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="^REDIS_SENTINELS is invalid: must be comma-separated host:port"):
+        load_config({"REDIS_SENTINELS": value, "REDIS_SENTINEL_MASTER": "m"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_SENTINELS": "h:26379"}, "REDIS_SENTINELS and REDIS_SENTINEL_MASTER must be set together"),
+        ({"REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS and REDIS_SENTINEL_MASTER must be set together"),
+        ({"REDIS_SENTINEL_PASSWORD": "p"}, "REDIS_SENTINEL_PASSWORD is set without REDIS_SENTINELS"),
+        (
+            {
+                "REDIS_SENTINELS": "h:26379",
+                "REDIS_SENTINEL_MASTER": "m",
+                "REDIS_URL": "unix:///run/redis.sock",
+            },
+            "REDIS_URL must be a redis:// or rediss:// URL with REDIS_SENTINELS",
+        ),
+        (
+            {"REDIS_MIN_REPLICAS_ACK": "1", "REDIS_REPLICA_ACK_TIMEOUT": "2"},
+            "REDIS_REPLICA_ACK_TIMEOUT must be",
+        ),
+        ({"REDIS_MIN_REPLICAS_ACK": "-1"}, "REDIS_MIN_REPLICAS_ACK is invalid"),
+    ],
+)
+def test_sentinel_settings_are_checked_together(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config(env)

@@ -9,7 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import redis
 
+from services.errors import IdempotencyConflict
+from services.idempotency import PENDING_SECONDS, Claim, IdempotencyStore, Replay
+from services.store import JobStore
 from tests.stack import ApiServer, Stack, directive_key, seed_body, with_directive
 
 
@@ -108,3 +112,46 @@ def test_concurrent_requests_with_one_key_create_one_task(stack: Stack) -> None:
     task = stack.wait_final(ids.pop())
     assert task["status"] == "succeeded"
     assert stack.sim_calls(directive_key(body)) == 1, "the upstream was called once"
+
+
+def _create(store: JobStore, claim: Claim) -> str:
+    return store.create(
+        model="m",
+        payload=b"{}",
+        metadata=None,
+        also_set=lambda tasks: claim.done_record(202, {"id": tasks[0]["id"]}),
+    )["id"]
+
+
+def test_a_request_slower_than_its_claim_creates_nothing_once_the_key_is_claimed_again(
+    redis_client: redis.Redis,
+) -> None:
+    """A claim expires after PENDING_SECONDS (a request that never creates its task, e.g. cut off by a
+    Redis failover, must not block its key for long); a first request slower than that, whose key a
+    retry claimed meanwhile, creates nothing and gives back nothing of the retry's."""
+    store = JobStore(redis_client, prefix="idem-slow")
+    idempotency = IdempotencyStore(redis_client, store.keys, 86400)
+    slow = idempotency.claim("k", scope="default", body=b"{}")
+    assert isinstance(slow, Claim) and 0 < redis_client.ttl(slow.redis_key) <= PENDING_SECONDS
+    redis_client.delete(slow.redis_key)  # its pending record expired
+    retry = idempotency.claim("k", scope="default", body=b"{}")
+    assert isinstance(retry, Claim)
+    with pytest.raises(IdempotencyConflict):
+        _create(store, slow)
+    idempotency.release(slow)
+    assert redis_client.get(retry.redis_key) == retry.pending.encode(), "the retry's claim is untouched"
+    task_id = _create(store, retry)
+    replay = idempotency.claim("k", scope="default", body=b"{}")
+    assert isinstance(replay, Replay) and replay.body == {"id": task_id}
+    assert redis_client.zcard(store.keys.queued) == 1, "one task for the key"
+
+
+def test_an_expired_claim_nobody_took_again_still_creates(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client, prefix="idem-expired")
+    idempotency = IdempotencyStore(redis_client, store.keys, 86400)
+    claim = idempotency.claim("k", scope="default", body=b"{}")
+    assert isinstance(claim, Claim)
+    redis_client.delete(claim.redis_key)
+    task_id = _create(store, claim)
+    replay = idempotency.claim("k", scope="default", body=b"{}")
+    assert isinstance(replay, Replay) and replay.body == {"id": task_id}

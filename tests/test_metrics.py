@@ -26,9 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.processes import GUNICORN_CONFIG, HOST, free_port, wait_until
 from services import metrics
+from services.config import load_config
 from services.errors import UpstreamError
 from services.keys import Keys
 from services.queue import GENERATION_QUEUE, WEBHOOK_QUEUE
+from services.redis_connection import scrape_client
 from tests.fault_kit import settle_succeeded, slow_bodies, submit_many
 from tests.receiver import Receiver
 from tests.stack import FINAL, Stack, seed_body, with_directive
@@ -122,7 +124,9 @@ def test_queue_collector_reads_the_store(redis_client: redis.Redis, redis_server
     redis_client.sadd(keys.ready_tenants, "a", "b")
     redis_client.zadd(keys.webhooks_due, {"e1": now + 5000})
     redis_client.zadd(keys.limiter_slots, {"s1": now + 9000, "s2": now + 9000, "expired": now - 1})
-    collector = metrics.QueueCollector(metrics.scrape_client(redis_server), keys, max_concurrency=2)
+    collector = metrics.QueueCollector(
+        scrape_client(load_config({"REDIS_URL": redis_server})), keys, max_concurrency=2
+    )
     samples = parse(metrics.exposition(None, [collector])[0].decode())
 
     depth = {queue: value(samples, "imagegen_queue_depth", queue=queue) for queue in metrics.QUEUES}
@@ -161,7 +165,7 @@ def silent_port() -> Iterator[int]:
 def test_a_scrape_never_hangs_on_redis(redis_is: str, request: pytest.FixtureRequest) -> None:
     port = request.getfixturevalue("silent_port") if redis_is == "hung" else free_port()
     collector = metrics.QueueCollector(
-        metrics.scrape_client(f"redis://{HOST}:{port}/0"), Keys("iq"), max_concurrency=0
+        scrape_client(load_config({"REDIS_URL": f"redis://{HOST}:{port}/0"})), Keys("iq"), max_concurrency=0
     )
     started = time.monotonic()
     body, _ = metrics.exposition(None, [collector])

@@ -20,7 +20,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from services import metrics
+from services.config import load_config
 from services.keys import Keys
+from services.redis_connection import scrape_client
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "imagegen.json"
@@ -76,7 +78,9 @@ def alert_rules() -> list[dict[str, Any]]:
 def exported(redis_server: str) -> set[str]:
     """Every series name a process exports: its own metrics (every known label value made at 0) and the
     queues read from a real Redis."""
-    collector = metrics.QueueCollector(metrics.scrape_client(redis_server), Keys("iq"), max_concurrency=0)
+    collector = metrics.QueueCollector(
+        scrape_client(load_config({"REDIS_URL": redis_server})), Keys("iq"), max_concurrency=0
+    )
     registry: CollectorRegistry = metrics.scrape_registry([collector])
     names = set()
     for family in registry.collect():

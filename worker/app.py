@@ -21,12 +21,13 @@ from celery import Celery
 
 from services.config import Config, load_config
 from services.queue import DELIVER_WEBHOOK_TASK, GENERATE_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
+from services.redis_connection import broker_transport_options, broker_url, broker_use_ssl
 from worker import logs, steps
 
 
 def create_celery(config: Config) -> Celery:
     """The Celery app for ``config``: the broker, the queues and the no-loss settings."""
-    app = Celery("imagegen", broker=config.redis_url, set_as_current=False)
+    app = Celery("imagegen", broker=broker_url(config), set_as_current=False)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -44,7 +45,9 @@ def create_celery(config: Config) -> Celery:
             "visibility_timeout": config.visibility_timeout,
             "socket_timeout": config.store_timeout,
             "socket_connect_timeout": config.store_timeout,
+            **broker_transport_options(config),  # with sentinels: the primary's name, the sentinels' settings
         },
+        **({"broker_use_ssl": broker_use_ssl(config)} if broker_use_ssl(config) else {}),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_publish_retry=True,
