@@ -49,11 +49,11 @@ Batches (``services/batches.py``): written by the create that writes their tasks
 
 Webhooks: the outbox (``services/webhooks/outbox.py``); events are written by the store with the change
   {p}:wh:event:{event id}  string  one event: its task (or its batch's id) as it was then (JSON).
-                                   TTL: kept; 30 d once done
+                                   TTL: kept; TASK_RETENTION_DAYS once done
   {p}:wh:due               zset    pending event id -> when its next attempt is due (ms)
-  {p}:wh:state:{event id}  hash    attempts, round_start, status, claim, next_at. TTL: 30 d once done
+  {p}:wh:state:{event id}  hash    attempts, round_start, status, claim, next_at. TTL: as the event
   {p}:wh:log:{subject id} list    one JSON entry per delivery attempt of a task's (a batch's) events (the
-                                   last 50). TTL: 30 d
+                                   last 50). TTL: TASK_RETENTION_DAYS from its last entry
 
 The upstream limiter (``services/limits.py``)
   {p}:limit:slots          zset    holder token -> when its slot expires unless renewed (ms)

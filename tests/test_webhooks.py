@@ -8,6 +8,7 @@ SIGKILLed mid-delivery; 410 stops; private addresses refused, at submit and wher
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 import uuid
@@ -25,12 +26,14 @@ from devstack.processes import free_port, wait_until
 from services.config import load_config
 from services.errors import ConfigError
 from services.jobs import out_of_attempts
+from services.keys import Keys
 from services.netguard import forbidden_reason
 from services.retry_after import parse_retry_after
 from services.storage import Storage
 from services.store import JobStore
 from services.webhook_signing import generate_secret, sign
 from services.webhooks.dispatcher import WebhookDispatcher
+from services.webhooks.outbox import WebhookOutbox
 from services.webhooks.sender import WebhookSender
 from services.webhooks.service import WebhookService
 from tests.receiver import HOLD, Receiver, Response
@@ -565,3 +568,25 @@ def test_a_canceled_task_sends_its_canceled_event(stack: Stack, receiver: Receiv
     assert_verified([request])
     assert request.webhook_id == f"msg_{task_id}_canceled"
     assert request.payload["type"] == "task.canceled" and request.payload["data"]["status"] == "canceled"
+
+
+def test_a_done_webhook_event_is_kept_as_long_as_the_task(redis_client: redis.Redis) -> None:
+    """The outbox keeps a delivered (or abandoned) event, its state and its log for the retention it is
+    given: the service gives it TASK_RETENTION_DAYS (it was a fixed 30 days, whatever the task's)."""
+    keys = Keys()
+    outbox = WebhookOutbox(redis_client, keys, retention=2 * 86400)
+    event_id = f"msg_batch_{'2' * 32}_completed"
+    redis_client.set(keys.webhook_event(event_id), json.dumps({"id": event_id}))
+    redis_client.zadd(keys.webhooks_due, {event_id: 0})
+    [(claimed, claim)] = outbox.claim_due(lease_seconds=5)
+    assert outbox.begin(claimed, claim, lease_seconds=5) is not None
+    entry = {"webhook_id": event_id, "outcome": "delivered"}
+    assert outbox.finish(
+        event_id, f"batch_{'2' * 32}", claim, entry, next_due_ms=None, final_status="delivered"
+    )
+    for key in (
+        keys.webhook_event(event_id),
+        keys.webhook_state(event_id),
+        keys.webhook_log(f"batch_{'2' * 32}"),
+    ):
+        assert 86400 < redis_client.ttl(key) <= 2 * 86400, key

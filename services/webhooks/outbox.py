@@ -32,7 +32,7 @@ from services.redis_errors import mapped_redis_errors
 from services.serialization import dumps
 
 LOG_CAPACITY = 50
-RETENTION_SECONDS = 30 * 86400  # delivered or abandoned events and the log, like a final task
+RETENTION_SECONDS = 30 * 86400  # the default: delivered or abandoned events and the log, like a final task
 DEFAULT_EVENTS = ("succeeded", "failed", "canceled")
 _LATEST_FIRST = ("succeeded", "failed", "canceled", "running")  # a task has one final event at most
 
@@ -179,9 +179,12 @@ class Started:
 class WebhookOutbox:
     """The webhook keys in Redis; every change is one script, so it is atomic."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, retention: int = RETENTION_SECONDS) -> None:
+        """``retention``: how long a delivered or abandoned event and the log are kept (s): the task's own
+        (``TASK_RETENTION_DAYS``)."""
         self._redis = client
         self._keys = keys
+        self._retention = retention
         self._claim = Script(
             client,
             _CLAIM,
@@ -274,7 +277,7 @@ class WebhookOutbox:
                 next_due_ms="" if next_due_ms is None else str(next_due_ms),
                 final_status=final_status,
                 log_capacity=LOG_CAPACITY,
-                retention=RETENTION_SECONDS,
+                retention=self._retention,
             )
         return bool(applied == 1)
 

@@ -63,7 +63,7 @@ class WebhookService:
         resolver: Resolver = socket.getaddrinfo,
     ) -> None:
         self.config = config
-        self.outbox = WebhookOutbox(client, keys)
+        self.outbox = WebhookOutbox(client, keys, retention=config.task_retention_days * 86400)
         self.secrets = WebhookSecrets(
             client,
             keys,
