@@ -3,13 +3,13 @@ when its link comes back, and a stale clock on it does no harm.
 
 The API, Redis, S3 and the simulator listen on one address (a bridge in the root namespace); two worker
 "hosts" are network namespaces of their own, each joined to the bridge by a veth pair, each running one
-Celery worker (``ip netns exec``). Host 1's worker runs with its wall clock ten minutes behind (libfaketime;
-its monotonic clock is left alone). With calls in flight on host 1, its link goes down (``ip link set
-... down`` on the bridge's end of its veth): host 2 takes its tasks over once their leases expire in Redis
-(a TTL on Redis's clock, whatever host 1's clock says). With the link back, host 1 reads the answers it paid
-for, and every write of them is refused (its attempt is not the task's open one any more): each task has
-exactly one succeeded attempt and one set of outputs, and the only calls made twice are those in flight at
-the cut (counted from the simulator's own call log).
+Celery worker (``ip netns exec``). Host 1's worker runs with its wall clock ten minutes behind, or
+ahead (libfaketime; its monotonic clock is left alone). With calls in flight on host 1, its link goes
+down (``ip link set ... down`` on the bridge's end of its veth): host 2 takes its tasks over once their
+leases expire in Redis (a TTL and deadlines on Redis's clock, whatever host 1's clock says). With the
+link back, host 1 reads the answers it paid for, and every write of them is refused (its attempt is not
+the task's open one any more): each task has exactly one succeeded attempt and one set of outputs, and
+the only calls made twice are those in flight at the cut (counted from the simulator's own call log).
 
 Names (namespaces, bridge, veths) carry a random suffix and the subnet is a random private /24 that no
 interface of the machine uses, so that runs side by side never collide; everything is deleted at the end,
@@ -52,8 +52,10 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.timeout(180)
 
-CLOCK_OFFSET = -600  # seconds: host 1's wall clock is ten minutes behind
 CALL_MS = 4000  # each upstream call takes this long: the cut comes well before any answers
+# Each worker holds at most this many tasks (prefetch multiplier 1), so that of 2 x PER_HOST tasks
+# submitted at once each host gets PER_HOST: the first worker to read the queue cannot take them all.
+PER_HOST = 8
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -93,7 +95,18 @@ class Network:
         _ip("link", "set", self.bridge, "up")
         for n, namespace in self.namespaces.items():
             _ip("netns", "add", namespace)
-            _ip("link", "add", self.outer[n], "type", "veth", "peer", "name", self.inner[n], "netns", namespace)
+            _ip(
+                "link",
+                "add",
+                self.outer[n],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.inner[n],
+                "netns",
+                namespace,
+            )
             _ip("link", "set", self.outer[n], "master", self.bridge)
             _ip("link", "set", self.outer[n], "up")
             _ip("-n", namespace, "addr", "add", f"{self.subnet}.{10 + n}/24", "dev", self.inner[n])
@@ -151,15 +164,25 @@ def network() -> Iterator[Network]:
         assert not net.leftovers(), f"left behind: {net.leftovers()}"
 
 
+@pytest.fixture(params=[-600, 600], ids=["clock-behind", "clock-ahead"])
+def clock_offset(request: pytest.FixtureRequest) -> int:
+    """Seconds host 1's wall clock is off by: ten minutes behind, or ahead."""
+    return int(request.param)
+
+
 @pytest.fixture
-def partition_stack(tmp_path: Path, network: Network) -> Iterator[Stack]:
-    """The services on the bridge's address, worker1 in host 1 (its clock behind), worker2 in host 2."""
-    stack = Stack(tmp_path, {**FAULT_ENV, "UPSTREAM_TIMEOUT": "20"}, host=network.service_ip)
+def partition_stack(tmp_path: Path, network: Network, clock_offset: int) -> Iterator[Stack]:
+    """The services on the bridge's address, worker1 in host 1 (its clock off), worker2 in host 2."""
+    stack = Stack(
+        tmp_path,
+        {**FAULT_ENV, "UPSTREAM_TIMEOUT": "20", "WORKER_CONCURRENCY": str(PER_HOST)},
+        host=network.service_ip,
+    )
     try:
         stack.start(0, webhook_worker=False)
         library = _faketime_library()
         stale = (
-            {"LD_PRELOAD": library, "FAKETIME": f"{CLOCK_OFFSET:+d}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+            {"LD_PRELOAD": library, "FAKETIME": f"{clock_offset:+d}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
             if library
             else {}
         )
@@ -174,7 +197,11 @@ def partition_stack(tmp_path: Path, network: Network) -> Iterator[Stack]:
 def refused(stack: Stack, task_ids: list[str]) -> list[str]:
     """The tasks for which a worker logged one of its attempt's results as refused."""
     logs = stack.worker_logs()
-    return [task_id for task_id in task_ids if re.search(rf"task {task_id}: attempt \d+'s result is refused", logs)]
+    return [
+        task_id
+        for task_id in task_ids
+        if re.search(rf"task {task_id}: attempt \d+'s result is refused", logs)
+    ]
 
 
 def held_by(stack: Stack, bodies: list[dict], ids: list[str], pid: int) -> list[str]:
@@ -190,17 +217,17 @@ def held_by(stack: Stack, bodies: list[dict], ids: list[str], pid: int) -> list[
 
 
 def test_a_cut_off_worker_host_is_taken_over_and_its_late_results_refused(
-    partition_stack: Stack, network: Network
+    partition_stack: Stack, network: Network, clock_offset: int
 ) -> None:
     stack = partition_stack
     host1 = stack.children["worker1"]
     host1_pid, host2_pid = host1.pid, stack.children["worker2"].pid
-    bodies = slow_bodies(24, CALL_MS)
+    bodies = slow_bodies(2 * PER_HOST, CALL_MS)
     ids = submit_many(stack, bodies)
     wait_until(
-        lambda: len(held_by(stack, bodies, ids, host1_pid)) >= 3,
+        lambda: len(held_by(stack, bodies, ids, host1_pid)) >= PER_HOST // 2,
         timeout=30,
-        what="host 1 to hold 3 calls in flight",
+        what=f"host 1 to hold {PER_HOST // 2} calls in flight",
     )
     network.cut(1)
     cut_at = time.time()
@@ -217,19 +244,21 @@ def test_a_cut_off_worker_host_is_taken_over_and_its_late_results_refused(
         assert all(attempt_pid(a) == host1_pid for a in attempts[task_id] if a["outcome"] == "worker_lost")
     takeovers = [parse_iso(attempts[task_id][1]["started_at"]).timestamp() - cut_at for task_id in taken_over]
     renewal = LEASE / 3  # the lease keeper's interval (services/runtime.py)
-    # Judged by Redis's TTL: not before the lease the last renewal gave has run out (host 1's clock is ten
-    # minutes behind, so the deadlines it wrote into the running set were all long past) ...
+    # Judged on Redis's clock, whatever host 1's says: not before the lease its last renewal gave has run
+    # out (a clock behind would have the task taken over at once) ...
     assert min(takeovers) >= LEASE - renewal - 0.2, f"taken over {min(takeovers):.2f}s after the cut"
-    # ... and soon after it did
+    # ... and soon after it did (a clock ahead would hide the task for as long as it is ahead)
     assert max(takeovers) <= LEASE + 2.0, f"taken over {max(takeovers):.2f}s after the cut"
-    if _faketime_library():  # the offset did reach host 1: it stamped its attempts ten minutes early
+    if _faketime_library():  # the offset did reach host 1: it stamped its attempts that far off
         stamped = [parse_iso(attempts[task_id][0]["started_at"]).timestamp() for task_id in taken_over]
-        assert max(stamped) < cut_at + CLOCK_OFFSET + 60, "host 1's clock was not behind"
+        assert all(abs(stamp - cut_at - clock_offset) < 60 for stamp in stamped), "host 1's clock was not off"
 
     # The only calls made twice are those host 1 had in flight at the cut; each was paid for.
     calls = calls_by_task(stack, bodies, ids)
     twice = [task_id for task_id in ids if len(calls[task_id]) == 2]
-    assert all(len(calls[task_id]) in (1, 2) for task_id in ids), {t: calls[t] for t in ids if len(calls[t]) > 2}
+    assert all(len(calls[task_id]) in (1, 2) for task_id in ids), {
+        t: calls[t] for t in ids if len(calls[t]) > 2
+    }
     assert set(twice) <= set(taken_over), "only a task taken over is called again"
     for task_id in twice:
         first = min(calls[task_id], key=lambda call: call["started"])
@@ -262,7 +291,7 @@ def test_a_cut_off_worker_host_is_taken_over_and_its_late_results_refused(
     duplicates = paid_twice(stack, bodies)
     assert duplicates == len(twice), "each call in flight at the cut is paid twice, and no other"
 
-    # Host 1 is back with its clock still ten minutes behind: it consumes again and its work is recorded
+    # Host 1 is back with its clock still ten minutes off: it consumes again and its work is recorded
     # like any other (its timestamps are off; no lease, retry or takeover depends on them).
     client, keys = stack.runtime.redis, stack.runtime.keys
     wait_until(
@@ -270,17 +299,21 @@ def test_a_cut_off_worker_host_is_taken_over_and_its_late_results_refused(
         timeout=30,
         what="host 1 to consume again",
     )
-    after_bodies = slow_bodies(16, 500)
+    after_bodies = slow_bodies(2 * PER_HOST, 500)
     after_ids = submit_many(stack, after_bodies)
     settle_succeeded(stack, after_ids, timeout=60)
     after_attempts = stored_attempts(stack, after_ids)
     assert all(len(a) == 1 for a in after_attempts.values()), "none taken over once host 1 is back"
     on_host1 = sum(attempt_pid(a[0]) == host1_pid for a in after_attempts.values())
+    assert on_host1, "host 1 took none of the tasks submitted once it was back"
     assert {attempt_pid(a[0]) for a in after_attempts.values()} <= {host1_pid, host2_pid}
     assert paid_twice(stack, after_bodies) == 0
+    skew = f"{abs(clock_offset) // 60} min {'behind' if clock_offset < 0 else 'ahead'}"
+    if not _faketime_library():
+        skew = "not skewed (no libfaketime)"
     record(
         FaultRow(
-            "cut a worker host's link (netns) with calls in flight, restore it; its clock 10 min behind",
+            f"cut a worker host's link (netns) with calls in flight, restore it; its clock {skew}",
             len(ids) + len(after_ids),
             len(ids) + len(after_ids),
             0,
