@@ -27,6 +27,8 @@ $(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml client/pyproject.toml
 		(apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
 	@command -v chromium >/dev/null || { echo "installing chromium (the web console's browser tests)"; \
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
+	@command -v faketime >/dev/null || { echo "installing faketime (test_partition: a worker host's clock off)"; \
+		(apt-get update -qq && apt-get install -y -qq faketime) >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r $(DEV_LOCK)

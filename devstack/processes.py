@@ -138,12 +138,14 @@ def start_redis(
     appendfsync: str = "everysec",
     name: str = "redis",
     replicaof: int | None = None,
+    host: str = HOST,
 ) -> Child:
     """A redis-server that keeps its data (AOF) in ``data_dir``; the same call restarts it on that data.
-    ``replicaof``: the port of the primary (on ``HOST``) it starts as a replica of."""
+    ``replicaof``: the port of the primary (on ``HOST``) it starts as a replica of. ``host``: the address
+    it listens on (tests/test_partition.py: one that worker hosts in network namespaces reach)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [
-        "redis-server", "--port", str(port), "--bind", HOST, "--dir", str(data_dir),
+        "redis-server", "--port", str(port), "--bind", host, "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "",
         "--maxmemory-policy", "noeviction", "--protected-mode", "no", "--daemonize", "no",
     ]  # fmt: skip
@@ -152,7 +154,7 @@ def start_redis(
     # a replica (or a former primary made one) is sent the data at once, not after Redis's default 5 s
     args += ["--repl-diskless-sync-delay", "0"]
     child = Child(name, args, dict(os.environ), log_dir / f"{name}.log").start()
-    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=0.5)
+    client = redis.Redis(host=host, port=port, socket_connect_timeout=0.5)
     try:
         wait_until(client.ping, timeout=15, what=f"redis-server on port {port}")
     finally:
@@ -203,18 +205,18 @@ def start_sentinel(
     return child
 
 
-def start_s3(port: int, *, log_dir: Path) -> Child:
+def start_s3(port: int, *, log_dir: Path, host: str = HOST) -> Child:
     """moto's S3-compatible server; its data lives in memory and is gone when it stops."""
-    args = [_python(), "-m", "moto.server", "-H", HOST, "-p", str(port)]
+    args = [_python(), "-m", "moto.server", "-H", host, "-p", str(port)]
     child = Child("s3", args, dict(os.environ), log_dir / "s3.log").start()
-    wait_until(lambda: _http_ok(f"http://{HOST}:{port}/"), timeout=30, what=f"S3 server on port {port}")
+    wait_until(lambda: _http_ok(f"http://{host}:{port}/"), timeout=30, what=f"S3 server on port {port}")
     return child
 
 
-def start_simulator(port: int, *, log_dir: Path, args: Sequence[str] = ()) -> Child:
-    cmd = [_python(), "-m", "simulator", "--host", HOST, "--port", str(port), *args]
+def start_simulator(port: int, *, log_dir: Path, args: Sequence[str] = (), host: str = HOST) -> Child:
+    cmd = [_python(), "-m", "simulator", "--host", host, "--port", str(port), *args]
     child = Child("simulator", cmd, dict(os.environ), log_dir / "simulator.log").start()
-    url = f"http://{HOST}:{port}/_sim/stats"
+    url = f"http://{host}:{port}/_sim/stats"
     wait_until(lambda: _http_ok(url), timeout=30, what=f"simulator on port {port}")
     return child
 
@@ -226,9 +228,12 @@ def start_worker(
     name: str = "worker",
     concurrency: int | None = None,
     queues: str = "generation",
+    wrapper: Sequence[str] = (),
 ) -> Child:
-    """A Celery worker consuming ``queues`` (comma-separated: ``generation``, ``webhooks``)."""
+    """A Celery worker consuming ``queues`` (comma-separated: ``generation``, ``webhooks``). ``wrapper``:
+    a command it runs under (``ip netns exec NAME``: a worker host of its own; tests/test_partition.py)."""
     args = [
+        *wrapper,
         _bin("celery"), "-A", "worker.main", "worker", "--loglevel", "INFO", "-Q", queues,
         "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle",
     ]  # fmt: skip

@@ -50,10 +50,14 @@ class Presence:
     def _announce(self) -> bool:
         ttl = 3 * HEARTBEAT_SECONDS
         with mapped_redis_errors():
+            if self._slots is not None:
+                # Redis's clock, not this host's: one whose clock is behind would not be counted, one
+                # whose clock is ahead would remove every other worker's capacity as if it had died
+                seconds, microseconds = self._redis.time()
+                now = seconds * 1000 + microseconds // 1000
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(self._key, self._info, ex=round(ttl))
             if self._slots is not None:
-                now = clock.now_ms()
                 pipe.zadd(self._capacity, {self._slots: now + clock.ms(ttl)})
                 pipe.zremrangebyscore(self._capacity, "-inf", now)  # processes that died
             pipe.execute()

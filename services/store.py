@@ -292,7 +292,7 @@ class JobStore:
             client,
             scripts.RENEW_LEASE,
             keys=["lease", "running"],
-            args=["token", "ttl_ms", "deadline_ms", "task_id"],
+            args=["token", "ttl_ms", "task_id"],
         )
         self._delete = Script(
             client,
@@ -421,10 +421,12 @@ class JobStore:
 
         Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile. One whose
         lease key has not expired yet is left for when it has (``CLAIM_EXPIRED``). The candidates are
-        read first, so that the script is given every key it touches.
+        read first, so that the script is given every key it touches. Now is Redis's clock, as are the
+        deadlines (``renew_lease``, ``start_attempt``): no process's own clock decides when a lease ends.
         """
-        now = clock.now_ms()
         with mapped_redis_errors():
+            seconds, microseconds = self._redis.time()
+            now = seconds * 1000 + microseconds // 1000
             found = self._redis.zrangebyscore(self.keys.running, "-inf", now, start=0, num=limit)
             if not found:
                 return []
@@ -619,7 +621,6 @@ class JobStore:
                 running=self.keys.running,
                 token=lease.token,
                 ttl_ms=clock.ms(lease.seconds),
-                deadline_ms=clock.now_ms() + clock.ms(lease.seconds),
                 task_id=lease.task_id,
             )
         return bool(renewed)
@@ -655,7 +656,8 @@ class JobStore:
                 return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
             _check(status, TaskStatus.RUNNING)
             extra.write("SET", lease_key, token, "PX", clock.ms(lease_seconds))
-            extra.write("ZADD", self.keys.running, clock.now_ms() + clock.ms(lease_seconds), task_id)
+            # the deadline on Redis's clock, as the lease's TTL: a worker's own clock may be off
+            extra.write("ZADD_AFTER_NOW", self.keys.running, clock.ms(lease_seconds), task_id)
             task["status"] = TaskStatus.RUNNING.value
             task["started_at"] = task["started_at"] or now
             task["next_attempt_at"] = None

@@ -7,7 +7,9 @@ from services.admission import ADMISSION_WINDOW
 
 # KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
 # there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "writes": [[command, key index,
-# args...]], "batch": absent, or the change of status of a task in a batch: {"key", "tasks", "event",
+# args...]] (a command ``ZADD_AFTER_NOW`` with [key index, ms, member] scores the member ms after Redis's
+# clock: a lease's deadline in the running set), "batch": absent, or the change of status of a task in
+# a batch: {"key", "tasks", "event",
 # "due": KEYS indexes of the batch's hash, its task index, its completion event and the outbox's due set;
 # "from", "to": the statuses; "final": whether "to" is; "finished_at": the task's, when final;
 # "event_id", "document": its completion event; "now_ms", "ttl"}}, indexes into KEYS. The batch's
@@ -23,7 +25,15 @@ for _, index in ipairs(extra.absent) do
   if redis.call('EXISTS', KEYS[index]) == 1 then return -1 end
 end
 redis.call('SET', KEYS[1], ARGV[2])
-for _, write in ipairs(extra.writes) do redis.call(write[1], KEYS[write[2]], unpack(write, 3)) end
+for _, write in ipairs(extra.writes) do
+  if write[1] == 'ZADD_AFTER_NOW' then  -- [_, key, ms, member]: scored ms after Redis's own clock
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    redis.call('ZADD', KEYS[write[2]], now + tonumber(write[3]), write[4])
+  else
+    redis.call(write[1], KEYS[write[2]], unpack(write, 3))
+  end
+end
 local batch = extra.batch
 if batch and redis.call('EXISTS', KEYS[batch.key]) == 1 then
   local key = KEYS[batch.key]
@@ -210,11 +220,15 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
-# KEYS[1]: a lease, KEYS[2]: the running set. ARGV: holder's token, time to live (ms), new deadline
-# (epoch ms), task id. Returns 1 if the lease was still held (and is extended), else 0.
+# KEYS[1]: a lease, KEYS[2]: the running set. ARGV: holder's token, time to live (ms), task id. Returns 1
+# if the lease was still held (and is extended), else 0. The new deadline is on Redis's clock, never the
+# worker's: a worker host whose clock is off can neither hide its task from the sweeper for as long as its
+# clock is ahead nor have it taken over early (tests/test_partition.py).
 RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[2]), ARGV[3])
 return 1
 """

@@ -9,7 +9,7 @@ import logging
 import socket
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +88,14 @@ def directive_key(body: dict[str, Any]) -> str:
 class ApiServer:
     """The Flask app behind a real threaded HTTP server in this process."""
 
-    def __init__(self, config: Config, port: int | None = None) -> None:
+    def __init__(self, config: Config, port: int | None = None, host: str = HOST) -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.app = create_app(config)
         self.port = port or free_port()
-        self._server = make_server(HOST, self.port, self.app, threaded=True)
+        self._server = make_server(host, self.port, self.app, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
-        self.url = f"http://{HOST}:{self.port}"
+        self.url = f"http://{host}:{self.port}"
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -117,6 +117,9 @@ class Stack:
     # Redis as a primary with replicas behind three sentinels (devstack/sentinel.py) instead of one server
     redis_replicas: int = 0
     group: RedisGroup | None = None
+    # the address Redis, S3, the simulator and the API listen on (tests/test_partition.py: one that worker
+    # hosts in network namespaces reach)
+    host: str = HOST
     _turn: int = 0
 
     @property
@@ -153,17 +156,17 @@ class Stack:
         else:
             self.redis_port = free_port()
             self.start_redis()
-            redis_env = {"REDIS_URL": f"redis://{HOST}:{self.redis_port}/0"}
+            redis_env = {"REDIS_URL": f"redis://{self.host}:{self.redis_port}/0"}
         s3_port, sim_port, api_port = free_port(), free_port(), free_port()
-        self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir)
-        self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir)
+        self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir, host=self.host)
+        self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir, host=self.host)
         self.env.update(
             TEST_ENV,
             **redis_env,
-            S3_ENDPOINT_URL=f"http://{HOST}:{s3_port}",
-            UPSTREAM_BASE_URL=f"http://{HOST}:{sim_port}",
+            S3_ENDPOINT_URL=f"http://{self.host}:{s3_port}",
+            UPSTREAM_BASE_URL=f"http://{self.host}:{sim_port}",
             WEBHOOK_SIGNING_SECRET=generate_secret(),
-            PUBLIC_BASE_URL=f"http://{HOST}:{api_port}",
+            PUBLIC_BASE_URL=f"http://{self.host}:{api_port}",
         )
         self.env.update(self.overrides)
         Storage(self.config).ensure_bucket()
@@ -171,20 +174,30 @@ class Stack:
             self.start_worker(f"worker{number}")
         if webhook_worker:
             self.start_worker("webhook-worker", queues="webhooks")
-        self.api = ApiServer(self.config, api_port)
+        self.api = ApiServer(self.config, api_port, self.host)
         self.wait_ready([name for name in self.children if "worker" in name])
         return self
 
     def start_redis(self) -> None:
-        self.children["redis"] = start_redis(self.root / "redis", self.redis_port, log_dir=self.log_dir)
+        self.children["redis"] = start_redis(
+            self.root / "redis", self.redis_port, log_dir=self.log_dir, host=self.host
+        )
 
     def start_worker(
-        self, name: str, extra_env: Mapping[str, str] | None = None, *, queues: str = "generation"
+        self,
+        name: str,
+        extra_env: Mapping[str, str] | None = None,
+        *,
+        queues: str = "generation",
+        wrapper: Sequence[str] = (),
     ) -> Child:
+        """Start a worker (``wrapper``: the command it runs under, such as ``ip netns exec NAME``)."""
         # Each worker serves its metrics on a port of its own, kept if it is started again under its name.
         port = self.metrics_ports.setdefault(name, free_port())
         env = {**self.env, "WORKER_METRICS_PORT": str(port), **(extra_env or {})}
-        child = self.supervisor.watch(start_worker(env, log_dir=self.log_dir, name=name, queues=queues))
+        child = self.supervisor.watch(
+            start_worker(env, log_dir=self.log_dir, name=name, queues=queues, wrapper=wrapper)
+        )
         self.children[name] = child
         return child
 
