@@ -154,11 +154,7 @@ def start_redis(
     # a replica (or a former primary made one) is sent the data at once, not after Redis's default 5 s
     args += ["--repl-diskless-sync-delay", "0"]
     child = Child(name, args, dict(os.environ), log_dir / f"{name}.log").start()
-    client = redis.Redis(host=host, port=port, socket_connect_timeout=0.5)
-    try:
-        wait_until(client.ping, timeout=15, what=f"redis-server on port {port}")
-    finally:
-        client.close()
+    _wait_for_redis(host, port, f"redis-server on port {port}")
     return child
 
 
@@ -197,12 +193,17 @@ def start_sentinel(
     child = Child(
         name, ["redis-server", str(conf), "--sentinel"], dict(os.environ), log_dir / f"{name}.log"
     ).start()
-    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=0.5)
+    _wait_for_redis(HOST, port, f"redis-sentinel on port {port}")
+    return child
+
+
+def _wait_for_redis(host: str, port: int, what: str) -> None:
+    """Until the server on ``port`` answers PING (a redis-server or a sentinel)."""
+    client = redis.Redis(host=host, port=port, socket_connect_timeout=0.5)
     try:
-        wait_until(client.ping, timeout=15, what=f"redis-sentinel on port {port}")
+        wait_until(client.ping, timeout=15, what=what)
     finally:
         client.close()
-    return child
 
 
 def start_s3(port: int, *, log_dir: Path, host: str = HOST) -> Child:
