@@ -15,6 +15,13 @@ def now_ms() -> int:
     return round(time.time() * 1000)
 
 
+def redis_ms(time_reply: tuple[int, int]) -> int:
+    """Redis's own clock in epoch ms, from its ``TIME`` reply (seconds, microseconds): where every process
+    must agree on now (lease deadlines, workers' capacity), whatever its host's clock says."""
+    seconds, microseconds = time_reply
+    return seconds * 1000 + microseconds // 1000
+
+
 def ms(seconds: float) -> int:
     """A duration in whole milliseconds, at least 1 (Redis refuses a TTL of 0)."""
     return max(1, round(seconds * 1000))

@@ -53,8 +53,7 @@ class Presence:
             if self._slots is not None:
                 # Redis's clock, not this host's: one whose clock is behind would not be counted, one
                 # whose clock is ahead would remove every other worker's capacity as if it had died
-                seconds, microseconds = self._redis.time()
-                now = seconds * 1000 + microseconds // 1000
+                now = clock.redis_ms(self._redis.time())
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(self._key, self._info, ex=round(ttl))
             if self._slots is not None:

@@ -425,8 +425,7 @@ class JobStore:
         deadlines (``renew_lease``, ``start_attempt``): no process's own clock decides when a lease ends.
         """
         with mapped_redis_errors():
-            seconds, microseconds = self._redis.time()
-            now = seconds * 1000 + microseconds // 1000
+            now = clock.redis_ms(self._redis.time())
             found = self._redis.zrangebyscore(self.keys.running, "-inf", now, start=0, num=limit)
             if not found:
                 return []
