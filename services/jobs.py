@@ -287,10 +287,11 @@ class JobRunner:
         return outputs
 
     def _while_the_store_is_down(self, write: Callable[[], object]) -> None:
-        """Make a closing write that records a paid-for answer, trying again while the store cannot be
-        reached (a Redis restart), for up to a lease: given up at once, the task would run, and be paid
-        for, again. Written meanwhile by a try whose answer was lost, the write is refused as a change
-        of a final task, and ``_delete_quietly`` keeps the objects the record points to."""
+        """Make an attempt's closing write (what its upstream call answered), trying again while the
+        store cannot be reached (a Redis restart, a failover) or cannot confirm it on
+        ``REDIS_MIN_REPLICAS_ACK`` replicas, for up to a lease: given up at once, the task would run, and
+        be paid for, again. A try whose answer was lost may have been applied: the next one finds it so
+        and only confirms it (``JobStore._write``)."""
         deadline = time.monotonic() + self._config.task_lease_seconds
         pause = 0.1
         while True:
@@ -331,12 +332,12 @@ class JobRunner:
             used = attempts_used(task)
             if error.retryable and used < config.max_attempts:
                 delay = backoff_delay(used, config, error.retry_after)
-                self._store.schedule_retry(lease, error, delay=delay)
+                self._while_the_store_is_down(lambda: self._store.schedule_retry(lease, error, delay=delay))
                 log.warning(
                     "task %s: attempt %d failed (%s), retry in %.2fs", task_id, used, error.code, delay
                 )
                 return
-            self._store.fail(lease, error)
+            self._while_the_store_is_down(lambda: self._store.fail(lease, error))
             log.warning("task %s: failed (%s): %s", task_id, error.code, error.message)
         except (LeaseLost, InvalidTransition) as exc:
             _log_refused(task_id, lease, "failure", exc)
@@ -352,7 +353,7 @@ class JobRunner:
         self._limiter.cool_down(delay)
         held_until = parse_iso(task["created_at"]).timestamp() + config.upstream_hold_seconds
         if time.time() + delay > held_until:
-            self._store.fail(lease, error)
+            self._while_the_store_is_down(lambda: self._store.fail(lease, error))
             log.warning(
                 "task %s: failed (%s) after holding it %.0fs",
                 task["id"],
@@ -360,7 +361,7 @@ class JobRunner:
                 config.upstream_hold_seconds,
             )
             return
-        self._store.schedule_retry(lease, error, delay=delay)
+        self._while_the_store_is_down(lambda: self._store.schedule_retry(lease, error, delay=delay))
         log.warning("task %s: upstream refused (%s); every worker waits %.2fs", task["id"], error.code, delay)
 
 

@@ -13,8 +13,11 @@ primary, and will run if the primary lives on); a client that sends the same req
 WAIT does not make Redis strongly consistent (a replica may still lose the write if it and the primary
 die together, or if Sentinel promotes a replica that had not got it while another had), but with
 n = 1 and the replicas in sync, the promoted replica is the one with the most data, and the task
-acknowledged with 202 is on it. The workers' writes are not waited for: a change a failover loses makes
-its task go back a step (a running task whose lease then expires runs again), never lost or stuck.
+acknowledged with 202 is on it. An attempt's closing write (what the upstream was paid for: its success,
+failure or retry) waits the same way, and its worker sends it again, to the new primary after a failover,
+until a replica holds it (``JobStore._write``): a paid answer is not lost with the primary. The workers'
+other writes are not waited for: a change a failover loses makes its task go back a step (a task whose
+start is lost is started again), never lost or stuck.
 
 Its cost, measured on the same machine with and without it: bench/README.md, "Replicated submissions".
 """

@@ -120,6 +120,11 @@ class Lease:
     attempt: int  # the number of the attempt it opened: the one its holder may close
     document: str | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def worker(self) -> str:
+        """Who holds it: the attempt's ``worker`` (the token is that and a random part)."""
+        return self.token.rsplit(":", 1)[0]
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -704,6 +709,8 @@ class JobStore:
         """
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
+            if _closed_by(task, lease, "succeeded"):
+                return task
             _check(TaskStatus(task["status"]), TaskStatus.SUCCEEDED)
             _require_open_attempt(task, lease)
             now = clock.now_iso()
@@ -711,12 +718,14 @@ class JobStore:
             task.update({"outputs": outputs, "text": text, "usage": usage, "error": None})
             return _finish(task, TaskStatus.SUCCEEDED, now)
 
-        return self._change_required(lease.task_id, change, known=lease.document)
+        return self._change_required(lease.task_id, change, known=lease.document, closing=True)
 
     def schedule_retry(self, lease: Lease, error: JobError, *, delay: float) -> TaskRecord:
         """Close the running attempt as failed-but-retryable and put the task back in the queue."""
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
+            if _closed_by(task, lease, "retry"):
+                return task
             _check(TaskStatus(task["status"]), TaskStatus.QUEUED)
             _require_open_attempt(task, lease)
             now = time.time()
@@ -731,7 +740,7 @@ class JobStore:
             task["next_attempt_at"] = clock.iso(now + delay)
             return task
 
-        return self._change_required(lease.task_id, change, known=lease.document)
+        return self._change_required(lease.task_id, change, known=lease.document, closing=True)
 
     def postpone(
         self, task_id: str, *, delay: float, hold_seconds: float, error: JobError
@@ -754,6 +763,8 @@ class JobStore:
         """Fail the task its holder is running, with ``error``."""
 
         def change(task: TaskRecord, extra: _Change) -> TaskRecord:
+            if _closed_by(task, lease, "failed"):
+                return task
             _check(TaskStatus(task["status"]), TaskStatus.FAILED)
             _require_open_attempt(task, lease)
             now = clock.now_iso()
@@ -762,7 +773,7 @@ class JobStore:
             )
             return _finish(task, TaskStatus.FAILED, now, error=error.to_record())
 
-        return self._change_required(lease.task_id, change, known=lease.document)
+        return self._change_required(lease.task_id, change, known=lease.document, closing=True)
 
     def delete(self, task_id: str, *, tenant: str | None = None) -> TaskRecord:
         """Remove a final task (of ``tenant``, if given) and everything the store keeps of it: record,
@@ -825,19 +836,32 @@ class JobStore:
 
     # the one writer ---------------------------------------------------------------------------------
     def _change_required(
-        self, task_id: str, change: Callable[[TaskRecord, _Change], TaskRecord], *, known: str | None = None
+        self,
+        task_id: str,
+        change: Callable[[TaskRecord, _Change], TaskRecord],
+        *,
+        known: str | None = None,
+        closing: bool = False,
     ) -> TaskRecord:
-        task, _ = self._write(task_id, change, known=known)
+        task, _ = self._write(task_id, change, known=known, closing=closing)
         assert task is not None
         return task
 
     def _write(
-        self, task_id: str, change: Transition, *, known: str | bytes | None = None
+        self, task_id: str, change: Transition, *, known: str | bytes | None = None, closing: bool = False
     ) -> tuple[TaskRecord | None, str | None]:
         """Apply ``change`` with compare-and-set; return the new task and its document as written.
 
         ``known``: the document the caller believes is stored; the first try compares against it
         without reading (one round trip instead of two), and reads only if it was not current.
+
+        ``closing``: an attempt's closing write, which records what the upstream was paid for. With
+        ``REDIS_MIN_REPLICAS_ACK`` = n, it is followed by ``WAIT`` like a submission
+        (``services/replication.py``), and raises ``StoreUnavailable`` unless n replicas hold it: the
+        worker then sends it again (``JobRunner``), on the primary Sentinel names by then, until one is
+        confirmed. A closing write sent again finds its own change applied (``_closed_by``) and rewrites
+        the record unchanged, which the ``WAIT`` then covers. Without it, a failover that loses the
+        write makes the task run, and be paid for, again.
         """
         key = self.keys.task(task_id)
         with mapped_redis_errors():
@@ -850,13 +874,19 @@ class JobStore:
                 new = change(json.loads(raw), extra)
                 if new is None:
                     return None, None
-                self._consequences(old, new, extra)
+                if new != old:  # unchanged: a closing write sent again, rewritten for its WAIT only
+                    self._consequences(old, new, extra)
                 document = dumps(new)
-                written = self._cas(
+                values = dict(
                     task=key, touched=extra.keys[1:], expected=raw, document=document, change=extra.encoded()
                 )
+                if closing and self._replica_ack.replicas:
+                    written, acknowledged = self._cas.call_acknowledged(self._replica_ack, **values)
+                else:
+                    written, acknowledged = self._cas(**values), self._replica_ack.replicas
                 if written == 1:
                     _count_if_finished(old, new)
+                    self._replica_ack.require(acknowledged)
                     return new, document
                 if written == -1:
                     return None, None
@@ -934,6 +964,17 @@ def _require_owner(task: TaskRecord, tenant: str | None) -> None:
     whether an id exists is not the caller's business)."""
     if tenant is not None and tenant_of(task) != tenant:
         raise NotFound(f"no task with id {task['id']!r}", field="id")
+
+
+def _closed_by(task: TaskRecord, lease: Lease, outcome: str) -> bool:
+    """The lease's attempt is closed with ``outcome`` already, by its own holder: the closing write was
+    applied before, and is sent again (its answer was lost with a connection, or a replica did not
+    confirm it in time)."""
+    attempts = task["attempts"]
+    if len(attempts) < lease.attempt:
+        return False
+    attempt = attempts[lease.attempt - 1]
+    return attempt["outcome"] == outcome and attempt["worker"] == lease.worker
 
 
 def _require_open_attempt(task: TaskRecord, lease: Lease) -> None:

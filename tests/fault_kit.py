@@ -57,6 +57,8 @@ def settle_succeeded(stack: Stack, ids: list[str], timeout: float = 90) -> dict[
     and that the store's bookkeeping holds nothing of them any more."""
     tasks, lost, stuck = settle(stack, ids, timeout)
     assert (lost, stuck) == (0, 0), f"{lost} lost, {stuck} stuck"
+    if any(task["status"] != "succeeded" for task in tasks.values()):
+        print(stack.logs())
     assert_all_succeeded(tasks)
     assert_bookkeeping_empty(stack)
     return tasks

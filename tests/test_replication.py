@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from devstack.processes import HOST, Child, free_port, start_redis, wait_until
-from services.errors import StoreUnavailable
+from services.errors import JobError, StoreUnavailable
 from services.idempotency import Claim, IdempotencyStore, Replay
 from services.keys import Keys
 from services.replication import ReplicaAck
@@ -57,6 +57,23 @@ def test_a_refused_submission_is_refused_whatever_the_replicas(redis_client: red
         create(store)
 
 
+def test_a_closing_write_counts_only_once_a_replica_holds_it(redis_client: redis.Redis) -> None:
+    """An attempt's closing write (what the upstream was paid for) waits for a replica like a submission:
+    unconfirmed, it raises ``StoreUnavailable`` (the worker sends it again) though it is applied on the
+    primary; sent again, it finds itself applied and only asks for the confirmation again."""
+    plain = JobStore(redis_client, prefix="ack-close")
+    acked = JobStore(redis_client, prefix="ack-close", replica_ack=ReplicaAck(1, timeout=0.05))
+    task_id = create(plain)
+    attempt = plain.start_attempt(task_id, worker="w", lease_seconds=30, give_up=lambda task: None)
+    assert attempt is not None
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable, match="could not confirm the write on 1 replica"):
+            acked.succeed(attempt.lease, outputs=[], text=[], usage=None, upstream_status=200)
+    done = plain.get(task_id)
+    assert done["status"] == "succeeded" and len(done["attempts"]) == 1
+    assert plain.succeed(attempt.lease, outputs=[], text=[], usage=None, upstream_status=200) == done
+
+
 @pytest.fixture
 def primary_with_replica(tmp_path: Path) -> Iterator[redis.Redis]:
     primary_port, replica_port = free_port(), free_port()
@@ -96,3 +113,8 @@ def test_with_a_replica_a_submission_and_its_replay_are_acknowledged(
     assert isinstance(replay, Replay) and replay.body == {"id": task_id}
     with pytest.raises(StoreUnavailable):
         create(JobStore(client, prefix="ack-two", replica_ack=ReplicaAck(2, timeout=0.05)))
+    attempt = store.start_attempt(task_id, worker="w", lease_seconds=30, give_up=lambda task: None)
+    assert attempt is not None
+    client.script_flush()
+    done = store.fail(attempt.lease, JobError("no", code="upstream_bad_request"))
+    assert done["status"] == "failed"

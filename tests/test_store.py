@@ -58,6 +58,37 @@ def succeed(store: JobStore, lease: Lease) -> TaskRecord:
     return store.succeed(lease, outputs=[], text=[], usage=None, upstream_status=200)
 
 
+def test_a_closing_write_sent_again_finds_itself_applied(store: JobStore) -> None:
+    """A worker whose closing write was applied but whose answer it never got (a connection cut, a
+    replica that did not confirm in time) sends it again: it is recognised as its own, changes nothing,
+    counts nothing twice, and is not refused."""
+    from services import clock
+    from services.keys import Keys
+
+    usage_key = Keys("store-test").tenant_usage("default", clock.day())
+    for close in (
+        lambda lease: succeed(store, lease),
+        lambda lease: store.fail(lease, JobError("no", code="upstream_bad_request")),
+        lambda lease: store.schedule_retry(lease, JobError("again", retryable=True), delay=60),
+    ):
+        task_id = new_task(store)
+        _, lease = begin(store, task_id)
+        first = close(lease)
+        counts, events = (
+            store._redis.hgetall(usage_key),
+            store._redis.lrange(store.keys.events(task_id), 0, -1),
+        )
+        assert close(lease) == first == store.get(task_id)
+        assert store._redis.hgetall(usage_key) == counts, "counted once"
+        assert store._redis.lrange(store.keys.events(task_id), 0, -1) == events, "one event per change"
+    # another holder's write is still refused: the attempt is not its own
+    task_id = new_task(store)
+    _, lease = begin(store, task_id)
+    succeed(store, lease)
+    with pytest.raises(InvalidTransition):
+        succeed(store, Lease(task_id, "someone-else:00", LEASE, attempt=1))
+
+
 def test_a_queued_task_cannot_succeed_without_running(store: JobStore) -> None:
     with pytest.raises(InvalidTransition):
         succeed(store, Lease(new_task(store), "made-up", LEASE, attempt=1))
