@@ -18,6 +18,8 @@ The Celery broker (``worker/app.py``) is kombu's ``sentinel://`` transport on th
 
 from __future__ import annotations
 
+import contextlib
+import queue
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -34,6 +36,24 @@ from services.metrics import SCRAPE_TIMEOUT
 class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
     """Sentinel's pool (connections to the current primary) with the blocking pool's waiting: once all its
     connections are in use, the next caller waits for one, up to ``timeout``."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Close connections; ``inuse_connections=False`` (what redis-py does from the thread that first
+        sees a new primary) closes only the idle ones, each taken out of the pool first. redis-py closes
+        them where they lie, while other threads may be taking them out to use them: a thread's call
+        then fails inside redis-py on a connection closed under it (``ValueError: I/O operation on closed
+        file``, ``AttributeError``), not as a ``ConnectionError``, and its job with an internal error."""
+        if inuse_connections:
+            super().disconnect(inuse_connections=True)  # type: ignore[no-untyped-call]
+            return
+        idle: list[Any] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                idle.append(self.pool.get_nowait())
+        for connection in idle:
+            if connection is not None:
+                connection.disconnect()
+            self.pool.put_nowait(connection)
 
     def release(self, connection: Any) -> None:
         # A connection to a former primary is dropped, and the blocking pool leaves a free place for a new

@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from devstack.processes import wait_until
+from devstack.sentinel import RedisGroup
+from services.config import load_config
+from services.errors import InvalidTransition, LeaseLost, StoreUnavailable
+from services.redis_connection import redis_client
+from services.replication import ReplicaAck
+from services.store import JobStore, Lease
 from tests.fault_kit import settle_succeeded
 from tests.report import FaultRow, record
 from tests.stack import Stack, directive_key, with_directive
@@ -179,3 +188,75 @@ def test_sigkill_the_redis_primary_under_load(fault_stack: Stack) -> None:
             f"{sum(child.restarts for child in stack.children.values())}",
         )
     )
+
+
+def test_calls_racing_failovers_fail_only_as_the_store_being_unavailable(tmp_path: Path) -> None:
+    """Many threads write through the sentinel-managed client while the primary is killed, three times: each
+    call succeeds, or fails as ``StoreUnavailable`` (what every caller handles), or is refused by the
+    store (a write the failover lost); never inside redis-py on a connection closed under it (the race
+    that ``services/redis_connection.py`` closes: once it failed a job with an internal error)."""
+    group = RedisGroup(tmp_path / "redis", tmp_path).start(replicas=2)
+    client = redis_client(load_config({**group.env(), "STORE_TIMEOUT": "1"}))
+    writer = JobStore(client, prefix="race", replica_ack=ReplicaAck(1, timeout=0.5))
+    done, unexpected = Counter[str](), list[str]()
+    stop = threading.Event()
+
+    def record(lease: Lease) -> None:
+        """As a worker records a paid answer: again while the store is unavailable, for up to 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                writer.succeed(lease, outputs=[], text=[], usage=None, upstream_status=200)
+                return
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                stop.wait(0.1)
+
+    def work(number: int) -> None:
+        while not stop.is_set():
+            try:
+                task = writer.create(model="m", payload=b"{}", metadata=None)
+                attempt = writer.start_attempt(
+                    task["id"], worker=f"w{number}", lease_seconds=30, give_up=lambda _: None
+                )
+                if attempt is not None:
+                    stop.wait(0.05)  # the call: meanwhile its connection is idle in the pool
+                    record(attempt.lease)
+                done["ok"] += 1
+            except (StoreUnavailable, LeaseLost, InvalidTransition) as exc:
+                done[type(exc).__name__] += 1
+            except Exception:  # what this test looks for
+                unexpected.append(traceback.format_exc())
+
+    def more_writes(count: int) -> Callable[[], bool]:
+        return lambda: done["ok"] >= count + 200
+
+    def another_primary(former: str) -> Callable[[], bool]:
+        return lambda: (group.agreed_primary() or former) != former
+
+    threads = [threading.Thread(target=work, args=(number,)) for number in range(60)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            wait_until(more_writes(done["ok"]), timeout=30, what="200 writes on the primary")
+            primary = group.agreed_primary()
+            assert primary is not None
+            group.servers[primary].kill()
+            wait_until(another_primary(primary), timeout=30, what="a new primary")
+            wait_until(more_writes(done["ok"]), timeout=30, what="200 writes on the new one")
+            group.restart(primary)
+            wait_until(
+                lambda: group.replicas_in_sync(group.agreed_primary() or "") == 2,
+                timeout=30,
+                what="the former primary back as a replica",
+            )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        client.close()
+        group.stop()
+    assert not unexpected, f"{len(unexpected)} call(s) failed inside redis-py, e.g.:\n{unexpected[0]}"
+    assert done["StoreUnavailable"] > 0, "calls were made while there was no primary"

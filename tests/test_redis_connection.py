@@ -53,3 +53,29 @@ def test_with_sentinels_the_store_asks_them_for_the_primary() -> None:
     assert all(s.connection_pool.connection_kwargs["password"] == "sentinel-pw" for s in sentinels)
     assert broker_use_ssl(config) == {"ssl_cert_reqs": "required"}
     assert broker_transport_options(config)["sentinel_kwargs"]["ssl"] is True
+
+
+def test_a_new_primary_closes_only_idle_connections_each_taken_out_first() -> None:
+    """redis-py closes the idle connections when a thread sees a new primary; ours takes each out of the
+    pool first, so that no other thread is handed one while it is being closed (which failed that thread's
+    call inside redis-py, with a ValueError or an AttributeError instead of a ConnectionError), and puts
+    it back: the pool keeps its size."""
+    pool = redis_client(load_config(SENTINELS)).connection_pool
+    in_use, idle = pool.make_connection(), pool.make_connection()
+    pool.pool.get_nowait(), pool.pool.get_nowait()  # the two places they were made for
+    pool.pool.put_nowait(idle)
+    closed: list[object] = []
+    handed_out_while_closed: list[bool] = []
+
+    def closing(connection: object) -> None:
+        closed.append(connection)
+        handed_out_while_closed.append(connection in pool.pool.queue)  # another thread could take it
+
+    for connection in (in_use, idle):
+        connection.disconnect = lambda connection=connection: closing(connection)
+    size = pool.pool.qsize()
+    pool.disconnect(inuse_connections=False)
+    assert closed == [idle] and handed_out_while_closed == [False]
+    assert pool.pool.qsize() == size and idle in pool.pool.queue
+    pool.disconnect()  # all of them, in use or not (what redis-py does on close)
+    assert sorted(map(id, closed)) == sorted(map(id, [idle, in_use, idle]))
