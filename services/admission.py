@@ -35,9 +35,8 @@ from typing import cast
 
 import redis
 
-from services import clock
 from services.keys import Keys
-from services.lua import Script
+from services.lua import REDIS_NOW_MS, Script
 from services.redis_errors import mapped_redis_errors
 from services.tenants import TenantSettings
 
@@ -57,19 +56,21 @@ end
 """
 
 # KEYS: admitted, queued, ready_tenants, tenants, capacity; then per tenant its ready and its admitted
-# set. ARGV: now (ms), window setting, the defaults of max_concurrency and weight, the most to admit in
-# this call; then the tenants' names (in the order of their keys). Returns the admitted task ids.
+# set. ARGV: the window setting, the defaults of max_concurrency and weight, the most to admit in this
+# call; then the tenants' names (in the order of their keys). Returns the admitted task ids. Now is Redis's
+# clock (the capacity set's, and the lost-message check's: ``JobStore.claim_lost_messages``).
 _ADMIT = (
-    ADMISSION_WINDOW
+    REDIS_NOW_MS
+    + ADMISSION_WINDOW
     + """
-local now = tonumber(ARGV[1])
-local room = tonumber(ARGV[5])
-local window = admission_window(tonumber(ARGV[2]), KEYS[5], now)
+local now = redis_now_ms()
+local room = tonumber(ARGV[4])
+local window = admission_window(tonumber(ARGV[1]), KEYS[5], now)
 if window ~= nil then room = math.min(room, window - redis.call('ZCARD', KEYS[1])) end
 local tenants = {}
-for index = 6, #ARGV do
-  local ready = KEYS[6 + (index - 6) * 2]
-  local admitted = KEYS[7 + (index - 6) * 2]
+for index = 5, #ARGV do
+  local ready = KEYS[6 + (index - 5) * 2]
+  local admitted = KEYS[7 + (index - 5) * 2]
   local own = redis.call('HGET', KEYS[4], ARGV[index])
   local settings = own and cjson.decode(own) or {}
   if redis.call('ZCARD', ready) == 0 then
@@ -78,8 +79,8 @@ for index = 6, #ARGV do
     tenants[#tenants + 1] = {
       name = ARGV[index], ready = ready, admitted = admitted,
       count = redis.call('ZCARD', admitted),
-      max = tonumber(settings.max_concurrency or ARGV[3]),
-      weight = tonumber(settings.weight or ARGV[4]),
+      max = tonumber(settings.max_concurrency or ARGV[2]),
+      weight = tonumber(settings.weight or ARGV[3]),
     }
   end
 end
@@ -157,7 +158,7 @@ class Admission:
             client,
             _ADMIT,
             keys=["admitted", "queued", "ready_tenants", "tenants", "capacity"],
-            args=["now_ms", "window", "max_concurrency", "weight", "limit"],
+            args=["window", "max_concurrency", "weight", "limit"],
             more_keys="tenant_keys",
             more_args="tenant_names",
         )
@@ -183,7 +184,6 @@ class Admission:
                 tenants=keys.tenants,
                 capacity=keys.capacity,
                 tenant_keys=tenant_keys,
-                now_ms=clock.now_ms(),
                 window=self._window,
                 max_concurrency=self._defaults.max_concurrency,
                 weight=self._defaults.weight,

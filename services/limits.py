@@ -23,23 +23,26 @@ import redis
 from services import clock
 from services.errors import Deferred
 from services.keys import Keys
-from services.lua import Script
+from services.lua import REDIS_NOW_MS, Script
 from services.redis_errors import mapped_redis_errors
 
-# KEYS: slots, cooldown, bucket. ARGV: now ms, token, hold ms, max slots (0 = none), rate per minute
-# (0 = none). Returns 0 when the slot was taken, else how many ms to wait before asking again.
-_ACQUIRE = """
-local now = tonumber(ARGV[1])
+# KEYS: slots, cooldown, bucket. ARGV: token, hold ms, max slots (0 = none), rate per minute (0 = none).
+# Returns 0 when the slot was taken, else how many ms to wait before asking again. Every time here is on
+# Redis's clock: a worker whose host's clock runs ahead must not see others' slots as expired.
+_ACQUIRE = (
+    REDIS_NOW_MS
+    + """
+local now = redis_now_ms()
 local cooldown = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cooldown > now then return cooldown - now end
-local max_slots = tonumber(ARGV[4])
+local max_slots = tonumber(ARGV[3])
 if max_slots > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   if redis.call('ZCARD', KEYS[1]) >= max_slots then
     return -1
   end
 end
-local rate = tonumber(ARGV[5])
+local rate = tonumber(ARGV[4])
 if rate > 0 then
   local capacity = math.max(1, rate / 60)
   local state = redis.call('HMGET', KEYS[3], 'tokens', 'at')
@@ -52,26 +55,33 @@ if rate > 0 then
   end
   redis.call('HSET', KEYS[3], 'tokens', tokens - 1, 'at', now)
 end
-if max_slots > 0 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2]) end
+if max_slots > 0 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) end
 return 0
 """
+)
 
-# KEYS: slots. ARGV: the holder's token, its new expiry (epoch ms). Returns 1 if it still held a slot.
-_RENEW_SLOT = """
+# KEYS: slots. ARGV: the holder's token, how long its slot lasts now (ms). Returns 1 if it still held one.
+_RENEW_SLOT = (
+    REDIS_NOW_MS
+    + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[1], redis_now_ms() + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
+)
 
-# KEYS: cooldown. ARGV: until (epoch ms). Only ever moves the end of the cooldown later.
-_COOL_DOWN = """
+# KEYS: cooldown. ARGV: how long from now (ms). Only ever moves the end of the cooldown later.
+_COOL_DOWN = (
+    REDIS_NOW_MS
+    + """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local until_ms = tonumber(ARGV[1])
+local until_ms = redis_now_ms() + tonumber(ARGV[1])
 if until_ms > current then
   redis.call('SET', KEYS[1], until_ms, 'PXAT', until_ms)
 end
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
@@ -93,17 +103,17 @@ class UpstreamLimiter:
             client,
             _ACQUIRE,
             keys=["slots", "cooldown", "bucket"],
-            args=["now_ms", "token", "hold_ms", "max_slots", "rate_per_minute"],
+            args=["token", "hold_ms", "max_slots", "rate_per_minute"],
         )
-        self._cool_down = Script(client, _COOL_DOWN, keys=["cooldown"], args=["until_ms"])
-        self._renew_slot = Script(client, _RENEW_SLOT, keys=["slots"], args=["token", "until_ms"])
+        self._cool_down = Script(client, _COOL_DOWN, keys=["cooldown"], args=["for_ms"])
+        self._renew_slot = Script(client, _RENEW_SLOT, keys=["slots"], args=["token", "hold_ms"])
 
     def renew(self, token: str) -> bool:
         if self._settings.max_concurrency <= 0:
             return True
-        until = clock.now_ms() + clock.ms(self._settings.hold_seconds)
+        hold_ms = clock.ms(self._settings.hold_seconds)
         with mapped_redis_errors():
-            return bool(self._renew_slot(slots=self._slots, token=token, until_ms=until) == 1)
+            return bool(self._renew_slot(slots=self._slots, token=token, hold_ms=hold_ms) == 1)
 
     def release(self, token: str) -> None:
         if self._settings.max_concurrency > 0:
@@ -113,7 +123,7 @@ class UpstreamLimiter:
     def cool_down(self, seconds: float) -> None:
         """Make every worker wait ``seconds`` before its next call (a 429's retryDelay)."""
         with mapped_redis_errors():
-            self._cool_down(cooldown=self._cooldown, until_ms=clock.now_ms() + clock.ms(seconds))
+            self._cool_down(cooldown=self._cooldown, for_ms=clock.ms(seconds))
 
     def acquire(self, token: str) -> None:
         """Take one upstream slot for ``token``: wait briefly in this thread, or raise ``Deferred``."""
@@ -126,7 +136,6 @@ class UpstreamLimiter:
                     slots=self._slots,
                     cooldown=self._cooldown,
                     bucket=self._bucket,
-                    now_ms=clock.now_ms(),
                     token=token,
                     hold_ms=clock.ms(settings.hold_seconds),
                     max_slots=settings.max_concurrency,

@@ -18,6 +18,16 @@ from redis.exceptions import NoScriptError
 
 from services.replication import ReplicaAck
 
+# A Lua function for scripts that need now: Redis's own clock in epoch ms (``TIME``), the one every process
+# shares, whatever its host's clock says (a worker host whose clock is off must not end others' leases or
+# limiter slots early). Prepend it to a script's source.
+REDIS_NOW_MS = """
+local function redis_now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+"""
+
 
 class Script:
     def __init__(

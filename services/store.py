@@ -377,11 +377,12 @@ class JobStore:
         """Tasks whose retry is due now: they go back to their tenant's ready set, in their first order
         (their creation and priority), for admission to send (``services/admission.py``). Returns their ids.
 
-        Three round trips when any is due: the candidates, their records (for their tenants), the move.
+        Four round trips when any is due: now (Redis's clock, as the due times: ``_consequences``), the
+        candidates, their records (for their tenants), the move.
         """
-        now = clock.now_ms()
         keys = self.keys
         with mapped_redis_errors():
+            now = clock.redis_ms(self._redis.time())
             found = cast(
                 "list[bytes]", self._redis.zrangebyscore(keys.delayed, "-inf", now, start=0, num=limit)
             )
@@ -415,8 +416,9 @@ class JobStore:
     def claim_past_deadlines(self, limit: int = 500) -> list[str]:
         """Tasks past their ``Cancel-After`` deadline; the caller cancels them (``cancel`` with
         ``DEADLINE_EXCEEDED``). Claimed for a while, so other sweepers leave them alone meanwhile; a
-        final task leaves the set with the change that made it final."""
-        now = clock.now_ms()
+        final task leaves the set with the change that made it final. Now is Redis's clock: a sweeper on a
+        host whose clock runs ahead cancels nothing early."""
+        now = self._now_ms()
         return self._claim_members(
             self.keys.deadlines, self.keys.deadlines, now, now + DEADLINE_RECLAIM_MS, limit
         )
@@ -450,9 +452,14 @@ class JobStore:
 
         Call only when the broker's queue is empty: then such a task's message was lost.
         """
-        now = clock.now_ms()
+        now = self._now_ms()
         queued = self.keys.queued
         return self._claim_members(queued, queued, now - clock.ms(older_than), now, limit)
+
+    def _now_ms(self) -> int:
+        """Now on Redis's clock, which every process shares whatever its host's clock says."""
+        with mapped_redis_errors():
+            return clock.redis_ms(self._redis.time())
 
     def _claim_members(self, source: str, target: str, max_score: int, score: int, limit: int) -> list[str]:
         with mapped_redis_errors():
@@ -928,7 +935,9 @@ class JobStore:
             extra.write("ZREM", keys.admitted, task_id)
             extra.write("ZREM", keys.tenant_admitted(tenant), task_id)
         if status == TaskStatus.QUEUED and new["next_attempt_at"]:
-            extra.write("ZADD", keys.delayed, clock.epoch_ms(new["next_attempt_at"]), task_id)
+            # due after the delay on Redis's clock, which the sweeper reads (``claim_due_retries``)
+            delay_ms = max(0, clock.epoch_ms(new["next_attempt_at"]) - clock.now_ms())
+            extra.write("ZADD_AFTER_NOW", keys.delayed, delay_ms, task_id)
             extra.write("ZREM", keys.queued, task_id)
         elif status != TaskStatus.QUEUED:
             extra.write("ZREM", keys.queued, task_id)

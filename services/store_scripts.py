@@ -4,6 +4,7 @@ Every key a script touches is passed in KEYS (``services/lua.py`` names them at 
 """
 
 from services.admission import ADMISSION_WINDOW
+from services.lua import REDIS_NOW_MS
 
 # KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
 # there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "writes": [[command, key index,
@@ -18,7 +19,9 @@ from services.admission import ADMISSION_WINDOW
 # in), its retention, and its ``batch.completed`` event in the outbox when its webhook asked for one
 # (its hash's ``notify``).
 # Returns 1 when written, 0 when the task changed meanwhile, -1 when a key that must be absent exists.
-COMPARE_AND_SET = """
+COMPARE_AND_SET = (
+    REDIS_NOW_MS
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local extra = cjson.decode(ARGV[3])
 for _, index in ipairs(extra.absent) do
@@ -27,9 +30,7 @@ end
 redis.call('SET', KEYS[1], ARGV[2])
 for _, write in ipairs(extra.writes) do
   if write[1] == 'ZADD_AFTER_NOW' then  -- [_, key, ms, member]: scored ms after Redis's own clock
-    local time = redis.call('TIME')
-    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-    redis.call('ZADD', KEYS[write[2]], now + tonumber(write[3]), write[4])
+    redis.call('ZADD', KEYS[write[2]], redis_now_ms() + tonumber(write[3]), write[4])
   else
     redis.call(write[1], KEYS[write[2]], unpack(write, 3))
   end
@@ -59,6 +60,7 @@ if batch and redis.call('EXISTS', KEYS[batch.key]) == 1 then
 end
 return 1
 """
+)
 
 # Submitting tasks: one, or a batch's, all or none. KEYS: the keys named by ``_create`` (the last: the
 # workers' capacity), then per task its record, payload and status events. ARGV: now (ms), the tenant,
@@ -224,11 +226,12 @@ return 1
 # if the lease was still held (and is extended), else 0. The new deadline is on Redis's clock, never the
 # worker's: a worker host whose clock is off can neither hide its task from the sweeper for as long as its
 # clock is ahead nor have it taken over early (tests/test_partition.py).
-RENEW_LEASE = """
+RENEW_LEASE = (
+    REDIS_NOW_MS
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[2]), ARGV[3])
+redis.call('ZADD', KEYS[2], 'XX', redis_now_ms() + tonumber(ARGV[2]), ARGV[3])
 return 1
 """
+)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -45,6 +47,31 @@ def redis_client(redis_server: str) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture
+def clock_ahead(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
+    """``clock_ahead(seconds)``: from then on, this process's clock (what ``services`` reads as now) is
+    ``seconds`` ahead, as on a host whose clock is off. Redis's clock is not."""
+
+    def set_ahead(seconds: float) -> None:
+        for module in ("services.clock", "services.store", "services.limits"):
+            monkeypatch.setattr(f"{module}.time", _SkewedTime(seconds))
+
+    return set_ahead
+
+
+class _SkewedTime:
+    """The ``time`` module, but for ``time()``: ``seconds`` ahead."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def time(self) -> float:
+        return time.time() + self._seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 @pytest.fixture

@@ -241,3 +241,18 @@ def test_no_cap_and_no_rate_let_every_call_through(make_limiter: MakeLimiter) ->
         limiter.acquire(f"t{number}")
     limiter.release("t0")
     assert limiter.renew("t1")
+
+
+def test_a_worker_whose_clock_runs_ahead_takes_no_one_elses_slot(
+    make_limiter: MakeLimiter, clock_ahead: Callable[[float], None]
+) -> None:
+    """Slots, cooldowns and the bucket are on Redis's clock: a worker on a host ten minutes ahead does
+    not see the others' slots as expired, nor their cooldown as over."""
+    limiter = make_limiter(max_concurrency=1)
+    assert acquired(limiter, "on-time")
+    limiter.cool_down(30)
+    clock_ahead(600)
+    assert deferral(limiter, "ahead") > 20, "the cooldown still holds"
+    limiter._redis.delete(KEYS.limiter_cooldown)
+    assert not acquired(limiter, "ahead"), "the other's slot still holds"
+    assert limiter.renew("on-time")

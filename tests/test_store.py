@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -263,3 +264,19 @@ def test_a_script_is_called_with_every_key_it_declares_and_nothing_else(store: J
         script(x="v1")  # a key left out: nothing is sent
     with pytest.raises(TypeError):
         script(a="k1", x="v1", b="k3")  # a key the script does not declare
+
+
+def test_a_sweeper_whose_clock_runs_ahead_claims_nothing_early(
+    store: JobStore, clock_ahead: Callable[[float], None]
+) -> None:
+    """Due retries, deadlines and lost messages are claimed on Redis's clock: a sweeper on a host ten
+    minutes ahead neither runs a retry early, nor cancels a task before its Cancel-After, nor resends
+    the message of a task queued a moment ago. (Leases: ``test_partition``.)"""
+    retried = new_task(store)
+    _, lease = begin(store, retried)
+    store.schedule_retry(lease, JobError("again", retryable=True), delay=60)
+    store.create(model="m", payload=b"{}", metadata=None, cancel_after=60)
+    clock_ahead(600)
+    assert store.claim_due_retries() == []
+    assert store.claim_past_deadlines() == []
+    assert store.claim_lost_messages(older_than=30) == []
