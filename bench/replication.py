@@ -1,11 +1,17 @@
-"""Scenario ``replication``: what ``REDIS_MIN_REPLICAS_ACK=1`` costs a submission (issue 13).
+"""Scenario ``replication``: what ``REDIS_MIN_REPLICAS_ACK=1`` costs a submission, or a worker's closing
+write (issue 13).
 
 A redis-server primary and one replica (``replicaof``, both with AOF as ``make run`` runs Redis) on this
-machine; the API's submission path in process (``SubmissionService.submit``: validation, the idempotency
-claim, the create script, and with the option the ``WAIT 1`` in the same round trip), called by 1 and by
-16 threads for ``--seconds`` each, with and without the option, alternately, ``--rounds`` times. No HTTP,
-no workers: the difference between the two is what the WAIT adds (the replica's acknowledgement: one
-more hop, primary → replica → primary, before the answer).
+machine; in process, called by 1 and by 16 threads for ``--seconds`` each, with and without the option,
+alternately, ``--rounds`` times, either (``--operation``)
+
+- ``submit``: the API's submission path (``SubmissionService.submit``: validation, the idempotency claim,
+  the create script, and with the option the ``WAIT 1`` in the same round trip); or
+- ``close``: a worker's closing write (``JobStore.succeed`` of a started attempt, and with the option its
+  ``WAIT 1``), timed alone: the task's creation and start before it are not.
+
+No HTTP, no workers: the difference between the two settings is what the WAIT adds (the replica's
+acknowledgement: one more hop, primary → replica → primary, before the answer).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,7 @@ from services.config import load_config
 from services.runtime import Runtime
 
 DESCRIPTION = (
-    "submissions/s and latency with and without REDIS_MIN_REPLICAS_ACK=1 (WAIT) on a primary+replica"
+    "submissions (or closing writes) a second and their latency with and without REDIS_MIN_REPLICAS_ACK=1"
 )
 
 
@@ -38,11 +45,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both settings (3)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 16], help="submitting threads (1 16)")
     parser.add_argument("--idempotency", action="store_true", help="send an Idempotency-Key with each")
+    parser.add_argument(
+        "--operation", choices=["submit", "close"], default="submit", help="what is timed (submit)"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write into bench/results/")
 
 
-def _measure(runtime: Runtime, threads: int, seconds: float, idempotency: bool) -> dict[str, Any]:
+def _operation(runtime: Runtime, plain: Runtime, name: str, idempotency: bool) -> Callable[[], float]:
+    """One timed call of ``name`` on ``runtime``: its duration in seconds (an exception: refused)."""
     raw = json.dumps(seed_body()).encode()
+
+    def submit() -> float:
+        started = time.perf_counter()
+        key = str(uuid.uuid4()) if idempotency else None
+        runtime.submissions.submit(raw, idempotency_key=key, tenant="default")
+        return time.perf_counter() - started
+
+    def close() -> float:
+        task = plain.store.create(model="m", payload=b"{}", metadata=None)
+        attempt = plain.store.start_attempt(
+            task["id"], worker="bench", lease_seconds=60, give_up=lambda _: None
+        )
+        assert attempt is not None
+        started = time.perf_counter()
+        runtime.store.succeed(attempt.lease, outputs=[], text=[], usage=None, upstream_status=200)
+        return time.perf_counter() - started
+
+    return submit if name == "submit" else close
+
+
+def _measure(operation: Callable[[], float], threads: int, seconds: float) -> dict[str, Any]:
     latencies: list[list[float]] = [[] for _ in range(threads)]
     refused = [0] * threads
     stop = threading.Event()
@@ -50,15 +82,10 @@ def _measure(runtime: Runtime, threads: int, seconds: float, idempotency: bool) 
     def submitter(number: int) -> None:
         mine = latencies[number]
         while not stop.is_set():
-            started = time.perf_counter()
             try:
-                runtime.submissions.submit(
-                    raw, idempotency_key=str(uuid.uuid4()) if idempotency else None, tenant="default"
-                )
+                mine.append(operation())
             except Exception:  # noqa: BLE001 - counted: a 503 when the replica did not answer in time
                 refused[number] += 1
-                continue
-            mine.append(time.perf_counter() - started)
 
     workers = [threading.Thread(target=submitter, args=(number,)) for number in range(threads)]
     began = time.perf_counter()
@@ -72,7 +99,7 @@ def _measure(runtime: Runtime, threads: int, seconds: float, idempotency: bool) 
     merged = sorted(latency for mine in latencies for latency in mine)
     return {
         "threads": threads,
-        "submissions": len(merged),
+        "calls": len(merged),
         "per_second": len(merged) / elapsed,
         "p50_ms": 1000 * merged[len(merged) // 2],
         "p99_ms": 1000 * merged[int(len(merged) * 0.99)],
@@ -88,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "rounds": args.rounds,
             "threads": args.threads,
             "idempotency": args.idempotency,
+            "operation": args.operation,
         },
     )
     with tempfile.TemporaryDirectory(prefix="bench-replication-") as tmp:
@@ -112,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                 for threads in args.threads:
                     for setting, runtime in runtimes.items():
                         client.flushall()
-                        result = _measure(runtime, threads, args.seconds, args.idempotency)
+                        operation = _operation(runtime, runtimes["off"], args.operation, args.idempotency)
+                        result = _measure(operation, threads, args.seconds)
                         result.update(setting=setting, round=round_number + 1)
                         say("replication", f"{result}")
                         rows.append(result)
@@ -127,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _render(data: dict[str, Any]) -> str:
-    lines = header(data, "Scenario replication: REDIS_MIN_REPLICAS_ACK=1 (WAIT) on a primary + replica")
+    operation = data["params"].get("operation", "submit")
+    lines = header(
+        data, f"Scenario replication ({operation}): REDIS_MIN_REPLICAS_ACK=1 (WAIT) on a primary + replica"
+    )
     summary = []
     for threads in data["params"]["threads"]:
         for setting in ("off", "WAIT 1"):
@@ -148,11 +180,11 @@ def _render(data: dict[str, Any]) -> str:
             [
                 "threads",
                 "REDIS_MIN_REPLICAS_ACK",
-                "submissions/s (median)",
+                f"{operation} calls/s (median)",
                 "range",
                 "p50 ms",
                 "p99 ms",
-                "503s",
+                "refused",
             ],
             summary,
         )
@@ -160,13 +192,13 @@ def _render(data: dict[str, Any]) -> str:
     lines += ["", "Every measurement:", ""]
     lines.append(
         markdown_table(
-            ["round", "threads", "setting", "submissions", "per s", "p50 ms", "p99 ms", "503s"],
+            ["round", "threads", "setting", "calls", "per s", "p50 ms", "p99 ms", "refused"],
             [
                 [
                     r["round"],
                     r["threads"],
                     r["setting"],
-                    r["submissions"],
+                    r["calls"],
                     r["per_second"],
                     r["p50_ms"],
                     r["p99_ms"],
