@@ -382,7 +382,7 @@ class JobStore:
         """
         keys = self.keys
         with mapped_redis_errors():
-            now = clock.redis_ms(self._redis.time())
+            now = self._now_ms()
             found = cast(
                 "list[bytes]", self._redis.zrangebyscore(keys.delayed, "-inf", now, start=0, num=limit)
             )
@@ -432,7 +432,7 @@ class JobStore:
         deadlines (``renew_lease``, ``start_attempt``): no process's own clock decides when a lease ends.
         """
         with mapped_redis_errors():
-            now = clock.redis_ms(self._redis.time())
+            now = self._now_ms()
             found = self._redis.zrangebyscore(self.keys.running, "-inf", now, start=0, num=limit)
             if not found:
                 return []
