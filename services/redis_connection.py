@@ -44,7 +44,7 @@ class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool
         then fails inside redis-py on a connection closed under it (``ValueError: I/O operation on closed
         file``, ``AttributeError``), not as a ``ConnectionError``, and its job with an internal error."""
         if inuse_connections:
-            super().disconnect(inuse_connections=True)  # type: ignore[no-untyped-call]
+            super().disconnect(inuse_connections=True)
             return
         idle: list[Any] = []
         with contextlib.suppress(queue.Empty):
