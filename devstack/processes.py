@@ -139,10 +139,13 @@ def start_redis(
     name: str = "redis",
     replicaof: int | None = None,
     host: str = HOST,
+    min_replicas_to_write: int = 0,
 ) -> Child:
     """A redis-server that keeps its data (AOF) in ``data_dir``; the same call restarts it on that data.
     ``replicaof``: the port of the primary (on ``HOST``) it starts as a replica of. ``host``: the address
-    it listens on (tests/test_partition.py: one that worker hosts in network namespaces reach)."""
+    it listens on (tests/test_partition.py: one that worker hosts in network namespaces reach).
+    ``min_replicas_to_write``: as a primary, it refuses writes unless that many replicas are connected
+    (and less than 10 s behind): a primary cut off from its group takes no write the group will lose."""
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "redis-server", "--port", str(port), "--bind", host, "--dir", str(data_dir),
@@ -151,6 +154,8 @@ def start_redis(
     ]  # fmt: skip
     if replicaof is not None:
         args += ["--replicaof", HOST, str(replicaof)]
+    if min_replicas_to_write:
+        args += ["--min-replicas-to-write", str(min_replicas_to_write), "--min-replicas-max-lag", "10"]
     # a replica (or a former primary made one) is sent the data at once, not after Redis's default 5 s
     args += ["--repl-diskless-sync-delay", "0"]
     child = Child(name, args, dict(os.environ), log_dir / f"{name}.log").start()
@@ -166,7 +171,7 @@ def start_sentinel(
     master: str,
     primary_port: int,
     quorum: int = 2,
-    down_after_ms: int = 1000,
+    down_after_ms: int = 3000,
     failover_timeout_ms: int = 3000,
     name: str = "sentinel",
 ) -> Child:

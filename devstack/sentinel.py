@@ -34,7 +34,7 @@ class RedisGroup:
         replicas: int = 1,
         sentinels: int = 3,
         quorum: int = 2,
-        down_after_ms: int = 1000,
+        down_after_ms: int = 3000,
         failover_timeout_ms: int = 3000,
     ) -> RedisGroup:
         names = [f"redis-{chr(ord('a') + number)}" for number in range(replicas + 1)]
@@ -47,6 +47,7 @@ class RedisGroup:
                 log_dir=self.log_dir,
                 name=name,
                 replicaof=None if name == primary else self.ports[primary],
+                min_replicas_to_write=1,  # no split brain (README, "Redis failover")
             )
         wait_until(
             lambda: self.replicas_in_sync(primary) == replicas,

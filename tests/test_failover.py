@@ -3,7 +3,7 @@ are in flight. No accepted (202) task is lost or stuck, no upstream call is paid
 when the primary died, the API answers 503 during the switch and 202 again seconds later.
 
 The stack's Redis is a primary with two replicas and three sentinels (devstack/sentinel.py: quorum 2,
-down after 1 s), every process configured with REDIS_SENTINELS; submissions are acknowledged only once a
+down after 3 s), every process configured with REDIS_SENTINELS; submissions are acknowledged only once a
 replica holds them (REDIS_MIN_REPLICAS_ACK=1, services/replication.py). Two replicas, because with one
 the failover leaves the new primary without any, and every submission would get 503 until one is back.
 
