@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -67,6 +69,30 @@ TEST_ENV = {
 }
 
 
+# The machine's RabbitMQ (the fault suite's RabbitMQ variant): each stack gets a vhost of its own.
+RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
+RABBITMQ_SKIP = (
+    f"RabbitMQ not reachable on {RABBITMQ_HOST}:{RABBITMQ_PORT}: "
+    "the RabbitMQ variant of the fault suite is skipped"
+)
+BROKERS = ("redis", "rabbitmq")
+
+
+def rabbitmq_available() -> bool:
+    """Whether a RabbitMQ listens on 127.0.0.1:5672 and ``rabbitmqctl`` is here to make vhosts."""
+    if shutil.which("rabbitmqctl") is None:
+        return False
+    try:
+        socket.create_connection((RABBITMQ_HOST, RABBITMQ_PORT), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)  # noqa: S603, S607
+
+
 def seed_body() -> dict[str, Any]:
     return json.loads((SAMPLES / "request-seed-example.json").read_text())
 
@@ -120,6 +146,9 @@ class Stack:
     # the address Redis, S3, the simulator and the API listen on (tests/test_partition.py: one that worker
     # hosts in network namespaces reach)
     host: str = HOST
+    # "redis" (the store's Redis) or "rabbitmq" (BROKER_URL on a vhost of the stack's own)
+    broker: str = "redis"
+    vhost: str | None = None
     _turn: int = 0
 
     @property
@@ -157,6 +186,11 @@ class Stack:
             self.redis_port = free_port()
             self.start_redis()
             redis_env = {"REDIS_URL": f"redis://{self.host}:{self.redis_port}/0"}
+        if self.broker == "rabbitmq":
+            self.vhost = f"iq-test-{uuid.uuid4().hex[:12]}"
+            _rabbitmqctl("add_vhost", self.vhost)
+            _rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+            redis_env["BROKER_URL"] = f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{self.vhost}"
         s3_port, sim_port, api_port = free_port(), free_port(), free_port()
         self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir, host=self.host)
         self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir, host=self.host)
@@ -230,6 +264,10 @@ class Stack:
         for child in reversed(list(self.children.values())):
             child.stop()
         self.http.close()
+        if self.api is not None:
+            self.runtime.broker.close()
+        if self.vhost is not None:
+            _rabbitmqctl("delete_vhost", self.vhost)
 
     # client helpers ---------------------------------------------------------------------------------
     def submit(self, body: Any, *, tenant: str | None = None, **kwargs: Any) -> httpx.Response:
@@ -318,11 +356,13 @@ def running_stack(
     *,
     webhook_worker: bool = True,
     redis_replicas: int = 0,
+    broker: str = "redis",
     **overrides: str,
 ) -> Iterator[Stack]:
     """A stack with ``worker_count`` generation workers and, unless told not to, a webhook worker; with
-    ``redis_replicas``, its Redis is a primary with that many replicas behind three sentinels."""
-    stack = Stack(root, overrides, redis_replicas=redis_replicas)
+    ``redis_replicas``, its Redis is a primary with that many replicas behind three sentinels; with
+    ``broker="rabbitmq"``, the machine's RabbitMQ is the broker, on a vhost of its own (deleted after)."""
+    stack = Stack(root, overrides, redis_replicas=redis_replicas, broker=broker)
     try:
         yield stack.start(worker_count, webhook_worker=webhook_worker)
     finally:

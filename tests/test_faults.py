@@ -26,9 +26,11 @@ from tests.fault_kit import (
     LEASE,
     assert_all_succeeded,
     attempt_pid,
+    both_brokers,
     calls_by_key,
     calls_by_task,
     calls_without_an_attempt,
+    on_broker,
     paid_twice,
     settle,
     settle_succeeded,
@@ -43,6 +45,7 @@ from tests.stack import Stack, directive_key, with_directive
 pytestmark = pytest.mark.timeout(240)
 
 
+@both_brokers
 def test_sigkill_a_worker_with_calls_in_flight(fault_stack: Stack) -> None:
     stack = fault_stack
     bodies = slow_bodies(60, 3000)
@@ -100,7 +103,7 @@ def test_sigkill_a_worker_with_calls_in_flight(fault_stack: Stack) -> None:
     unsent = len(found_lost) - len(cut_off)
     record(
         FaultRow(
-            "SIGKILL a worker, 60 tasks, >=50 calls in flight",
+            on_broker(stack, "SIGKILL a worker, 60 tasks, >=50 calls in flight"),
             len(ids),
             sum(t["status"] == "succeeded" for t in tasks.values()),
             0,
