@@ -147,7 +147,8 @@ class RabbitBroker(Broker):
         """Publish the outbox's entries that have waited at least ``RELAY_GRACE`` (by this process's
         watch: the API publishes its own at once, so younger ones are most likely being published)."""
         with mapped_redis_errors():
-            entries = cast("list[bytes]", self._redis.lrange(self._keys.outbox, -RELAY_BATCH, -1))
+            newest_first = cast("list[bytes]", self._redis.lrange(self._keys.outbox, -RELAY_BATCH, -1))
+        entries = newest_first[::-1]  # the oldest first
         now = time.monotonic()
         self._first_seen = {entry: self._first_seen.get(entry, now) for entry in entries}
         due = [entry for entry, seen in self._first_seen.items() if now - seen >= RELAY_GRACE]

@@ -89,8 +89,35 @@ def rabbitmq_available() -> bool:
     return True
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)  # noqa: S603, S607
+def _rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )  # noqa: S603, S607
+    return done.stdout
+
+
+def new_vhost() -> tuple[str, str]:
+    """A fresh vhost on the machine's RabbitMQ that guest may use: (its name, its amqp:// URL)."""
+    vhost = f"iq-test-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return vhost, f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{vhost}"
+
+
+def delete_vhost(vhost: str) -> None:
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+def list_queues(vhost: str) -> dict[str, dict[str, str]]:
+    """Each queue of ``vhost``: its type and arguments."""
+    columns = ("name", "type", "arguments")
+    out = _rabbitmqctl("list_queues", "-p", vhost, "--no-table-headers", *columns)
+    queues = {}
+    for line in out.splitlines():
+        values = line.split("\t")
+        if len(values) == len(columns):
+            queues[values[0]] = dict(zip(columns[1:], values[1:], strict=True))
+    return queues
 
 
 def seed_body() -> dict[str, Any]:
@@ -187,10 +214,7 @@ class Stack:
             self.start_redis()
             redis_env = {"REDIS_URL": f"redis://{self.host}:{self.redis_port}/0"}
         if self.broker == "rabbitmq":
-            self.vhost = f"iq-test-{uuid.uuid4().hex[:12]}"
-            _rabbitmqctl("add_vhost", self.vhost)
-            _rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
-            redis_env["BROKER_URL"] = f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{self.vhost}"
+            self.vhost, redis_env["BROKER_URL"] = new_vhost()
         s3_port, sim_port, api_port = free_port(), free_port(), free_port()
         self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir, host=self.host)
         self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir, host=self.host)
@@ -267,7 +291,7 @@ class Stack:
         if self.api is not None:
             self.runtime.broker.close()
         if self.vhost is not None:
-            _rabbitmqctl("delete_vhost", self.vhost)
+            delete_vhost(self.vhost)
 
     # client helpers ---------------------------------------------------------------------------------
     def submit(self, body: Any, *, tenant: str | None = None, **kwargs: Any) -> httpx.Response:

@@ -261,6 +261,7 @@ def test_s3_unavailable_for_a_while(fault_stack: Stack) -> None:
     )
 
 
+@both_brokers
 @pytest.mark.stack(UPSTREAM_MAX_CONCURRENCY="6")
 def test_a_worker_killed_under_the_cap_leaves_nothing_admitted(fault_stack: Stack) -> None:
     """With a cap, admission is in the path: most tasks wait in their tenant's ready set, and the killed
@@ -284,7 +285,7 @@ def test_a_worker_killed_under_the_cap_leaves_nothing_admitted(fault_stack: Stac
     finished = max(parse_iso(task["finished_at"]).timestamp() for task in tasks.values())
     record(
         FaultRow(
-            "SIGKILL a worker under a cap of 6 (admission active), 30 tasks of 2 tenants",
+            on_broker(stack, "SIGKILL a worker under a cap of 6 (admission active), 30 tasks of 2 tenants"),
             len(ids),
             len(tasks),
             0,
