@@ -15,6 +15,7 @@ from devstack.processes import wait_until
 from services.broker import RabbitBroker
 from services.clock import parse_iso
 from tests.fault_kit import LEASE, on_broker, paid_twice, settle_succeeded, slow_bodies, submit_many
+from tests.receiver import Receiver
 from tests.report import FaultRow, record
 from tests.stack import Stack
 
@@ -30,8 +31,10 @@ def rabbit(stack: Stack) -> RabbitBroker:
 def test_tasks_stored_but_never_published_are_relayed_by_the_sweeper(fault_stack: Stack) -> None:
     """An API process killed between storing tasks and publishing them: their ids wait in the outbox,
     written by the create script in the same step as the tasks; a sweeper publishes them (a second
-    after it first sees them) and each runs once."""
+    after it first sees them) and each runs once. The tasks submitted meanwhile ask for webhooks, which
+    go through RabbitMQ's ``webhooks`` queue; the metrics read both queues' depths from RabbitMQ."""
     stack = fault_stack
+    receiver = Receiver(stack.env["WEBHOOK_SIGNING_SECRET"])
     broker = rabbit(stack)
     store = stack.runtime.store
     orphan_bodies = slow_bodies(10, 100)
@@ -50,9 +53,18 @@ def test_tasks_stored_but_never_published_are_relayed_by_the_sweeper(fault_stack
     client = stack.runtime.redis
     in_outbox = client.llen(stack.runtime.keys.outbox)
     assert in_outbox == len(orphans), "stored means in the outbox"
-    sent_bodies = slow_bodies(10, 100)
-    ids = orphans + submit_many(stack, sent_bodies)
-    tasks = settle_succeeded(stack, ids, timeout=60)
+    sent_bodies = [{**body, "webhook_url": receiver.url("/hooks/rabbit")} for body in slow_bodies(10, 100)]
+    try:
+        ids = orphans + submit_many(stack, sent_bodies)
+        tasks = settle_succeeded(stack, ids, timeout=60)
+        delivered = receiver.wait_for("/hooks/rabbit", len(sent_bodies))
+    finally:
+        receiver.stop()
+    # (signed with each tenant's own secret, which the receiver does not know: test_webhooks checks them)
+    assert len({item.headers["webhook-id"] for item in delivered}) == len(sent_bodies)
+    scraped = stack.http.get(f"{stack.api_url}/metrics").text
+    assert 'imagegen_queue_depth{queue="generation"} 0.0' in scraped, scraped
+    assert 'imagegen_queue_depth{queue="webhooks"} 0.0' in scraped
     assert client.llen(stack.runtime.keys.outbox) == 0, "every entry removed once its publish was confirmed"
     assert all(len(tasks[task_id]["attempts"]) == 1 for task_id in ids)
     duplicates = paid_twice(stack, orphan_bodies + sent_bodies)
@@ -68,7 +80,8 @@ def test_tasks_stored_but_never_published_are_relayed_by_the_sweeper(fault_stack
             0,
             duplicates,
             f"started {recovery:.1f}s after creation",
-            note="a sweeper published the outbox's entries (publisher confirms), each removed once confirmed",
+            note="a sweeper published the outbox entries (publisher confirms), each removed once confirmed; "
+            "the 10 sent asked for webhooks, delivered through RabbitMQ",
         )
     )
 
