@@ -61,6 +61,10 @@ DEAD_SUFFIX = ".dead"
 DEAD_MAX_LENGTH = 100_000  # messages a dead-letter queue keeps (the oldest go first): for inspection only
 RELAY_GRACE = 1.0  # s: an outbox entry the API has not published by then is the sweepers' to publish
 RELAY_BATCH = 500
+# s: after a failed call, calls fail at once for this long instead of each waiting for RabbitMQ's timeout
+# (a black-holed host would otherwise hold every submission's 202 for STORE_TIMEOUT); the outbox keeps
+# what could not be published, and the sweepers publish it once RabbitMQ answers again
+FAILURE_PAUSE = 2.0
 
 
 class Broker:
@@ -107,7 +111,8 @@ class RabbitBroker(Broker):
     """RabbitMQ: quorum queues, publisher confirms, and the outbox in Redis (see the module's docstring).
 
     One AMQP connection per process, used under a lock (py-amqp's channels are not thread-safe); a call
-    that fails drops it, and the next call connects again."""
+    that fails drops it, calls fail at once for ``FAILURE_PAUSE``, and the next call after that connects
+    again."""
 
     name = "rabbitmq"
 
@@ -118,6 +123,7 @@ class RabbitBroker(Broker):
         self._connection: Connection | None = None
         self._producer: Producer | None = None
         self._first_seen: dict[bytes, float] = {}
+        self._paused_until = 0.0
 
     @property
     def message(self) -> Callable[[str], tuple[str, bytes]]:
@@ -202,6 +208,8 @@ class RabbitBroker(Broker):
         """The process's producer, connected (and the queues declared) on first use; any error drops the
         connection and is raised as ``BrokerUnavailable``."""
         with self._lock:
+            if time.monotonic() < self._paused_until:
+                raise BrokerUnavailable("RabbitMQ failed moments ago; tried again shortly")
             try:
                 if self._producer is None:
                     self._connect()
@@ -209,6 +217,7 @@ class RabbitBroker(Broker):
                 yield self._producer
             except Exception as exc:
                 self._drop()
+                self._paused_until = time.monotonic() + FAILURE_PAUSE
                 raise BrokerUnavailable(f"RabbitMQ: {type(exc).__name__}: {exc}") from exc
 
     def _connect(self) -> None:

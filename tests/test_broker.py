@@ -72,13 +72,16 @@ def test_the_redis_broker_is_the_store_s_redis(redis_client: redis.Redis) -> Non
 
 
 # the outbox and its relay, without RabbitMQ -----------------------------------------------------------
-def test_a_publish_that_fails_leaves_its_entries_in_the_outbox(redis_client: redis.Redis) -> None:
+def test_a_publish_that_fails_leaves_its_entries_in_the_outbox(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     broker = rabbit(redis_client, f"amqp://guest:guest@127.0.0.1:{free_port()}/")  # nothing listens there
     broker.send(["t1", "t2"])  # into the outbox; the publish fails, and is logged, not raised
     assert sorted(outbox(redis_client)) == ["t1", "t2"]
-    with pytest.raises(BrokerUnavailable):
+    with pytest.raises(BrokerUnavailable, match="moments ago"):  # paused: fails at once, no new attempt
         broker.publish([b"t1"])
-    with pytest.raises(BrokerUnavailable):
+    monkeypatch.setattr(broker, "_paused_until", 0.0)
+    with pytest.raises(BrokerUnavailable, match="ConnectionRefusedError"):
         broker.backlog(GENERATION_QUEUE)
     assert sorted(outbox(redis_client)) == ["t1", "t2"]
 
@@ -120,6 +123,8 @@ def test_an_entry_leaves_the_outbox_only_after_its_message_was_confirmed(
     assert producer.published == [("t1", ["t3", "t2", "t1"])]
     assert sorted(outbox(redis_client)) == ["t2", "t3"]
     producer.fail_on = None
+    monkeypatch.setattr(broker_module, "FAILURE_PAUSE", 0.0)
+    monkeypatch.setattr(broker, "_paused_until", 0.0)
     broker.publish([b"t2", b"t3"])
     assert not outbox(redis_client)
 
