@@ -144,14 +144,23 @@ class RabbitBroker(Broker):
         self._publish_now(task_ids)
 
     def _publish_now(self, task_ids: Sequence[str]) -> None:
+        if self._paused:  # failed moments ago (and said so): the sweepers publish these
+            return
         try:
             self.publish([task_id.encode() for task_id in task_ids])
         except BrokerUnavailable as exc:
-            log.warning("%d job(s) left in the outbox for the sweeper: %s", len(task_ids), exc.message)
+            log.warning("%d job(s) left in the outbox for the sweepers: %s", len(task_ids), exc.message)
+
+    @property
+    def _paused(self) -> bool:
+        return time.monotonic() < self._paused_until
 
     def relay(self) -> int:
         """Publish the outbox's entries that have waited at least ``RELAY_GRACE`` (by this process's
-        watch: the API publishes its own at once, so younger ones are most likely being published)."""
+        watch: the API publishes its own at once, so younger ones are most likely being published).
+        Nothing is tried while paused after a failure (``FAILURE_PAUSE``)."""
+        if self._paused:
+            return 0
         with mapped_redis_errors():
             newest_first = cast("list[bytes]", self._redis.lrange(self._keys.outbox, -RELAY_BATCH, -1))
         entries = newest_first[::-1]  # the oldest first
@@ -208,7 +217,7 @@ class RabbitBroker(Broker):
         """The process's producer, connected (and the queues declared) on first use; any error drops the
         connection and is raised as ``BrokerUnavailable``."""
         with self._lock:
-            if time.monotonic() < self._paused_until:
+            if self._paused:
                 raise BrokerUnavailable("RabbitMQ failed moments ago; tried again shortly")
             try:
                 if self._producer is None:

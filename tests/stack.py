@@ -108,6 +108,12 @@ def delete_vhost(vhost: str) -> None:
     _rabbitmqctl("delete_vhost", vhost)
 
 
+def close_connections(vhost: str) -> None:
+    """RabbitMQ closes every client connection to ``vhost`` (and only those): a broker that drops its
+    clients, as on a node restart, without touching anyone else's vhost."""
+    _rabbitmqctl("close_all_connections", "--vhost", vhost, "--limit", "1000", "fault test")
+
+
 def list_queues(vhost: str) -> dict[str, dict[str, str]]:
     """Each queue of ``vhost``: its type and arguments."""
     columns = ("name", "type", "arguments")

@@ -14,10 +14,18 @@ from kombu.connection import Connection
 from devstack.processes import wait_until
 from services.broker import RabbitBroker
 from services.clock import parse_iso
-from tests.fault_kit import LEASE, on_broker, paid_twice, settle_succeeded, slow_bodies, submit_many
+from tests.fault_kit import (
+    LEASE,
+    on_broker,
+    paid_twice,
+    settle_succeeded,
+    slow_bodies,
+    submit_many,
+    worker_holding_calls,
+)
 from tests.receiver import Receiver
 from tests.report import FaultRow, record
-from tests.stack import Stack
+from tests.stack import Stack, close_connections
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.parametrize("fault_stack", ["rabbitmq"], indirect=True)]
 
@@ -144,5 +152,39 @@ def test_messages_past_the_delivery_limit_are_dead_lettered_and_their_tasks_stil
             f"held tasks started {recovery:.1f}s after the drop (lease {LEASE:.0f}s)",
             note=f"{dead} message(s) in generation.dead; {len(queued)} of the held tasks still queued at the "
             "drop, sent again by the lost-message check",
+        )
+    )
+
+
+def test_rabbitmq_drops_every_connection_with_calls_in_flight(fault_stack: Stack) -> None:
+    """RabbitMQ closes every connection of the stack's vhost (the workers', the API's publisher) while
+    calls are in flight and submissions go on. The workers' unacknowledged messages go back to the queue;
+    their tasks keep running under their leases, so the messages delivered again find them running (or
+    final) and do nothing. Workers and publishers connect again; every task runs once."""
+    stack = fault_stack
+    assert stack.vhost is not None
+    first = slow_bodies(30, 2000)
+    ids = submit_many(stack, first)
+    worker_holding_calls(stack, first, ids, 20)
+    dropped_at = time.time()
+    close_connections(stack.vhost)
+    then = slow_bodies(20, 300)
+    ids += submit_many(stack, then)  # published at once if the API's connection is back, else relayed
+    tasks = settle_succeeded(stack, ids, timeout=90)
+    assert all(len(tasks[task_id]["attempts"]) == 1 for task_id in ids), "no task ran twice"
+    duplicates = paid_twice(stack, first + then)
+    assert duplicates == 0
+    finished = max(parse_iso(task["finished_at"]).timestamp() for task in tasks.values())
+    record(
+        FaultRow(
+            on_broker(stack, "RabbitMQ closes every connection (workers, API) with 20+ calls in flight"),
+            len(ids),
+            len(ids),
+            0,
+            0,
+            duplicates,
+            f"all done {finished - dropped_at:.1f}s after the drop",
+            note="the redelivered messages found their tasks running or final; 20 more submitted after the "
+            "drop, each run once",
         )
     )
