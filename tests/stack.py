@@ -92,7 +92,7 @@ def rabbitmq_available() -> bool:
 def _rabbitmqctl(*args: str) -> str:
     done = subprocess.run(
         ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
-    )  # noqa: S603, S607
+    )
     return done.stdout
 
 
