@@ -12,6 +12,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,10 @@ class Stack:
         self.supervisor.stop()
         if self.api is not None:
             self.api.stop()
+        # the workers together (each takes a second or two to shut down), then the rest, newest first
+        workers = [child for name, child in self.children.items() if "worker" in name]
+        with ThreadPoolExecutor(max(1, len(workers))) as pool:
+            list(pool.map(Child.stop, workers))
         for child in reversed(list(self.children.values())):
             child.stop()
         self.http.close()
