@@ -39,6 +39,10 @@ class Config:
     redis_min_replicas_ack: int = 0
     redis_replica_ack_timeout: float = 0.5
     key_prefix: str = "iq"
+    # the Celery broker (services/broker.py): None is the store's Redis, as it always was; an amqp:// or
+    # amqps:// URL is RabbitMQ, with quorum queues, publisher confirms and a dead-letter queue
+    broker_url: str | None = field(default=None, repr=False)
+    broker_delivery_limit: int = 5
 
     s3_endpoint_url: str | None = None
     s3_public_endpoint_url: str | None = None
@@ -119,6 +123,11 @@ class Config:
         return self.output_retention_days or self.task_retention_days
 
     @property
+    def rabbitmq(self) -> bool:
+        """Whether the broker is RabbitMQ (``BROKER_URL=amqp://…``) rather than the store's Redis."""
+        return self.broker_url is not None and self.broker_url.startswith(("amqp://", "amqps://"))
+
+    @property
     def auth_required(self) -> bool:
         """Keys are required once any exist: from API_KEYS, or made through the admin API."""
         return bool(self.api_keys) or self.admin_api_key is not None
@@ -140,6 +149,16 @@ def _url(value: str) -> str:
 def _redis_url(value: str) -> str:
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _broker_url(value: str) -> str:
+    value = value.strip()
+    if not value.startswith(("amqp://", "amqps://", "redis://", "rediss://")):
+        raise ValueError(
+            "must be an amqp:// or amqps:// URL (RabbitMQ), or a redis:// URL equal to REDIS_URL, or unset "
+            "(the broker is then the store's Redis)"
+        )
     return value
 
 
@@ -276,6 +295,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "REDIS_MIN_REPLICAS_ACK": ("redis_min_replicas_ack", _non_negative_int),
     "REDIS_REPLICA_ACK_TIMEOUT": ("redis_replica_ack_timeout", _positive_float),
     "KEY_PREFIX": ("key_prefix", _str),
+    "BROKER_URL": ("broker_url", _broker_url),
+    "BROKER_DELIVERY_LIMIT": ("broker_delivery_limit", _non_negative_int),
     "S3_ENDPOINT_URL": ("s3_endpoint_url", _url),
     "S3_PUBLIC_ENDPOINT_URL": ("s3_public_endpoint_url", _url),
     "S3_BUCKET": ("s3_bucket", _str),
@@ -369,6 +390,13 @@ def _check(config: Config) -> None:
         raise ConfigError("REDIS_SENTINEL_PASSWORD is set without REDIS_SENTINELS")
     if config.redis_sentinels and config.redis_url.startswith("unix://"):
         raise ConfigError("REDIS_URL must be a redis:// or rediss:// URL with REDIS_SENTINELS (not unix://)")
+    if config.broker_url is not None and config.broker_url.startswith(("redis://", "rediss://")):
+        if config.broker_url != config.redis_url or config.redis_sentinels:
+            raise ConfigError(
+                "BROKER_URL may be a redis:// URL only if it is REDIS_URL itself (without REDIS_SENTINELS): "
+                "the Redis broker is the store's Redis, where the API writes a task and its message in one "
+                "step. Leave BROKER_URL unset for it, or set an amqp:// URL for RabbitMQ"
+            )
     if config.redis_min_replicas_ack and config.redis_replica_ack_timeout >= config.store_timeout:
         raise ConfigError("REDIS_REPLICA_ACK_TIMEOUT must be shorter than STORE_TIMEOUT")
     if config.retry_max_delay < config.retry_base_delay:

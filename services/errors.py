@@ -24,6 +24,8 @@ its machine-readable ``code``, and whether retrying the same work may succeed. L
     │   └── PayloadTooLarge           413 payload_too_large
     ├── StoreUnavailable              503 store_unavailable      (retryable: Redis is down)
     ├── StorageUnavailable            503 storage_unavailable    (retryable: S3 is down)
+    ├── BrokerUnavailable             503 broker_unavailable     (retryable: RabbitMQ is down; never
+    │                                                             shown: the outbox keeps the message)
     ├── InvalidTransition             409 invalid_transition     (a state change the task's state forbids)
     ├── LeaseLost                     409 lease_lost             (a worker's lease on its task expired)
     ├── CallCutOff                    409 call_cut_off           (a canceled task's upstream call, cut off:
@@ -172,6 +174,12 @@ class PayloadTooLarge(RequestError):
 class StoreUnavailable(ServiceError):
     status = 503
     code = "store_unavailable"
+    retryable = True
+
+
+class BrokerUnavailable(ServiceError):
+    status = 503
+    code = "broker_unavailable"
     retryable = True
 
 

@@ -14,6 +14,9 @@ Tasks: written by ``services/store.py`` only, every change with one compare-and-
                                    TTL: the lease (PX), renewed by its holder; deleted when not running
   {p}:active               set     ids of the tasks that are not final
   {p}:queued               zset    admitted queued task id -> when its message was sent (ms)
+  {p}:outbox               list    RabbitMQ broker only (``services/broker.py``): ids of admitted tasks
+                                   whose message is not published yet, newest first; pushed by the
+                                   create script and admission, removed once RabbitMQ confirmed the message
   {p}:delayed              zset    task id waiting for a retry -> when it is due (ms)
   {p}:running              zset    running task id -> its lease's deadline (ms)
   {p}:deadlines            zset    task id -> its Cancel-After deadline (ms), until it is final
@@ -115,6 +118,10 @@ class Keys:
     @property
     def queued(self) -> str:
         return self._key("queued")
+
+    @property
+    def outbox(self) -> str:
+        return self._key("outbox")
 
     @property
     def delayed(self) -> str:

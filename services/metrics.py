@@ -20,7 +20,10 @@ Recorded where the event happens, in the process where it happens (README.md, "M
 Read from Redis when the API is scraped (``QueueCollector``), never stored: the same numbers from every
 API process (take ``max`` across them); the workers' endpoints leave them out:
 
-  imagegen_queue_depth{queue}                  gauge      generation, webhooks (the broker's lists); ready
+  imagegen_queue_depth{queue}                  gauge      generation, webhooks (the broker's messages not
+                                                          delivered yet: Redis's lists; on RabbitMQ ready
+                                                          messages, and for generation the outbox's
+                                                          entries not published yet); ready
                                                           (waiting for admission, all tenants), admitted,
                                                           running, delayed (retries not due); webhook_events
                                                           (the outbox's pending events)
@@ -91,6 +94,7 @@ UPSTREAM_OUTCOMES = (
 )
 WEBHOOK_OUTCOMES = ("delivered", "failed", "given_up", "gone", "refused")
 QUEUES = ("generation", "webhooks", "ready", "admitted", "running", "delayed", "webhook_events")
+BROKER_QUEUES = ("generation", "webhooks")  # the broker's own: on RabbitMQ, read from it (``broker_depths``)
 AGED_QUEUES = ("ready", "generation", "delayed", "webhook_events")
 
 # An upstream call takes seconds to minutes (UPSTREAM_TIMEOUT: 300 s); an upload, milliseconds to seconds.
@@ -304,10 +308,20 @@ class QueueCollector(Collector):
     round trips (the second only when tenants wait); without Redis, ``imagegen_store_up 0`` and nothing
     else from here."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, max_concurrency: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        max_concurrency: int,
+        broker_depths: Callable[[], dict[str, int] | None] = lambda: None,
+    ) -> None:
+        """``broker_depths``: the ``generation`` and ``webhooks`` depths when the broker is not the store's
+        Redis (RabbitMQ: ``services/broker.py``); None reads the Redis lists (LLEN) in the same pipeline."""
         self._redis = client
         self._keys = keys
         self._max_concurrency = max_concurrency
+        self._broker_depths = broker_depths
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("imagegen_store_up", "1 if this scrape could read Redis, else 0")
@@ -321,8 +335,15 @@ class QueueCollector(Collector):
             return [up, cap]
         up.add_metric([], 1)
         depth = GaugeMetricFamily("imagegen_queue_depth", "Tasks or messages in each queue", labels=["queue"])
+        try:
+            depths.update(self._broker_depths() or {})
+        except ServiceError as exc:  # RabbitMQ unreachable: its queues' depths are left out
+            log.warning("metrics: the broker's queues could not be read (%s)", exc.message)
+            for queue in BROKER_QUEUES:
+                depths.pop(queue, None)
         for queue in QUEUES:
-            depth.add_metric([queue], depths[queue])
+            if queue in depths:
+                depth.add_metric([queue], depths[queue])
         age = GaugeMetricFamily(
             "imagegen_queue_oldest_age_seconds",
             "Age of the oldest waiting entry (delayed, webhook_events: how overdue)",

@@ -1,7 +1,8 @@
 """The broker's queues and task names, and the generation message the API pushes itself.
 
-The workers' Celery app (``worker/app.py``) consumes these queues; the API never builds a Celery app: it
-writes the generation message in the same Redis transaction that stores the task (``generation_message``).
+The workers' Celery app (``worker/app.py``) consumes these queues; the API never builds a Celery app: on the
+Redis broker it writes the generation message in the same Redis transaction that stores the task
+(``generation_message``); on RabbitMQ ``services/broker.py`` publishes the same message from the outbox.
 """
 
 from __future__ import annotations
@@ -38,21 +39,15 @@ def generation_message(task_id: str) -> tuple[str, bytes]:
     itself, which is why pyproject.toml bounds Celery and kombu.
     """
     message_id = str(uuid.uuid4())
-    body = json.dumps([[task_id], {}, _EMBED], separators=(", ", ": ")).encode()
+    body = generation_body(task_id)
     envelope = {
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": {
-            **_HEADERS,
-            "id": message_id,
-            "root_id": message_id,
-            "argsrepr": repr([task_id]),
-            "origin": _origin(),
-        },
+        "headers": generation_headers(task_id, message_id),
         "properties": {
             "correlation_id": message_id,
-            "reply_to": _REPLY_TO,
+            "reply_to": REPLY_TO,
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": GENERATION_QUEUE},
             "priority": 0,
@@ -62,6 +57,25 @@ def generation_message(task_id: str) -> tuple[str, bytes]:
     }
     return GENERATION_QUEUE, json.dumps(envelope).encode()
 
+
+def generation_body(task_id: str) -> bytes:
+    """The body of a generation job's message (Celery's task protocol 2: args, kwargs, embed)."""
+    return json.dumps([[task_id], {}, _EMBED], separators=(", ", ": ")).encode()
+
+
+def generation_headers(task_id: str, message_id: str) -> dict[str, object]:
+    """The headers of a generation job's message: Celery's own, for the Redis envelope
+    (``generation_message``) and the AMQP message (``services/broker.py``) alike."""
+    return {
+        **_HEADERS,
+        "id": message_id,
+        "root_id": message_id,
+        "argsrepr": repr([task_id]),
+        "origin": _origin(),
+    }
+
+
+REPLY_TO = str(uuid.uuid4())
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _HEADERS: dict[str, object] = {
@@ -81,7 +95,6 @@ _HEADERS: dict[str, object] = {
     "stamped_headers": None,
     "stamps": {},
 }
-_REPLY_TO = str(uuid.uuid4())
 
 
 def _origin() -> str:

@@ -14,6 +14,7 @@ import redis
 
 from services.admission import Admission, window_setting
 from services.batches import Batches
+from services.broker import Broker, broker_for
 from services.cancellation import CancelSignal, InFlightCalls
 from services.config import Config
 from services.idempotency import IdempotencyStore
@@ -22,7 +23,6 @@ from services.keys import Keys
 from services.leases import LeaseKeeper
 from services.limits import LimiterSettings, UpstreamLimiter
 from services.metrics import QueueCollector
-from services.queue import enqueue_generations
 from services.redis_connection import redis_client, scrape_client
 from services.replication import ReplicaAck
 from services.storage import Storage
@@ -96,9 +96,14 @@ class Runtime:
             defaults=self.tenant_defaults,
         )
 
+    @functools.cached_property
+    def broker(self) -> Broker:
+        """The Celery broker: the store's Redis, or RabbitMQ (``BROKER_URL``; ``services/broker.py``)."""
+        return broker_for(self.config, self.redis, self.keys)
+
     def enqueue(self, task_ids: Sequence[str]) -> None:
         """Send generation jobs to the broker."""
-        enqueue_generations(self.redis, task_ids)
+        self.broker.send(task_ids)
 
     # the API ----------------------------------------------------------------------------------------
     @functools.cached_property
@@ -106,7 +111,7 @@ class Runtime:
         idempotency = IdempotencyStore(
             self.redis, self.keys, self.config.idempotency_ttl, replica_ack=self.replica_ack
         )
-        return SubmissionService(self.config, self.store, idempotency, self.webhooks)
+        return SubmissionService(self.config, self.store, idempotency, self.webhooks, self.broker)
 
     @functools.cached_property
     def batches(self) -> Batches:
@@ -125,6 +130,7 @@ class Runtime:
             scrape_client(self.config),
             self.keys,
             max_concurrency=self.config.upstream_max_concurrency,
+            broker_depths=self.broker.depths,
         )
 
     @functools.cached_property

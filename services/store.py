@@ -479,11 +479,12 @@ class JobStore:
         cancel_after: float | None = None,
         also_set: Callable[[list[TaskRecord]], tuple[str, str, int, str]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
+        sent: Callable[[Sequence[str]], None] | None = None,
     ) -> TaskRecord:
         """Store one new task (``create_many`` of one)."""
         new = NewTask(model=model, payload=payload, metadata=metadata, webhook=webhook, priority=priority)
         (task,) = self.create_many(
-            [new], tenant=tenant, cancel_after=cancel_after, also_set=also_set, message=message
+            [new], tenant=tenant, cancel_after=cancel_after, also_set=also_set, message=message, sent=sent
         )
         return task
 
@@ -496,6 +497,7 @@ class JobStore:
         also_set: Callable[[list[TaskRecord]], tuple[str, str, int, str]] | None = None,
         message: Callable[[str], tuple[str, bytes]] | None = None,
         batch: NewBatch | None = None,
+        sent: Callable[[Sequence[str]], None] | None = None,
     ) -> list[TaskRecord]:
         """Store new queued tasks of ``tenant`` and their payloads atomically, all or none; return the
         records.
@@ -508,7 +510,9 @@ class JobStore:
         (the request's own claim; ``IdempotencyConflict``, nothing written, if another request's);
         ``message(task_id)`` the (list, message) of a task's broker message, pushed when the task is
         admitted, so that a task is never stored without being either enqueued or waiting for
-        admission, nor enqueued without being stored. With ``batch``, the
+        admission, nor enqueued without being stored; ``sent(task_ids)`` is then called with the tasks
+        admitted at once (the first ones: once one waits, the rest wait behind it), for a broker whose
+        message the script only put in an outbox (``services/broker.py``). With ``batch``, the
         tasks belong to it, and its record is written in the same step (``services/batches.py``).
         """
         now = time.time()
@@ -621,6 +625,8 @@ class JobStore:
         if self._replica_ack.replicas:
             # stored on the primary; acknowledged only once on enough replicas (services/replication.py)
             self._replica_ack.require(acknowledged)
+        if sent is not None and value:
+            sent([task["id"] for task in tasks[:value]])
         return tasks
 
     # leases -----------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ from typing import Any
 
 from services import metrics
 from services.batches import batch_links, new_batch, new_batch_id
+from services.broker import Broker
 from services.config import Config
 from services.errors import RequestError
 from services.idempotency import Claim, IdempotencyStore, Replay
-from services.queue import generation_message
 from services.records import TaskRecord, WebhookSubscription
 from services.serialization import dumps_bytes
 from services.store import JobStore, NewTask
@@ -40,9 +40,15 @@ class Accepted:
 
 class SubmissionService:
     def __init__(
-        self, config: Config, store: JobStore, idempotency: IdempotencyStore, webhooks: WebhookService
+        self,
+        config: Config,
+        store: JobStore,
+        idempotency: IdempotencyStore,
+        webhooks: WebhookService,
+        broker: Broker,
     ) -> None:
         self._config = config
+        self._broker = broker
         self._store = store
         self._idempotency = idempotency
         self._webhooks = webhooks
@@ -92,8 +98,9 @@ class SubmissionService:
 
         The tenant's limits are checked and the task, its payload and its broker message (or its place
         in the tenant's ready set) are written in one script (one round trip): stored means enqueued or
-        waiting for admission (``services/admission.py``). (A message the broker loses later is found by
-        the sweeper: a queued task whose message is missing.)
+        waiting for admission (``services/admission.py``). On RabbitMQ the script writes the task's id
+        into the outbox instead, published right after it (``services/broker.py``). (A message the
+        broker loses later is found by the sweeper: a queued task whose message is missing.)
         """
         submission = validate_submission(parse_json_body(raw), self._limits)
         webhook = self._webhooks.subscription(submission.webhook_url, submission.webhook_events)
@@ -106,7 +113,8 @@ class SubmissionService:
             priority=submission.priority,
             cancel_after=cancel_after,
             also_set=(lambda tasks: claim.done_record(202, self._summary(tasks[0]))) if claim else None,
-            message=generation_message,
+            message=self._broker.message,
+            sent=self._broker.after_create,
         )
         metrics.task_submitted()
         return Accepted(202, self._summary(task))
@@ -147,7 +155,8 @@ class SubmissionService:
             tenant=tenant,
             cancel_after=cancel_after,
             also_set=done_record if claim else None,
-            message=generation_message,
+            message=self._broker.message,
+            sent=self._broker.after_create,
             batch=new_batch(batch_id, tenant, batch.metadata, batch_webhook),
         )
         metrics.task_submitted(len(tasks))

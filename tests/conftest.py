@@ -11,7 +11,7 @@ import redis
 from tests import report
 from tests.fault_kit import FAULT_ENV
 from tests.redis_server import running_redis
-from tests.stack import Stack, running_stack
+from tests.stack import RABBITMQ_SKIP, Stack, rabbitmq_available, running_stack
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,12 +77,17 @@ class _SkewedTime:
 @pytest.fixture
 def fault_stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A fault test's own stack (two generation workers unless its ``stack`` marker says otherwise),
-    which it may break as it likes."""
+    which it may break as it likes; on the broker the test is parametrized with
+    (``fault_kit.both_brokers``), else Redis. Without a RabbitMQ on this machine the RabbitMQ variant is
+    skipped, and says why."""
     marker = request.node.get_closest_marker("stack")
     options = dict(marker.kwargs) if marker else {}
     workers = options.pop("workers", 2)
     replicas = options.pop("redis_replicas", 0)
+    broker = getattr(request, "param", "redis")
+    if broker == "rabbitmq" and not rabbitmq_available():
+        pytest.skip(RABBITMQ_SKIP)
     with running_stack(
-        tmp_path, worker_count=workers, redis_replicas=replicas, **{**FAULT_ENV, **options}
+        tmp_path, worker_count=workers, redis_replicas=replicas, broker=broker, **{**FAULT_ENV, **options}
     ) as running:
         yield running

@@ -8,9 +8,21 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 from devstack.processes import wait_until
 from services.clock import parse_iso
-from tests.stack import FINAL, Stack, directive_key, with_directive
+from tests.stack import BROKERS, FINAL, Stack, directive_key, with_directive
+
+# A fault test that matters on both brokers runs once on Redis, once on RabbitMQ (``fault_stack``); its
+# row names the broker (``on_broker``).
+both_brokers = pytest.mark.parametrize("fault_stack", BROKERS, indirect=True)
+
+
+def on_broker(stack: Stack, fault: str) -> str:
+    """A fault row's description, with the broker it ran on."""
+    return f"{fault} [{stack.broker}]"
+
 
 LEASE = 3.0
 # Two tenants: every fault test submits as each in turn (``Stack.submit``), so the promises are shown

@@ -6,10 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +70,63 @@ TEST_ENV = {
 }
 
 
+# The machine's RabbitMQ (the fault suite's RabbitMQ variant): each stack gets a vhost of its own.
+RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
+RABBITMQ_SKIP = (
+    f"RabbitMQ not reachable on {RABBITMQ_HOST}:{RABBITMQ_PORT}: "
+    "the RabbitMQ variant of the fault suite is skipped"
+)
+BROKERS = ("redis", "rabbitmq")
+
+
+def rabbitmq_available() -> bool:
+    """Whether a RabbitMQ listens on 127.0.0.1:5672 and ``rabbitmqctl`` is here to make vhosts."""
+    if shutil.which("rabbitmqctl") is None:
+        return False
+    try:
+        socket.create_connection((RABBITMQ_HOST, RABBITMQ_PORT), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+def new_vhost() -> tuple[str, str]:
+    """A fresh vhost on the machine's RabbitMQ that guest may use: (its name, its amqp:// URL)."""
+    vhost = f"iq-test-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return vhost, f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{vhost}"
+
+
+def delete_vhost(vhost: str) -> None:
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+def close_connections(vhost: str) -> None:
+    """RabbitMQ closes every client connection to ``vhost`` (and only those): a broker that drops its
+    clients, as on a node restart, without touching anyone else's vhost."""
+    _rabbitmqctl("close_all_connections", "--vhost", vhost, "--limit", "1000", "fault test")
+
+
+def list_queues(vhost: str) -> dict[str, dict[str, str]]:
+    """Each queue of ``vhost``: its type and arguments."""
+    columns = ("name", "type", "arguments")
+    out = _rabbitmqctl("list_queues", "-p", vhost, "--no-table-headers", *columns)
+    queues = {}
+    for line in out.splitlines():
+        values = line.split("\t")
+        if len(values) == len(columns):
+            queues[values[0]] = dict(zip(columns[1:], values[1:], strict=True))
+    return queues
+
+
 def seed_body() -> dict[str, Any]:
     return json.loads((SAMPLES / "request-seed-example.json").read_text())
 
@@ -120,6 +180,9 @@ class Stack:
     # the address Redis, S3, the simulator and the API listen on (tests/test_partition.py: one that worker
     # hosts in network namespaces reach)
     host: str = HOST
+    # "redis" (the store's Redis) or "rabbitmq" (BROKER_URL on a vhost of the stack's own)
+    broker: str = "redis"
+    vhost: str | None = None
     _turn: int = 0
 
     @property
@@ -157,6 +220,8 @@ class Stack:
             self.redis_port = free_port()
             self.start_redis()
             redis_env = {"REDIS_URL": f"redis://{self.host}:{self.redis_port}/0"}
+        if self.broker == "rabbitmq":
+            self.vhost, redis_env["BROKER_URL"] = new_vhost()
         s3_port, sim_port, api_port = free_port(), free_port(), free_port()
         self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir, host=self.host)
         self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir, host=self.host)
@@ -227,9 +292,17 @@ class Stack:
         self.supervisor.stop()
         if self.api is not None:
             self.api.stop()
+        # the workers together (each takes a second or two to shut down), then the rest, newest first
+        workers = [child for name, child in self.children.items() if "worker" in name]
+        with ThreadPoolExecutor(max(1, len(workers))) as pool:
+            list(pool.map(Child.stop, workers))
         for child in reversed(list(self.children.values())):
             child.stop()
         self.http.close()
+        if self.api is not None:
+            self.runtime.broker.close()
+        if self.vhost is not None:
+            delete_vhost(self.vhost)
 
     # client helpers ---------------------------------------------------------------------------------
     def submit(self, body: Any, *, tenant: str | None = None, **kwargs: Any) -> httpx.Response:
@@ -318,11 +391,13 @@ def running_stack(
     *,
     webhook_worker: bool = True,
     redis_replicas: int = 0,
+    broker: str = "redis",
     **overrides: str,
 ) -> Iterator[Stack]:
     """A stack with ``worker_count`` generation workers and, unless told not to, a webhook worker; with
-    ``redis_replicas``, its Redis is a primary with that many replicas behind three sentinels."""
-    stack = Stack(root, overrides, redis_replicas=redis_replicas)
+    ``redis_replicas``, its Redis is a primary with that many replicas behind three sentinels; with
+    ``broker="rabbitmq"``, the machine's RabbitMQ is the broker, on a vhost of its own (deleted after)."""
+    stack = Stack(root, overrides, redis_replicas=redis_replicas, broker=broker)
     try:
         yield stack.start(worker_count, webhook_worker=webhook_worker)
     finally:

@@ -26,9 +26,11 @@ from tests.fault_kit import (
     LEASE,
     assert_all_succeeded,
     attempt_pid,
+    both_brokers,
     calls_by_key,
     calls_by_task,
     calls_without_an_attempt,
+    on_broker,
     paid_twice,
     settle,
     settle_succeeded,
@@ -43,6 +45,7 @@ from tests.stack import Stack, directive_key, with_directive
 pytestmark = pytest.mark.timeout(240)
 
 
+@both_brokers
 def test_sigkill_a_worker_with_calls_in_flight(fault_stack: Stack) -> None:
     stack = fault_stack
     bodies = slow_bodies(60, 3000)
@@ -100,7 +103,7 @@ def test_sigkill_a_worker_with_calls_in_flight(fault_stack: Stack) -> None:
     unsent = len(found_lost) - len(cut_off)
     record(
         FaultRow(
-            "SIGKILL a worker, 60 tasks, >=50 calls in flight",
+            on_broker(stack, "SIGKILL a worker, 60 tasks, >=50 calls in flight"),
             len(ids),
             sum(t["status"] == "succeeded" for t in tasks.values()),
             0,
@@ -258,6 +261,7 @@ def test_s3_unavailable_for_a_while(fault_stack: Stack) -> None:
     )
 
 
+@both_brokers
 @pytest.mark.stack(UPSTREAM_MAX_CONCURRENCY="6")
 def test_a_worker_killed_under_the_cap_leaves_nothing_admitted(fault_stack: Stack) -> None:
     """With a cap, admission is in the path: most tasks wait in their tenant's ready set, and the killed
@@ -281,7 +285,7 @@ def test_a_worker_killed_under_the_cap_leaves_nothing_admitted(fault_stack: Stac
     finished = max(parse_iso(task["finished_at"]).timestamp() for task in tasks.values())
     record(
         FaultRow(
-            "SIGKILL a worker under a cap of 6 (admission active), 30 tasks of 2 tenants",
+            on_broker(stack, "SIGKILL a worker under a cap of 6 (admission active), 30 tasks of 2 tenants"),
             len(ids),
             len(tasks),
             0,

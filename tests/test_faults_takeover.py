@@ -16,8 +16,10 @@ from services.clock import parse_iso
 from tests.fault_kit import (
     LEASE,
     attempt_pid,
+    both_brokers,
     calls_by_task,
     calls_without_an_attempt,
+    on_broker,
     paid_twice,
     settle_succeeded,
     slow_bodies,
@@ -157,6 +159,7 @@ def test_a_lease_that_lapses_under_a_live_worker_is_taken_over_and_its_result_re
     )
 
 
+@both_brokers
 def test_a_task_whose_message_was_lost_is_run_by_the_sweeper(fault_stack: Stack) -> None:
     """Tasks stored without their broker message (the broker lost its last writes): the sweeper finds
     them queued for longer than a lease while the queue is empty, and enqueues them again."""
@@ -183,7 +186,7 @@ def test_a_task_whose_message_was_lost_is_run_by_the_sweeper(fault_stack: Stack)
     duplicates = paid_twice(stack, lost_bodies + sent_bodies)
     record(
         FaultRow(
-            "10 tasks stored without their broker message, 10 with",
+            on_broker(stack, "10 tasks stored without their broker message, 10 with"),
             len(ids),
             len(ids),
             0,

@@ -8,7 +8,9 @@ import pytest
 
 from devstack.processes import wait_until
 from tests.fault_kit import (
+    both_brokers,
     calls_by_key,
+    on_broker,
     paid_twice,
     settle,
     settle_succeeded,
@@ -33,6 +35,7 @@ SCRIPTS = [
 ]
 
 
+@both_brokers
 def test_upstream_faults_end_in_their_documented_state(fault_stack: Stack) -> None:
     stack = fault_stack
     bodies = [with_directive(script=script, hang_s="30") for script, *_ in SCRIPTS for _ in range(6)]
@@ -50,7 +53,7 @@ def test_upstream_faults_end_in_their_documented_state(fault_stack: Stack) -> No
     assert duplicates == 0
     record(
         FaultRow(
-            "upstream 5xx/timeouts/malformed/safety/400, 48 tasks",
+            on_broker(stack, "upstream 5xx/timeouts/malformed/safety/400, 48 tasks"),
             len(ids),
             len(ids),
             lost,

@@ -3,7 +3,10 @@
 Configured for no loss: a message is acknowledged only after its task returns (``acks_late``), a task
 whose worker dies is given back (``reject_on_worker_lost``), and Redis hands an unacknowledged message to
 another worker only after ``visibility_timeout`` seconds, which config checks is longer than the longest
-upstream call.
+upstream call. On RabbitMQ (``BROKER_URL=amqp://…``) the queues are quorum queues with a delivery limit
+and a dead-letter queue, and publishes are confirmed (``services/broker.py``); RabbitMQ gives a dead
+worker's unacknowledged messages back at once, and the store's lease keeps a second worker from running a
+task whose first worker may still be alive.
 
 Each worker process reserves ``WORKER_PREFETCH_MULTIPLIER`` messages per slot; the default 1 is what the
 no-loss configuration asks: with the threads pool every reserved message is running, so a killed worker
@@ -19,15 +22,16 @@ from __future__ import annotations
 
 from celery import Celery
 
+from services.broker import celery_broker_settings
 from services.config import Config, load_config
 from services.queue import DELIVER_WEBHOOK_TASK, GENERATE_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
-from services.redis_connection import broker_transport_options, broker_url, broker_use_ssl
 from worker import logs, steps
 
 
 def create_celery(config: Config) -> Celery:
     """The Celery app for ``config``: the broker, the queues and the no-loss settings."""
-    app = Celery("imagegen", broker=broker_url(config), set_as_current=False)
+    broker = celery_broker_settings(config)  # Redis or RabbitMQ (services/broker.py)
+    app = Celery("imagegen", broker=broker.pop("broker_url"), set_as_current=False)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -41,13 +45,7 @@ def create_celery(config: Config) -> Celery:
         },
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={
-            "visibility_timeout": config.visibility_timeout,
-            "socket_timeout": config.store_timeout,
-            "socket_connect_timeout": config.store_timeout,
-            **broker_transport_options(config),  # with sentinels: the primary's name, the sentinels' settings
-        },
-        **({"broker_use_ssl": broker_use_ssl(config)} if broker_use_ssl(config) else {}),
+        **broker,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_publish_retry=True,

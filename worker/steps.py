@@ -83,9 +83,10 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is u
             rt.admission,
             rt.enqueue,
             rt.cancel_signal.publish,
-            lambda: int(rt.redis.llen(GENERATION_QUEUE)),
+            lambda: rt.broker.backlog(GENERATION_QUEUE),
             lease_seconds=rt.config.task_lease_seconds,
             interval=rt.config.sweep_interval,
+            relay=rt.broker.relay,
         )
 
     def start(self, worker: Any) -> None:
@@ -129,7 +130,7 @@ class DispatcherStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery i
             lambda event_id, claim: app.send_task(
                 DELIVER_WEBHOOK_TASK, args=[event_id, claim], queue=WEBHOOK_QUEUE
             ),
-            lambda: int(rt.redis.llen(WEBHOOK_QUEUE)),
+            lambda: rt.broker.backlog(WEBHOOK_QUEUE),
             lease_seconds=rt.config.webhook_lease_seconds,
             interval=rt.config.webhook_dispatch_interval,
         )
