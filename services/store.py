@@ -168,6 +168,7 @@ class _Change:
     def __init__(self, task_key: str) -> None:
         self.keys = [task_key]
         self.absent: list[int] = []
+        self.not_members: list[list[int | str]] = []
         self.writes: list[list[str | int]] = []
         self.batch: dict[str, str | int | bool] | None = None
 
@@ -178,6 +179,11 @@ class _Change:
 
     def require_absent(self, key: str) -> None:
         self.absent.append(self._index(key))
+
+    def require_not_member(self, key: str, member: str) -> None:
+        """``member`` must not be in the sorted set ``key`` (else the change is not made, like a key
+        that ``require_absent`` finds)."""
+        self.not_members.append([self._index(key), member])
 
     def write(self, command: str, key: str, *args: str | int) -> None:
         self.writes.append([command, self._index(key), *(str(arg) for arg in args)])
@@ -207,6 +213,8 @@ class _Change:
 
     def encoded(self) -> str:
         change: dict[str, Any] = {"absent": self.absent, "writes": self.writes}
+        if self.not_members:
+            change["not_members"] = self.not_members
         if self.batch is not None:
             change["batch"] = self.batch
         return dumps(change)
@@ -652,8 +660,10 @@ class JobStore:
         writes the change (compare-and-set).
 
         A final task (a redelivered message) is left alone, and so is a task whose lease another worker
-        holds. A task found ``running`` without a lease lost its worker: that attempt is closed as
-        ``worker_lost``. A task that ``give_up`` says must not run again fails with its error instead.
+        holds, and one waiting for a retry (or a postponement) that is not due yet (a duplicate message:
+        the sweeper moves it out of the delayed set when it is due). A task found ``running`` without a
+        lease lost its worker: that attempt is closed as ``worker_lost``. A task that ``give_up`` says
+        must not run again fails with its error instead.
         """
         token = f"{worker}:{secrets.token_hex(8)}"
         lease_key = self.keys.lease(task_id)
@@ -663,6 +673,9 @@ class JobStore:
             if status.is_final:
                 return None
             extra.require_absent(lease_key)  # another worker's live attempt: leave the task alone
+            # a retry (or a postponement) not due yet: a stray message must not start it early; the
+            # sweeper moves it out of the delayed set when it is due (``claim_due_retries``)
+            extra.require_not_member(self.keys.delayed, task_id)
             now = clock.now_iso()
             _close_open_attempt(task, now, outcome="worker_lost", error_code="worker_lost")
             deadline = task.get("deadline_at")

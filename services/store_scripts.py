@@ -7,7 +7,8 @@ from services.admission import ADMISSION_WINDOW
 from services.lua import REDIS_NOW_MS
 
 # KEYS[1]: the task, KEYS[2..]: every other key the change touches. ARGV[1]: the document expected
-# there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "writes": [[command, key index,
+# there, ARGV[2]: the new one, ARGV[3]: JSON {"absent": [key index], "not_members": absent, or [[key
+# index of a sorted set, member]] (each must not be in its set), "writes": [[command, key index,
 # args...]] (a command ``ZADD_AFTER_NOW`` with [key index, ms, member] scores the member ms after Redis's
 # clock: a lease's deadline in the running set), "batch": absent, or the change of status of a task in
 # a batch: {"key", "tasks", "event",
@@ -18,7 +19,8 @@ from services.lua import REDIS_NOW_MS
 # ``completed_at`` (the latest ``finished_at`` of its tasks, whatever order their changes were written
 # in), its retention, and its ``batch.completed`` event in the outbox when its webhook asked for one
 # (its hash's ``notify``).
-# Returns 1 when written, 0 when the task changed meanwhile, -1 when a key that must be absent exists.
+# Returns 1 when written, 0 when the task changed meanwhile, -1 when a key that must be absent exists
+# (or a member that must not be in its set is).
 COMPARE_AND_SET = (
     REDIS_NOW_MS
     + """
@@ -26,6 +28,9 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local extra = cjson.decode(ARGV[3])
 for _, index in ipairs(extra.absent) do
   if redis.call('EXISTS', KEYS[index]) == 1 then return -1 end
+end
+for _, pair in ipairs(extra.not_members or {}) do
+  if redis.call('ZSCORE', KEYS[pair[1]], pair[2]) then return -1 end
 end
 redis.call('SET', KEYS[1], ARGV[2])
 for _, write in ipairs(extra.writes) do

@@ -16,8 +16,8 @@ cancels tasks past their ``Cancel-After`` deadline (and cuts their calls off: ``
   that lost its last second of writes, a message dead-lettered on RabbitMQ past its delivery limit):
   those waiting longer than a lease while the broker's queue is empty (on RabbitMQ: no message ready
   and nothing in the outbox; not read, nothing is taken for lost). A duplicate message this may make is
-  harmless: the store lets one attempt run at a time and ignores messages for tasks that are running
-  or final.
+  harmless: the store lets one attempt run at a time and ignores messages for tasks that are running,
+  final, or waiting for a retry that is not due yet.
 
 On RabbitMQ it also relays the outbox first: task ids stored for publishing that the API process did not
 publish within a second (``services/broker.py``).

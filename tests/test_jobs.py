@@ -213,6 +213,12 @@ class Harness:
     def in_set(self, key: str, task_id: str) -> float | None:
         return self.store._redis.zscore(key, task_id)
 
+    def retry_due(self, task_id: str) -> None:
+        """The task's retry (or postponement) is due now: what the sweeper finds once its time has come
+        (until then, no message starts it)."""
+        self.store._redis.zadd(self.store.keys.delayed, {task_id: 0}, xx=True)
+        assert self.store.claim_due_retries() == [task_id]
+
     def close(self) -> None:
         self.keeper.stop()
         for client in self.clients:
@@ -323,6 +329,7 @@ def test_a_retryable_upstream_error_schedules_a_retry_with_backoff(
     delay = seconds_between(task["attempts"][1]["finished_at"] or "", task["next_attempt_at"] or "")
     assert 0.2 - 0.002 <= delay <= 0.4 + 0.002, "after 2 attempts: the backoff doubles"
 
+    h.retry_due(task_id)
     runner.run(task_id)
     task = h.store.get(task_id)
     assert task["status"] == TaskStatus.SUCCEEDED
@@ -353,6 +360,7 @@ def test_the_last_allowed_attempt_fails_with_its_own_error(h: Harness) -> None:
     task_id = h.submit()
     runner = h.runner(max_attempts=2)
     runner.run(task_id)
+    h.retry_due(task_id)
     runner.run(task_id)
     task = h.store.get(task_id)
     assert task["status"] == TaskStatus.FAILED
@@ -371,9 +379,11 @@ def test_out_of_attempts_fails_with_the_last_code_without_calling_the_upstream(h
     h.upstream.will_answer((503, sample("error-503.json")))
     task_id = h.submit()
     h.runner(max_attempts=3).run(task_id)
+    h.retry_due(task_id)
     h.runner(max_attempts=3).run(task_id)
     assert h.store.get(task_id)["status"] == TaskStatus.QUEUED
 
+    h.retry_due(task_id)
     h.runner(max_attempts=2).run(task_id)  # MAX_ATTEMPTS lowered meanwhile: two are all it gets
     task = h.store.get(task_id)
     assert task["status"] == TaskStatus.FAILED
@@ -387,6 +397,7 @@ def test_an_attempt_lost_with_its_worker_counts_and_ends_the_task_as_worker_lost
     h.upstream.will_answer((503, sample("error-503.json")))
     task_id = h.submit()
     h.runner(max_attempts=2).run(task_id)
+    h.retry_due(task_id)
     # Another worker starts the second attempt and dies: its lease expires unrenewed.
     assert h.store.start_attempt(task_id, worker="dead", lease_seconds=0.2, give_up=out_of_attempts(2))
     lease_key = h.store.keys.lease(task_id)
@@ -441,7 +452,8 @@ def test_a_429_with_a_retry_delay_cools_every_worker_down_and_uses_no_attempt(h:
     with pytest.raises(Deferred) as deferred:
         h.new_limiter(max_wait_in_thread=0).acquire("another worker")
     assert deferred.value.delay > 29
-    # And the attempt was free: with MAX_ATTEMPTS 1 the task may still start one.
+    # And the attempt was free: with MAX_ATTEMPTS 1 the task may still start one (once it is due).
+    h.retry_due(task_id)
     assert h.store.start_attempt(task_id, worker="w", lease_seconds=3, give_up=out_of_attempts(1)) is not None
     assert h.upstream.calls == 1
 
@@ -506,6 +518,7 @@ def test_a_storage_failure_keeps_the_answer_and_the_retry_uploads_it_without_cal
     assert outcomes(task) == [("retry", "storage_unavailable", None)]
     assert h.store._redis.exists(h.store.keys.result(task_id)), "the paid-for answer is kept"
 
+    h.retry_due(task_id)
     runner.run(task_id)
     task = h.store.get(task_id)
     assert task["status"] == TaskStatus.SUCCEEDED
@@ -522,7 +535,9 @@ def test_storage_down_on_every_attempt_fails_the_task_after_one_upstream_call(h:
     h.storage.failures = 100
     task_id = h.submit()
     runner = h.runner(max_attempts=3)
-    for _ in range(3):
+    for attempt in range(3):
+        if attempt:
+            h.retry_due(task_id)
         runner.run(task_id)
     task = h.store.get(task_id)
     assert task["status"] == TaskStatus.FAILED

@@ -189,6 +189,7 @@ def test_rate_limited_attempts_are_free(store: JobStore) -> None:
     for _ in range(3):
         _, lease = begin(store, task_id, max_attempts=1)
         store.schedule_retry(lease, JobError("429", code="upstream_rate_limited", retryable=True), delay=0)
+        assert store.claim_due_retries() == [task_id]
     assert begin(store, task_id, max_attempts=1) is not None
 
 
@@ -280,3 +281,16 @@ def test_a_sweeper_whose_clock_runs_ahead_claims_nothing_early(
     assert store.claim_due_retries() == []
     assert store.claim_past_deadlines() == []
     assert store.claim_lost_messages(older_than=30) == []
+
+
+def test_a_stray_message_does_not_start_a_retry_before_it_is_due(store: JobStore) -> None:
+    """A duplicate message (two relays of the outbox, a resend) for a task waiting for its retry finds
+    nothing to run until the sweeper finds the retry due; then it runs."""
+    task_id = new_task(store)
+    _, lease = begin(store, task_id)
+    store.schedule_retry(lease, JobError("again", retryable=True), delay=0.3)
+    assert begin(store, task_id) is None, "not due yet"
+    assert store.get(task_id)["status"] == TaskStatus.QUEUED and len(store.get(task_id)["attempts"]) == 1
+    wait_until(lambda: store.claim_due_retries() == [task_id], timeout=5, what="the retry due")
+    task, _ = begin(store, task_id)
+    assert task["status"] == TaskStatus.RUNNING and len(task["attempts"]) == 2

@@ -316,6 +316,8 @@ def test_the_store_numbers_each_change_of_status(redis_client: redis.Redis) -> N
     assert attempt is not None
     store.schedule_retry(attempt.lease, JobError("x", retryable=True), delay=0)
     store.postpone(task_id, delay=1, hold_seconds=60, error=JobError("y"))  # no change of status
+    redis_client.zadd(store.keys.delayed, {task_id: 0}, xx=True)  # due now
+    assert store.claim_due_retries() == [task_id]
     attempt = store.start_attempt(task_id, worker="w", lease_seconds=30, give_up=give_up)
     assert attempt is not None
     store.succeed(attempt.lease, outputs=[], text=[], usage=None, upstream_status=200)
