@@ -209,6 +209,7 @@ def test_calls_racing_failovers_fail_only_as_the_store_being_unavailable(tmp_pat
                 writer.succeed(lease, outputs=[], text=[], usage=None, upstream_status=200)
                 return
             except StoreUnavailable:
+                done["StoreUnavailable"] += 1
                 if time.monotonic() > deadline:
                     raise
                 stop.wait(0.1)
