@@ -12,11 +12,12 @@ go with it. ``broker_for(config, …)`` picks one of two, behind one interface (
   sweeper relays entries still there a second later (``relay``): those of an API process killed between
   storing and publishing, or that could not reach RabbitMQ. An entry published twice (both relayed it)
   is a duplicate message, which the store ignores (it runs one attempt of a task at a time and leaves
-  running and final tasks alone). The queues are quorum queues (durable, replicated), with a delivery
-  limit (``BROKER_DELIVERY_LIMIT``) past which a message goes to a dead-letter queue
-  (``generation.dead``, ``webhooks.dead``). A dead-lettered message loses no task: its task is still
-  queued (the sweeper's lost-message check sends it again) or running (its lease expires and the
-  sweeper sends it again); ``MAX_ATTEMPTS`` ends a task whose every attempt loses its worker.
+  running and final tasks alone, and tasks waiting for a retry that is not due). The queues are quorum
+  queues (durable, replicated), with a delivery limit (``BROKER_DELIVERY_LIMIT``) past which a message
+  goes to a dead-letter queue (``generation.dead``, ``webhooks.dead``). A dead-lettered message loses
+  no task: its task is still queued (the sweeper's lost-message check sends it again) or running (its
+  lease expires and the sweeper sends it again); ``MAX_ATTEMPTS`` ends a task whose every attempt loses
+  its worker.
 
 The lost-message check (``services/sweeper.py``) asks ``backlog``: messages ready in the queue, plus, on
 RabbitMQ, outbox entries not published yet. Neither counts messages a worker holds unacknowledged (on
