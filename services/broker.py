@@ -235,7 +235,7 @@ class RabbitBroker(Broker):
         connection = Connection(
             self._config.broker_url,
             connect_timeout=timeout,
-            ssl=self._config.broker_url is not None and self._config.broker_url.startswith("amqps://"),
+            ssl=self._config.rabbitmq_tls,
             transport_options={"confirm_publish": True, "read_timeout": timeout, "write_timeout": timeout},
         )
         connection.connect()
@@ -330,7 +330,7 @@ def celery_broker_settings(config: Config) -> dict[str, Any]:
             "task_queues": amqp_queues(config),
             "task_default_queue_type": "quorum",
             "worker_detect_quorum_queues": True,
-            "broker_use_ssl": bool(config.broker_url and config.broker_url.startswith("amqps://")),
+            "broker_use_ssl": config.rabbitmq_tls,
         }
     settings: dict[str, Any] = {
         "broker_url": broker_url(config),

@@ -128,6 +128,11 @@ class Config:
         return self.broker_url is not None and self.broker_url.startswith(("amqp://", "amqps://"))
 
     @property
+    def rabbitmq_tls(self) -> bool:
+        """Whether RabbitMQ is reached over TLS (``BROKER_URL=amqps://…``)."""
+        return self.broker_url is not None and self.broker_url.startswith("amqps://")
+
+    @property
     def auth_required(self) -> bool:
         """Keys are required once any exist: from API_KEYS, or made through the admin API."""
         return bool(self.api_keys) or self.admin_api_key is not None
