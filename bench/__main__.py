@@ -21,6 +21,7 @@ SCENARIOS: dict[str, str] = {
     "p3": "bench.p3",
     "p4": "bench.p4",
     "p5": "bench.p5",
+    "p6": "bench.p6",
     "fairness": "bench.fairness",
     "waiters": "bench.waiters",
     "list_latency": "bench.list_latency",
@@ -28,7 +29,7 @@ SCENARIOS: dict[str, str] = {
     "redis_cost": "bench.redis_cost",
 }
 # what `python -m bench all` runs: the performance targets of bench/README.md, at their default sizes
-PERFORMANCE = ("p1a", "p1b", "p2", "p3", "p4", "p5")
+PERFORMANCE = ("p1a", "p1b", "p2", "p3", "p4", "p5", "p6")
 
 
 def _load(path: str) -> object:

@@ -29,6 +29,7 @@ from bench.harness import (
     RESULTS_DIR,
     BenchStack,
     ProcessSampler,
+    Submitted,
     code_fingerprint,
     code_info,
     cpu_usage,
@@ -124,8 +125,12 @@ def run_batch(
     submit_parallelism: int = 16,
     profile_to: Path | None = None,
     timeout: float | None = None,
+    submit: Callable[[str, Sequence[Any]], Submitted] | None = None,
 ) -> dict[str, Any]:
     """Submit ``bodies`` while ``workers`` (name → pid) run, wait until all are final; measure.
+
+    ``submit(api_url, bodies)``: how the bodies are sent (default: one POST each, ``submit_jobs`` from
+    ``submit_parallelism`` threads).
 
     The simulator's counters are reset first (so ``sim.max_in_flight`` is this batch's), and the machine
     is given up to ``quiet_wait`` seconds to go quiet. ``makespan_s`` = last ``finished_at`` − first
@@ -143,7 +148,10 @@ def run_batch(
         other_cpu = cm.enter_context(cpu_usage(others))
         if profile_to is not None:
             cm.enter_context(profiled(workers, profile_to))
-        submitted = submit_jobs(stack.api_url, bodies, parallelism=submit_parallelism)
+        if submit is None:
+            submitted = submit_jobs(stack.api_url, bodies, parallelism=submit_parallelism)
+        else:
+            submitted = submit(stack.api_url, bodies)
         try:
             seen_final, final = wait_all_final(stack.api_url, submitted.ids, timeout=timeout)
         except TimeoutError as exc:

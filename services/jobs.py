@@ -144,7 +144,7 @@ class JobRunner:
             self._postpone(task_id, deferred.delay)
             return
         try:
-            with self._keeper.keep(f"upstream slot {token}", lambda: self._limiter.renew(token)):
+            with self._keeper.keep(f"upstream slot {token}", self._limiter.renew_slots, token):
                 self._attempt(task_id)
         finally:
             self._limiter.release(token)
@@ -188,11 +188,8 @@ class JobRunner:
         closing = threading.Event()  # set before the attempt's closing write, which deletes the lease
         uploaded: list[str] = []  # this attempt's objects, deleted if its result is not recorded
 
-        def renew() -> bool:
-            # A renewal that finds the lease gone once the closing write may have run lost nothing.
-            return self._store.renew_lease(lease) or closing.is_set()
-
-        with self._keeper.keep(f"lease on task {task_id}", renew):
+        # A renewal that finds the lease gone once the closing write may have run lost nothing.
+        with self._keeper.keep(f"lease on task {task_id}", self._store.renew_leases, lease, ended=closing):
             try:
                 status, saved, result = self._upstream_result(attempt)
                 outputs = self._store_outputs_or_save(lease, saved, result, uploaded)

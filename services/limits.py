@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -109,11 +110,19 @@ class UpstreamLimiter:
         self._renew_slot = Script(client, _RENEW_SLOT, keys=["slots"], args=["token", "hold_ms"])
 
     def renew(self, token: str) -> bool:
+        """Extend the slot ``token`` holds; False when it was lost (expired and maybe taken)."""
+        return self.renew_slots([token])[0]
+
+    def renew_slots(self, tokens: Sequence[str]) -> list[bool]:
+        """``renew`` for many slots in one round trip (the lease keeper's)."""
         if self._settings.max_concurrency <= 0:
-            return True
+            return [True] * len(tokens)
         hold_ms = clock.ms(self._settings.hold_seconds)
         with mapped_redis_errors():
-            return bool(self._renew_slot(slots=self._slots, token=token, hold_ms=hold_ms) == 1)
+            renewed = self._renew_slot.call_many(
+                [{"slots": self._slots, "token": token, "hold_ms": hold_ms} for token in tokens]
+            )
+        return [result == 1 for result in renewed]
 
     def release(self, token: str) -> None:
         if self._settings.max_concurrency > 0:

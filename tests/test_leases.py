@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 
 import pytest
 import redis
@@ -19,7 +20,7 @@ import redis
 from devstack.processes import wait_until
 from services.errors import StoreUnavailable
 from services.jobs import out_of_attempts
-from services.leases import LeaseKeeper
+from services.leases import BATCH, LeaseKeeper, RenewMany
 from services.store import JobStore, Lease
 
 INTERVAL = 0.05
@@ -41,6 +42,10 @@ class Renewals:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def many(self, items: Sequence[object]) -> list[bool]:
+        """As the keeper calls it: one call for the batch of holds registered with it."""
+        return [self()] * len(items)
 
     @property
     def count(self) -> int:
@@ -69,13 +74,13 @@ def started(store: JobStore, lease_seconds: float) -> Lease:
     return attempt.lease
 
 
-def counted(renew: Callable[[], bool]) -> tuple[Renewals, Callable[[], bool]]:
-    """``renew`` wrapped to be counted."""
+def counted(renew_many: Callable[[Sequence[Lease]], list[bool]]) -> tuple[Renewals, RenewMany]:
+    """``renew_many`` wrapped to count its calls."""
     calls = Renewals()
 
-    def wrapper() -> bool:
+    def wrapper(leases: Sequence[Lease]) -> list[bool]:
         calls()
-        return renew()
+        return renew_many(leases)
 
     return calls, wrapper
 
@@ -91,9 +96,9 @@ def test_a_lease_lives_past_its_time_while_the_block_runs_and_expires_after(stor
     lease = started(store, lease_seconds=1.0)
     lease_key = store.keys.lease(lease.task_id)
     try:
-        calls, renew = counted(lambda: store.renew_lease(lease))
+        calls, renew = counted(store.renew_leases)
         began = time.monotonic()
-        with keeper.keep(f"lease on task {lease.task_id}", renew):
+        with keeper.keep(f"lease on task {lease.task_id}", renew, lease):
             wait_until(lambda: calls.count >= 15, timeout=20, what="15 renewals")
             assert time.monotonic() - began > 1.0, "15 intervals of 0.1 s outlast the 1 s lease"
             assert store._redis.exists(lease_key), "renewed, the lease is still held"
@@ -110,8 +115,8 @@ def test_a_lease_lives_past_its_time_while_the_block_runs_and_expires_after(stor
 def test_renewals_stop_when_the_block_ends(keeper: LeaseKeeper) -> None:
     clock = Renewals()
     renewals = Renewals()
-    with keeper.keep("clock", clock):
-        with keeper.keep("job", renewals):
+    with keeper.keep("clock", clock.many, None):
+        with keeper.keep("job", renewals.many, None):
             wait_until(lambda: renewals.count >= 3, timeout=10, what="3 renewals")
         after_block = renewals.count
         let_intervals_pass(clock, 5)
@@ -124,9 +129,9 @@ def test_a_renewal_that_finds_its_lease_gone_is_dropped_and_logged(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="services.leases")
     lease = started(store, lease_seconds=30)
-    calls, renew = counted(lambda: store.renew_lease(lease))
+    calls, renew = counted(store.renew_leases)
     clock = Renewals()
-    with keeper.keep("clock", clock), keeper.keep(f"lease on task {lease.task_id}", renew):
+    with keeper.keep("clock", clock.many, None), keeper.keep(f"lease on task {lease.task_id}", renew, lease):
         wait_until(lambda: calls.count >= 1, timeout=10, what="a first renewal")
         store.cancel(lease.task_id)  # drops the lease: the next renewal finds it gone
         wait_until(
@@ -146,7 +151,7 @@ def test_a_false_renewal_is_dropped_and_logged_once(
     caplog.set_level(logging.WARNING, logger="services.leases")
     renewals = Renewals(True, False)
     clock = Renewals()
-    with keeper.keep("clock", clock), keeper.keep("upstream slot t", renewals):
+    with keeper.keep("clock", clock.many, None), keeper.keep("upstream slot t", renewals.many, None):
         wait_until(lambda: renewals.count >= 2, timeout=10, what="two renewals")
         let_intervals_pass(clock, 5)
         assert renewals.count == 2
@@ -161,7 +166,7 @@ def test_a_service_error_is_retried_at_the_next_interval(
     caplog.set_level(logging.WARNING, logger="services.leases")
     down = StoreUnavailable("the task store (Redis) is unavailable: test")
     renewals = Renewals(down, down, True)
-    with keeper.keep("lease on task t", renewals):
+    with keeper.keep("lease on task t", renewals.many, None):
         wait_until(lambda: renewals.count >= 5, timeout=10, what="renewals after the errors")
     messages = [r.getMessage() for r in caplog.records]
     assert (
@@ -181,6 +186,46 @@ def test_an_unexpected_error_in_one_renewal_does_not_stop_the_others(
     caplog.set_level(logging.WARNING, logger="services.leases")
     broken = Renewals(RuntimeError("a bug"), True)
     clock = Renewals()
-    with keeper.keep("clock", clock), keeper.keep("lease on task t", broken):
+    with keeper.keep("clock", clock.many, None), keeper.keep("lease on task t", broken.many, None):
         wait_until(lambda: broken.count >= 3 and clock.count >= 3, timeout=10, what="renewals after the bug")
     assert "lease on task t: renewal failed unexpectedly; will try again" in caplog.text
+
+
+def test_holds_of_one_kind_are_renewed_together_a_batch_a_round_trip(store: JobStore) -> None:
+    """A worker holding thousands of calls renews them in a few round trips, not one each; a lost one
+    among them is dropped and logged alone, and the kinds are renewed separately."""
+    keeper = LeaseKeeper(3600)  # no pass of its own: renew_all below is the pass
+    leases = [started(store, lease_seconds=30) for _ in range(BATCH + 2)]
+    lost = leases[1]
+    store.cancel(lost.task_id)  # drops its lease
+    batches: list[int] = []
+
+    def renew_leases(items: Sequence[Lease]) -> list[bool]:
+        batches.append(len(items))
+        return store.renew_leases(items)
+
+    slots = Renewals()
+    try:
+        with ExitStack() as holds:
+            for lease in leases:
+                holds.enter_context(keeper.keep(f"lease on task {lease.task_id}", renew_leases, lease))
+            holds.enter_context(keeper.keep("upstream slot t", slots.many, "t"))
+            keeper.renew_all()
+            assert sorted(batches) == [2, BATCH] and slots.count == 1
+            ttl = store._redis.pttl(store.keys.lease(leases[-1].task_id))
+            assert ttl > 29_000, "renewed to the full 30 s"
+            keeper.renew_all()
+            assert sorted(batches) == [1, 2, BATCH, BATCH], "the lost lease is renewed no more"
+    finally:
+        keeper.stop()
+
+
+def test_a_hold_that_ended_is_not_a_loss(keeper: LeaseKeeper, caplog: pytest.LogCaptureFixture) -> None:
+    """The job's closing write deletes its lease: a renewal that finds it gone after that lost nothing."""
+    caplog.set_level(logging.WARNING, logger="services.leases")
+    ended = threading.Event()
+    ended.set()
+    renewals = Renewals(False, False, False)
+    with keeper.keep("lease on task t", renewals.many, None, ended=ended):
+        wait_until(lambda: renewals.count >= 3, timeout=10, what="three renewals")
+    assert caplog.records == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import redis
@@ -131,9 +131,9 @@ def test_renew_keeps_a_slot_past_hold_seconds(make_limiter: MakeLimiter) -> None
     renewals: list[bool] = []
     taken_by_other: list[bool] = []
 
-    def renew() -> bool:
-        renewals.append(limiter.renew("holder"))
-        return True
+    def renew(tokens: Sequence[str]) -> list[bool]:
+        renewals.extend(limiter.renew_slots(tokens))
+        return [True] * len(tokens)
 
     def renewed_long_enough() -> bool:
         if acquired(other, "other"):
@@ -143,7 +143,7 @@ def test_renew_keeps_a_slot_past_hold_seconds(make_limiter: MakeLimiter) -> None
 
     limiter.acquire("holder")
     try:
-        with keeper.keep("upstream slot holder", renew):
+        with keeper.keep("upstream slot holder", renew, "holder"):
             wait_until(renewed_long_enough, timeout=30, what="25 renewals")
     finally:
         keeper.stop()
@@ -156,6 +156,14 @@ def test_renewing_twice_in_the_same_millisecond_still_holds_the_slot(make_limite
     limiter = make_limiter(max_concurrency=1, hold_seconds=1.0)
     limiter.acquire("holder")
     assert all(limiter.renew("holder") for _ in range(200)), "an unchanged expiry is still a held slot"
+
+
+def test_many_slots_are_renewed_in_one_call_each_answered(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(max_concurrency=3, hold_seconds=1.0)
+    limiter.acquire("a")
+    limiter.acquire("c")
+    assert limiter.renew_slots(["a", "b", "c"]) == [True, False, True], "b holds none"
+    assert make_limiter(max_concurrency=0).renew_slots(["x", "y"]) == [True, True], "no cap: nothing to lose"
 
 
 def test_renewing_a_slot_one_does_not_hold(make_limiter: MakeLimiter) -> None:

@@ -87,7 +87,8 @@ def test_lease_lines_carry_the_scope_of_the_job() -> None:
     leases.addHandler(handler)
     keeper = LeaseKeeper(0.02)
     try:
-        with logs.task_scope("t1", "acme"), keeper.keep("lease on task t1", lambda: False):
+        lost = lambda items: [False] * len(items)  # noqa: E731
+        with logs.task_scope("t1", "acme"), keeper.keep("lease on task t1", lost, None):
             wait_until(lambda: "lost" in stream.getvalue(), timeout=5, what="the lost lease's line")
     finally:
         keeper.stop()

@@ -139,16 +139,16 @@ def test_a_renewed_lease_is_never_taken(store: JobStore, broker: Broker) -> None
     renewals: list[bool] = []
     enqueued: list[str] = []
 
-    def renew() -> bool:
-        renewals.append(store.renew_lease(lease))
-        return renewals[-1]
+    def renew(leases: Sequence[Lease]) -> list[bool]:
+        renewals.extend(store.renew_leases(leases))
+        return renewals[-len(leases) :]
 
     def swept_for_two_and_a_half_leases() -> bool:
         enqueued.extend(sweep.tick())
         return bool(enqueued) or len(renewals) >= 25
 
     try:
-        with keeper.keep(f"lease on task {task_id}", renew):
+        with keeper.keep(f"lease on task {task_id}", renew, lease):
             wait_until(swept_for_two_and_a_half_leases, timeout=30, what="25 renewals")
     finally:
         keeper.stop()
