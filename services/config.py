@@ -64,6 +64,7 @@ class Config:
     worker_concurrency: int = 50
     worker_pool: str = "threads"
     worker_prefetch_multiplier: int = 1
+    worker_busy_threads: int = 32
     visibility_timeout: int = 3600
     task_lease_seconds: float = 30.0
     worker_shutdown_timeout: float = 330.0
@@ -319,6 +320,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WORKER_CONCURRENCY": ("worker_concurrency", _positive_int),
     "WORKER_POOL": ("worker_pool", _pool),
     "WORKER_PREFETCH_MULTIPLIER": ("worker_prefetch_multiplier", _positive_int),
+    "WORKER_BUSY_THREADS": ("worker_busy_threads", _positive_int),
     "VISIBILITY_TIMEOUT": ("visibility_timeout", _positive_int),
     "TASK_LEASE_SECONDS": ("task_lease_seconds", _positive_float),
     "WORKER_SHUTDOWN_TIMEOUT": ("worker_shutdown_timeout", _positive_float),

@@ -54,6 +54,7 @@ from services.tenants import tenant_of
 from services.upstream_client import UpstreamClient
 from services.upstream_response import UpstreamResult, encode_result, parse_success
 from services.usage import Usage
+from services.work_gate import WorkGate
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class JobRunner:
         admission: Admission,
         usage: Usage,
         calls: InFlightCalls,
+        gate: WorkGate,
     ) -> None:
         self._config = config
         self._store = store
@@ -126,11 +128,15 @@ class JobRunner:
         self._admission = admission
         self._usage = usage
         self._calls = calls
+        self._gate = gate  # a permit while working, none while waiting (services/work_gate.py)
 
     def run(self, task_id: str) -> None:
         """Run the task's next attempt; then admit the next waiting tasks into the place it frees. Every
         line logged meanwhile carries the task's id, and its tenant once its record is read."""
-        with task_scope(task_id):
+        # Until its attempt starts, the task's message is held here, not lost, however long it waits for
+        # a turn or an upstream slot (the sweeper's claim_lost_messages).
+        holding = self._keeper.keep(f"message of task {task_id}", self._store.hold_messages, task_id)
+        with task_scope(task_id), holding, self._gate.working():
             try:
                 self._run(task_id)
             finally:
@@ -139,7 +145,8 @@ class JobRunner:
     def _run(self, task_id: str) -> None:
         token = f"{worker_name()}:{secrets.token_hex(6)}"
         try:
-            self._limiter.acquire(token)
+            with self._gate.waiting():
+                self._limiter.acquire(token)
         except Deferred as deferred:
             self._postpone(task_id, deferred.delay)
             return
@@ -235,7 +242,8 @@ class JobRunner:
         if attempt.payload is None:
             raise NotFound(f"the payload of task {task_id!r} is missing", field="id")
         try:
-            with self._calls.calling(task_id):  # a cancel cuts this call off (services/cancellation.py)
+            # a cancel cuts this call off (services/cancellation.py)
+            with self._calls.calling(task_id), self._gate.waiting():
                 status, body = self._upstream.generate(attempt.payload)
         finally:
             self._count_call(attempt.task)

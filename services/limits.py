@@ -15,6 +15,7 @@ its thread; told to wait longer, it gives its task back to be retried later (``D
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,13 +62,22 @@ return 0
 """
 )
 
-# KEYS: slots. ARGV: the holder's token, how long its slot lasts now (ms). Returns 1 if it still held one.
-_RENEW_SLOT = (
+# KEYS: slots. ARGV: how long a slot lasts now (ms), then holders' tokens. Returns, per token, 1 if it still
+# held a slot (now extended), else 0: a worker renews all its slots in one call.
+_RENEW_SLOTS = (
     REDIS_NOW_MS
     + """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], redis_now_ms() + tonumber(ARGV[2]), ARGV[1])
-return 1
+local until_ms = redis_now_ms() + tonumber(ARGV[1])
+local renewed = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], until_ms, ARGV[i])
+    renewed[i - 1] = 1
+  else
+    renewed[i - 1] = 0
+  end
+end
+return renewed
 """
 )
 
@@ -107,7 +117,8 @@ class UpstreamLimiter:
             args=["token", "hold_ms", "max_slots", "rate_per_minute"],
         )
         self._cool_down = Script(client, _COOL_DOWN, keys=["cooldown"], args=["for_ms"])
-        self._renew_slot = Script(client, _RENEW_SLOT, keys=["slots"], args=["token", "hold_ms"])
+        self._renew_slots = Script(client, _RENEW_SLOTS, keys=["slots"], args=["hold_ms"], more_args="tokens")
+        self._polling = threading.Lock()  # held by the one thread of the process polling for a slot
 
     def renew(self, token: str) -> bool:
         """Extend the slot ``token`` holds; False when it was lost (expired and maybe taken)."""
@@ -119,9 +130,7 @@ class UpstreamLimiter:
             return [True] * len(tokens)
         hold_ms = clock.ms(self._settings.hold_seconds)
         with mapped_redis_errors():
-            renewed = self._renew_slot.call_many(
-                [{"slots": self._slots, "token": token, "hold_ms": hold_ms} for token in tokens]
-            )
+            renewed = self._renew_slots(slots=self._slots, hold_ms=hold_ms, tokens=list(tokens))
         return [result == 1 for result in renewed]
 
     def release(self, token: str) -> None:
@@ -135,23 +144,25 @@ class UpstreamLimiter:
             self._cool_down(cooldown=self._cooldown, for_ms=clock.ms(seconds))
 
     def acquire(self, token: str) -> None:
-        """Take one upstream slot for ``token``: wait briefly in this thread, or raise ``Deferred``."""
-        settings = self._settings
-        deadline = time.monotonic() + settings.max_wait_in_thread
+        """Take one upstream slot for ``token``: wait briefly in this thread, or raise ``Deferred``.
+
+        While every slot is busy, one thread of the process polls for one at a time, and the process's
+        other waiters queue behind it on a lock, which costs them nothing: a worker of 2,000 threads
+        polling together would spend its CPU, and starve its lease keeper, on asking (bench/README.md,
+        P6)."""
+        deadline = time.monotonic() + self._settings.max_wait_in_thread
+        if self._take(token) == 0:
+            return
+        if not self._polling.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Deferred(0.05)
+        try:
+            self._poll(token, deadline)
+        finally:
+            self._polling.release()
+
+    def _poll(self, token: str, deadline: float) -> None:
         pause = 0.01
-        while True:
-            with mapped_redis_errors():
-                wait_ms = self._acquire(
-                    slots=self._slots,
-                    cooldown=self._cooldown,
-                    bucket=self._bucket,
-                    token=token,
-                    hold_ms=clock.ms(settings.hold_seconds),
-                    max_slots=settings.max_concurrency,
-                    rate_per_minute=settings.rate_per_minute,
-                )
-            if wait_ms == 0:
-                return
+        while (wait_ms := self._take(token)) != 0:
             if wait_ms > 0:  # a cooldown or the bucket: we know how long
                 wait = wait_ms / 1000
             else:  # all slots busy: poll, backing off a little, with jitter against herds
@@ -160,3 +171,20 @@ class UpstreamLimiter:
             if time.monotonic() + wait > deadline:
                 raise Deferred(max(wait, 0.05))
             time.sleep(wait)
+
+    def _take(self, token: str) -> int:
+        """Try to take a slot: 0 when taken, else how many ms to wait (a cooldown, the bucket), or -1
+        when every slot is busy."""
+        settings = self._settings
+        with mapped_redis_errors():
+            return int(
+                self._acquire(
+                    slots=self._slots,
+                    cooldown=self._cooldown,
+                    bucket=self._bucket,
+                    token=token,
+                    hold_ms=clock.ms(settings.hold_seconds),
+                    max_slots=settings.max_concurrency,
+                    rate_per_minute=settings.rate_per_minute,
+                )
+            )

@@ -52,26 +52,6 @@ class Script:
         keys, args = self._arguments(values)
         return self._script(keys=keys, args=args)
 
-    def call_many(self, calls: Sequence[dict[str, Any]]) -> list[Any]:
-        """Run the script once per item of ``calls`` (each the keyword arguments of one call), all in one
-        round trip (a pipeline, not a transaction); return their results in order. A server without the
-        script gets it first, and the calls are sent again: callers batch only idempotent calls."""
-        if not calls:
-            return []
-        arguments = [self._arguments(values) for values in calls]
-
-        def send() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for keys, args in arguments:
-                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-            return list(pipe.execute())
-
-        try:
-            return send()
-        except NoScriptError:
-            self._client.script_load(self._source)
-            return send()
-
     def call_acknowledged(self, ack: ReplicaAck, **values: Any) -> tuple[Any, int]:
         """Run the script and WAIT for ``ack.replicas`` in one round trip (``services/replication.py``);
         return its result and how many replicas acknowledged. A server without the script (a new

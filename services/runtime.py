@@ -34,6 +34,7 @@ from services.tenants import Tenants, TenantSettings
 from services.upstream_client import UpstreamClient
 from services.usage import Usage
 from services.webhooks.service import WebhookService
+from services.work_gate import WorkGate
 
 
 @dataclass
@@ -177,4 +178,5 @@ class Runtime:
             self.admission,
             self.usage,
             self.calls,
+            WorkGate(self.config.worker_busy_threads),
         )

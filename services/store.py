@@ -301,11 +301,9 @@ class JobStore:
         self._save_answer = Script(
             client, scripts.SAVE_RESULT, keys=["task", "result"], args=["attempt", "answer", "ttl"]
         )
+        self._touch_queued = Script(client, scripts.TOUCH_QUEUED, keys=["queued"], more_args="task_ids")
         self._renew = Script(
-            client,
-            scripts.RENEW_LEASE,
-            keys=["lease", "running"],
-            args=["token", "ttl_ms", "task_id"],
+            client, scripts.RENEW_LEASES, keys=["running"], more_keys="leases", more_args="holders"
         )
         self._delete = Script(
             client,
@@ -458,11 +456,20 @@ class JobStore:
     def claim_lost_messages(self, older_than: float, limit: int = 500) -> list[str]:
         """Queued tasks enqueued more than ``older_than`` s ago and not started; to enqueue again.
 
-        Call only when the broker's queue is empty: then such a task's message was lost.
+        Call only when the broker's queue is empty: then such a task's message was lost, unless a worker
+        holds it waiting for an upstream slot, which it says every lease interval (``hold_messages``).
         """
         now = self._now_ms()
         queued = self.keys.queued
         return self._claim_members(queued, queued, now - clock.ms(older_than), now, limit)
+
+    def hold_messages(self, task_ids: Sequence[str]) -> list[bool]:
+        """A worker holds these tasks' messages (waiting for an upstream slot): the queued ones among them
+        count as enqueued now, not lost (the lease keeper's, every interval). Always True: a task that is no
+        longer queued has started or ended, which is no loss to its waiting message."""
+        with mapped_redis_errors():
+            self._touch_queued(queued=self.keys.queued, task_ids=list(task_ids))
+        return [True] * len(task_ids)
 
     def _now_ms(self) -> int:
         """Now on Redis's clock, which every process shares whatever its host's clock says."""
@@ -645,18 +652,14 @@ class JobStore:
     def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
         """``renew_lease`` for many leases in one round trip (the lease keeper's: a worker holding
         thousands of calls renews them all at once)."""
+        holders = [
+            value for lease in leases for value in (lease.token, clock.ms(lease.seconds), lease.task_id)
+        ]
         with mapped_redis_errors():
-            renewed = self._renew.call_many(
-                [
-                    {
-                        "lease": self.keys.lease(lease.task_id),
-                        "running": self.keys.running,
-                        "token": lease.token,
-                        "ttl_ms": clock.ms(lease.seconds),
-                        "task_id": lease.task_id,
-                    }
-                    for lease in leases
-                ]
+            renewed = self._renew(
+                running=self.keys.running,
+                leases=[self.keys.lease(lease.task_id) for lease in leases],
+                holders=holders,
             )
         return [bool(result) for result in renewed]
 

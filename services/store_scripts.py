@@ -227,16 +227,40 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
-# KEYS[1]: a lease, KEYS[2]: the running set. ARGV: holder's token, time to live (ms), task id. Returns 1
-# if the lease was still held (and is extended), else 0. The new deadline is on Redis's clock, never the
-# worker's: a worker host whose clock is off can neither hide its task from the sweeper for as long as its
-# clock is ahead nor have it taken over early (tests/test_partition.py).
-RENEW_LEASE = (
+# KEYS: queued. ARGV: task ids. A worker that holds these tasks' messages (waiting for its turn or an
+# upstream slot) says so: each still queued is scored now (Redis's clock), so that the sweeper does not
+# take its message for lost (``claim_lost_messages``) while it waits. Returns 1.
+TOUCH_QUEUED = (
     REDIS_NOW_MS
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', redis_now_ms() + tonumber(ARGV[2]), ARGV[3])
+local now = redis_now_ms()
+for _, task_id in ipairs(ARGV) do
+  redis.call('ZADD', KEYS[1], 'XX', now, task_id)
+end
 return 1
+"""
+)
+
+# KEYS[1]: the running set, then one lease per task. ARGV: per lease, its holder's token, its time to live
+# (ms) and its task id. Returns, per lease, 1 if it was still held (and is extended), else 0: a worker
+# renews all its leases in one call. The new deadline is on Redis's clock, never the worker's: a worker
+# host whose clock is off can neither hide its task from the sweeper for as long as its clock is ahead nor
+# have it taken over early (tests/test_partition.py).
+RENEW_LEASES = (
+    REDIS_NOW_MS
+    + """
+local now = redis_now_ms()
+local renewed = {}
+for i = 2, #KEYS do
+  local token, ttl, task_id = ARGV[3 * i - 5], tonumber(ARGV[3 * i - 4]), ARGV[3 * i - 3]
+  if redis.call('GET', KEYS[i]) == token then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    redis.call('ZADD', KEYS[1], 'XX', now + ttl, task_id)
+    renewed[i - 1] = 1
+  else
+    renewed[i - 1] = 0
+  end
+end
+return renewed
 """
 )

@@ -41,6 +41,7 @@ from services.storage import Storage, StoredObject
 from services.store import NO_LIMITS, JobStore, TaskStatus
 from services.upstream_client import UpstreamClient
 from services.usage import Usage
+from services.work_gate import WorkGate
 from tests.origin import Origin, body
 
 SHARED = Path(os.environ.get("IMAGEGEN_SHARED_DIR", Path(__file__).parents[2] / "shared"))
@@ -197,6 +198,7 @@ class Harness:
             admission,
             usage,
             InFlightCalls(),
+            WorkGate(config.worker_busy_threads),
         )
 
     def upstream_client(self, **overrides: Any) -> UpstreamClient:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -264,3 +265,44 @@ def test_a_worker_whose_clock_runs_ahead_takes_no_one_elses_slot(
     limiter._redis.delete(KEYS.limiter_cooldown)
     assert not acquired(limiter, "ahead"), "the other's slot still holds"
     assert limiter.renew("on-time")
+
+
+def test_a_process_full_of_waiters_polls_for_a_slot_one_thread_at_a_time(
+    make_limiter: MakeLimiter, redis_client: redis.Redis
+) -> None:
+    """50 threads waiting for a busy cap ask Redis about as often as one would: the others queue on the
+    process's lock (a worker of 2,000 threads polling together starved its lease keeper)."""
+    holder = make_limiter(max_concurrency=1)
+    holder.acquire("holder")
+    waiting = make_limiter(max_concurrency=1, max_wait_in_thread=1.0)
+
+    def calls() -> int:
+        stats = redis_client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = calls()
+    with ThreadPoolExecutor(50) as pool:
+        outcomes = list(pool.map(lambda n: acquired(waiting, f"waiter{n}"), range(50)))
+    asked = calls() - before
+    assert outcomes == [False] * 50, "the slot stayed busy: every waiter was deferred"
+    # each thread asks once on arrival; then one poller at a time, every 5 to 100 ms for about 1 s
+    assert asked <= 50 + 80, f"{asked} polls: the waiters polled together"
+
+
+def test_waiters_queued_behind_the_poller_each_get_the_slot_in_turn(make_limiter: MakeLimiter) -> None:
+    holder = make_limiter(max_concurrency=1)
+    holder.acquire("holder")
+    waiting = make_limiter(max_concurrency=1, max_wait_in_thread=20.0)
+    got: list[str] = []
+
+    def wait_then_hand_on(token: str) -> None:
+        waiting.acquire(token)
+        got.append(token)
+        waiting.release(token)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(wait_then_hand_on, f"waiter{n}") for n in range(3)]
+        holder.release("holder")
+        for future in futures:
+            future.result(timeout=30)
+    assert sorted(got) == ["waiter0", "waiter1", "waiter2"]

@@ -184,6 +184,20 @@ def test_lost_messages_are_claimed_once_they_are_old(store: JobStore) -> None:
     assert store.claim_lost_messages(older_than=1) == [], "re-claimed only after another wait"
 
 
+def test_a_message_a_worker_holds_waiting_for_a_slot_is_not_taken_for_lost(store: JobStore) -> None:
+    """A worker waiting for an upstream slot holds the task's message; it says so every lease interval,
+    and the sweeper leaves the task alone. Once nobody says so, the message counts as lost again."""
+    held, other = new_task(store), new_task(store)
+    queued = store.keys.queued
+    old = int(store._redis.zscore(queued, held)) - 60_000
+    store._redis.zadd(queued, {held: old, other: old})  # both enqueued a minute ago
+    assert store.hold_messages([held, "not-a-queued-task"]) == [True, True]
+    assert store.claim_lost_messages(older_than=30) == [other]
+    assert not store._redis.zscore(queued, "not-a-queued-task"), "only queued tasks are touched"
+    store._redis.zadd(queued, {held: old})  # then its worker went quiet
+    assert store.claim_lost_messages(older_than=30) == [held]
+
+
 def test_rate_limited_attempts_are_free(store: JobStore) -> None:
     task_id = new_task(store)
     for _ in range(3):

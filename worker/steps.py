@@ -1,8 +1,9 @@
 """The worker's bootsteps: what a worker process builds and starts besides Celery's own parts.
 
 - ``RuntimeStep`` builds the process's clients (``services.runtime.Runtime``), sized for the pool that
-  really runs (``--concurrency`` wins over ``WORKER_CONCURRENCY``), keeps them on the Celery app, and
-  tunes glibc for big buffers (``worker/memory.py``);
+  really runs (``--concurrency`` wins over ``WORKER_CONCURRENCY``), keeps them on the Celery app,
+  tunes glibc for big buffers (``worker/memory.py``) and raises the open-files limit to what the pool
+  needs (``worker/open_files.py``);
 - ``ShutdownDeadlineStep`` makes a stopping worker exit within ``WORKER_SHUTDOWN_TIMEOUT``
   (``worker/shutdown.py``);
 - ``SweeperStep`` runs the sweeper (``services/sweeper.py``) in every worker;
@@ -31,6 +32,7 @@ from services.runtime import Runtime
 from services.sweeper import Sweeper
 from services.webhooks.dispatcher import WebhookDispatcher
 from worker.memory import keep_big_buffers_out_of_the_heap
+from worker.open_files import raise_open_files_limit
 from worker.shutdown import ShutdownDeadline
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class RuntimeStep(bootsteps.Step):  # type: ignore[misc]  # celery is untyped: i
         keep_big_buffers_out_of_the_heap()
         config = worker.app.conf.iq_config
         config = dataclasses.replace(config, worker_concurrency=worker.concurrency)
+        raise_open_files_limit(config.worker_concurrency)
         runtime = worker.app.conf.iq_runtime = Runtime(config)
         log.info("clients sized for a pool of %d", config.worker_concurrency)
         if runtime.storage.expire_outputs(config.output_retention):

@@ -1,0 +1,117 @@
+"""The fault suite at density: a worker holding 2,000 upstream calls at once (``WORKER_CONCURRENCY=2000``,
+bench/README.md, P6) under a global cap of 2,000, killed with SIGKILL.
+
+While the calls are held, every one of the 2,000 leases (and limiter slots) must be renewed in time, or
+the sweeper would give its task a second attempt; after the kill, the worker started again (as a
+container's restart policy would) takes every task over once the killed process's leases and slots
+expire, without going over the cap, and only the calls cut off by the kill are made again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from devstack.processes import wait_until
+from services.clock import parse_iso
+from tests.fault_kit import (
+    LEASE,
+    attempt_pid,
+    calls_by_task,
+    calls_without_an_attempt,
+    settle_succeeded,
+    slow_bodies,
+    stored_attempts,
+)
+from tests.report import FaultRow, record
+from tests.stack import Stack
+
+DENSITY = 2000
+# Long enough for all 2,000 calls to be in flight together, each past its first lease: a cold worker
+# starts them in 10 to 15 s on this 2-CPU machine.
+CALL_MS = 40_000
+BATCH = 1000
+
+pytestmark = [
+    pytest.mark.timeout(420),
+    pytest.mark.stack(
+        workers=1,
+        WORKER_CONCURRENCY=str(DENSITY),
+        UPSTREAM_MAX_CONCURRENCY=str(DENSITY),
+        UPSTREAM_TIMEOUT="60",
+        VISIBILITY_TIMEOUT="120",
+        UPSTREAM_HOLD_SECONDS="600",  # the new worker waits for the dead one's slots; none may fail for it
+    ),
+]
+
+
+def submit_batches(stack: Stack, bodies: list[dict[str, Any]]) -> list[str]:
+    """Submit as batches of 1,000 (``POST /v1/batches``), each tenant in turn, as a client of thousands."""
+    ids: list[str] = []
+    tenants = sorted(stack.tenant_keys)
+    for number, start in enumerate(range(0, len(bodies), BATCH)):
+        tenant = tenants[number % len(tenants)]
+        response = stack.http.post(
+            f"{stack.api_url}/v1/batches",
+            json={"requests": bodies[start : start + BATCH]},
+            headers=stack.headers(tenant),
+            timeout=60,
+        )
+        assert response.status_code == 202, response.text[:500]
+        batch_ids = response.json()["task_ids"]
+        stack.owners.update(dict.fromkeys(batch_ids, tenant))
+        ids += batch_ids
+    return ids
+
+
+def in_flight(stack: Stack) -> list[dict[str, Any]]:
+    return [call for call in stack.sim_call_log() if call["finished"] is None]
+
+
+def test_sigkill_a_worker_holding_2000_calls(fault_stack: Stack) -> None:
+    stack = fault_stack
+    bodies = slow_bodies(DENSITY, CALL_MS)
+    ids = submit_batches(stack, bodies)
+    worker = stack.children["worker0"]
+
+    # Every call held together, the oldest past one lease and the newest too: each lease was renewed.
+    def all_held_past_a_lease() -> bool:
+        calls = in_flight(stack)
+        newest = max((call["started"] for call in calls), default=time.time())
+        return len(calls) >= DENSITY and time.time() - newest > LEASE + 1
+
+    wait_until(all_held_past_a_lease, timeout=CALL_MS / 1000 - 5, what=f"{DENSITY} calls held")
+    attempts = stored_attempts(stack, ids)
+    assert all(len(task_attempts) == 1 for task_attempts in attempts.values()), (
+        "a lease expired while its call was held: the task got a second attempt"
+    )
+    killed_pid, killed_at = worker.pid, time.time()
+    worker.kill()  # the stack's supervisor starts it again, as a container's restart policy would
+    tasks = settle_succeeded(stack, ids, timeout=180)
+
+    attempts = stored_attempts(stack, ids)
+    lost = [a for task_attempts in attempts.values() for a in task_attempts if a["outcome"] == "worker_lost"]
+    assert len(lost) == DENSITY and all(attempt_pid(a) == killed_pid for a in lost), "all 2,000 found lost"
+    calls = calls_by_task(stack, bodies, ids)
+    for task_id in ids:
+        assert not calls_without_an_attempt(calls[task_id], attempts[task_id]), attempts[task_id]
+        assert len(calls[task_id]) == 2, f"task {task_id}: called once more after the kill, no more"
+    restarted = [
+        parse_iso(task_attempts[-1]["started_at"]).timestamp() for task_attempts in attempts.values()
+    ]
+    recovery = max(restarted) - killed_at
+    assert stack.sim_stats()["max_in_flight"] <= DENSITY, "the cap held through the takeover"
+    record(
+        FaultRow(
+            f"SIGKILL a worker holding {DENSITY} calls (WORKER_CONCURRENCY={DENSITY}, cap {DENSITY})",
+            len(ids),
+            sum(t["status"] == "succeeded" for t in tasks.values()),
+            0,
+            0,
+            DENSITY,
+            f"{recovery:.1f}s (lease {LEASE:.0f}s)",
+            note=f"all {DENSITY} leases renewed while held; the restarted worker took all over, the cap held",
+        )
+    )
