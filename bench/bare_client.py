@@ -1,7 +1,8 @@
 """The P1b floor: a bare client that does a job's essential work in one process, with no queue.
 
 N upstream calls, at most C in flight (asyncio + httpx), each answer parsed, its image base64-decoded
-(on the event loop, as a bare client would), and uploaded with boto3 (``put_object`` in a thread pool
+and checked (its sha256, sent as the upload's checksum, as the worker does) on the event loop, as a bare
+client would, and uploaded with boto3 (``put_object`` in a thread pool
 of C threads: boto3 is synchronous). Nothing is stored, retried, leased or validated. Run it as its own
 process so that it has a GIL to itself, like a worker::
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import binascii
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -60,8 +63,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     timeout = httpx.Timeout(connect=10, read=300, write=300, pool=300)
     spans: list[tuple[float, float]] = []
+    tails: list[float] = []  # per job: from the answer's last byte to the upload done
     errors: list[str] = []
-    jobs = iter(range(args.jobs))
+    jobs = iter(range(args.warmup or args.jobs))
 
     def client(connections: int) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -83,18 +87,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "/v1/images/generations", content=body, headers={"Content-Type": "application/json"}
                 )
                 response.raise_for_status()
+                answered = time.time()  # its last byte is in
                 data = binascii.a2b_base64(_image_b64(json.loads(response.content)), strict_mode=True)
+                checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()  # the check
                 del response
                 key = f"{args.prefix}/{index}.png"
                 upload = functools.partial(
-                    s3.put_object, Bucket=args.bucket, Key=key, Body=data, ContentType="image/png"
+                    s3.put_object,
+                    Bucket=args.bucket,
+                    Key=key,
+                    Body=data,
+                    ContentType="image/png",
+                    ChecksumSHA256=checksum,
                 )
                 await loop.run_in_executor(executor, upload)
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             spans.append((began, time.time()))
+            tails.append(spans[-1][1] - answered)
 
+    if args.warmup:  # threads, connections and pools made on first use, as a worker's warm-up
+        await asyncio.gather(*(slot(http) for http in clients[: args.warmup]))
+        spans.clear()
+        tails.clear()
+        jobs = iter(range(args.jobs))
     cpu0 = time.process_time()
     started = time.time()
     await asyncio.gather(*(slot(http) for http in clients))
@@ -114,6 +131,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "makespan_s": (max(e for _, e in spans) - min(b for b, _ in spans)) if spans else None,
         "cpu_s": cpu,
         "job_seconds": sorted(e - b for b, e in spans),
+        "tail_seconds": sorted(tails),
     }
 
 
@@ -129,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--client-per-slot", action="store_true", help="an httpx client per slot, not one")
+    parser.add_argument("--warmup", type=int, default=0, help="jobs run first and not measured (0)")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))
     json.dump(result, sys.stdout)

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "cap_exceeded": any(r["cap_exceeded"] for r in data["runs"]),
         "max_in_flight": {r["label"]: r["sim"]["max_in_flight"] for r in data["runs"]},
         "failures": sum(r["failures"] for r in data["runs"]),
-        "target_vs_linear": 0.9,
+        "target_vs_linear": 0.95,
     }
     data["plot"] = plot(data, args)
     finish(data, render, args)
