@@ -57,6 +57,27 @@ _THREAD_LIMITS = httpx.Limits(max_connections=2, max_keepalive_connections=2)
 Origin = tuple[str, str, int | None]
 
 
+class _NoCookies(httpx.Cookies):
+    """A jar that keeps nothing: answers' cookies are not read."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class _CookielessClient(httpx.Client):
+    """httpx's client without a cookie jar. The upstream is an API that sets none, and reading every
+    answer's headers into a jar (urllib's cookie machinery) was 4 % of a worker's CPU in P6
+    (bench/README.md)."""
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NoCookies()
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        return None
+
+
 def origin(url: httpx.URL) -> Origin:
     """Scheme, host and port of ``url``, the port made explicit."""
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
@@ -118,7 +139,7 @@ class UpstreamClient:
         if client is None:
             transport = self._settings["transport"] or self._transport()
             settings = {**self._settings, "transport": transport}
-            client = self._local.client = httpx.Client(**settings)  # type: ignore[arg-type]
+            client = self._local.client = _CookielessClient(**settings)  # type: ignore[arg-type]
             with self._lock:
                 self._clients.append(client)
         return client

@@ -299,3 +299,17 @@ def test_an_upstream_answer_in_an_encoding_we_did_not_ask_for_is_refused(
     upstream.answer(GENERATIONS_PATH, body(b"\x1b\x00\x00", headers={"Content-Encoding": "br"}))
     error = failure(lambda: make_client().generate(b"{}"))
     assert (error.code, error.retryable) == ("bad_upstream_response", False)
+
+
+def test_the_upstreams_cookies_are_neither_kept_nor_sent_back(
+    upstream: Origin, make_client: MakeClient
+) -> None:
+    """The upstream is an API: a cookie it sets is not read (that cost CPU per call), nor sent again."""
+    upstream.answer(
+        GENERATIONS_PATH,
+        body(b'{"data": []}', headers={"Content-Type": "application/json", "Set-Cookie": "s=1"}),
+    )
+    client = make_client()
+    for _ in range(2):
+        assert client.generate(b"{}")[0] == 200
+    assert [request.headers.get("cookie") for request in upstream.at(GENERATIONS_PATH)] == [None, None]
