@@ -25,6 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 
 from services.admission import Admission
 from services.cancellation import InFlightCalls
@@ -133,16 +134,19 @@ class JobRunner:
     def run(self, task_id: str) -> None:
         """Run the task's next attempt; then admit the next waiting tasks into the place it frees. Every
         line logged meanwhile carries the task's id, and its tenant once its record is read."""
-        # Until its attempt starts, the task's message is held here, not lost, however long it waits for
-        # a turn or an upstream slot (the sweeper's claim_lost_messages).
-        holding = self._keeper.keep(f"message of task {task_id}", self._store.hold_messages, task_id)
-        with task_scope(task_id), holding, self._gate.working():
-            try:
-                self._run(task_id)
-            finally:
-                self._admit_next()
+        with task_scope(task_id), ExitStack() as message:
+            # Until its attempt starts, the task's message is held here, not lost, however long it waits
+            # for a turn or an upstream slot (the sweeper's claim_lost_messages).
+            message.enter_context(
+                self._keeper.keep(f"message of task {task_id}", self._store.hold_messages, task_id)
+            )
+            with self._gate.working():
+                try:
+                    self._run(task_id, message)
+                finally:
+                    self._admit_next()
 
-    def _run(self, task_id: str) -> None:
+    def _run(self, task_id: str, message: ExitStack) -> None:
         token = f"{worker_name()}:{secrets.token_hex(6)}"
         try:
             with self._gate.waiting():
@@ -152,7 +156,7 @@ class JobRunner:
             return
         try:
             with self._keeper.keep(f"upstream slot {token}", self._limiter.renew_slots, token):
-                self._attempt(task_id)
+                self._attempt(task_id, message)
         finally:
             self._limiter.release(token)
 
@@ -179,13 +183,14 @@ class JobRunner:
         else:
             log.info("task %s: postponed %.1fs by the upstream limiter", task_id, delay)
 
-    def _attempt(self, task_id: str) -> None:
+    def _attempt(self, task_id: str, message: ExitStack) -> None:
         attempt = self._store.start_attempt(
             task_id,
             worker=worker_name(),
             lease_seconds=self._config.task_lease_seconds,
             give_up=out_of_attempts(self._config.max_attempts),
         )
+        message.close()  # started (or not to be): the task is no longer queued
         if attempt is None:
             log.info("task %s: nothing to run (final, running elsewhere, or out of attempts)", task_id)
             return
