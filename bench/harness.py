@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -344,31 +344,9 @@ def submit_jobs(
     """POST every body to ``/v1/images/generations`` from ``parallelism`` threads; 202 expected.
 
     ``headers``: sent with every request (``Authorization`` for a tenant's key)."""
-    ids: list[str | None] = [None] * len(bodies)
-    post_seconds: list[float] = [0.0] * len(bodies)
-    errors: list[str] = []
-    limits = httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism)
-    with httpx.Client(base_url=api_url, timeout=60, limits=limits, headers=headers) as client:
-
-        def post(index: int) -> None:
-            began = time.monotonic()
-            try:
-                response = client.post("/v1/images/generations", json=bodies[index])
-            except httpx.HTTPError as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-                return
-            finally:
-                post_seconds[index] = time.monotonic() - began
-            if response.status_code != 202:
-                errors.append(f"{response.status_code}: {response.text[:200]}")
-                return
-            ids[index] = response.json()["id"]
-
-        started = time.time()
-        with ThreadPoolExecutor(parallelism) as executor:
-            list(executor.map(post, range(len(bodies))))
-        finished = time.time()
-    return Submitted([i for i in ids if i is not None], started, finished, post_seconds, errors)
+    return _post_all(
+        api_url, "/v1/images/generations", bodies, lambda answer: [answer["id"]], parallelism, headers
+    )
 
 
 def submit_batches(
@@ -381,16 +359,30 @@ def submit_batches(
 ) -> Submitted:
     """POST the bodies as batches of ``size`` to ``/v1/batches`` from ``parallelism`` threads, as a client
     with thousands of jobs would; 202 expected. The ids come in the bodies' order."""
-    chunks = [list(bodies[i : i + size]) for i in range(0, len(bodies), size)]
-    ids: list[list[str]] = [[] for _ in chunks]
-    post_seconds: list[float] = [0.0] * len(chunks)
+    batches = [{"requests": list(bodies[i : i + size])} for i in range(0, len(bodies), size)]
+    return _post_all(api_url, "/v1/batches", batches, lambda answer: answer["task_ids"], parallelism, headers)
+
+
+def _post_all(
+    api_url: str,
+    path: str,
+    payloads: Sequence[Any],
+    ids_of: Callable[[dict[str, Any]], list[str]],
+    parallelism: int,
+    headers: Mapping[str, str] | None,
+) -> Submitted:
+    """POST each payload to ``path`` from ``parallelism`` threads; the task ids of the 202 answers, in the
+    payloads' order."""
+    ids: list[list[str]] = [[] for _ in payloads]
+    post_seconds: list[float] = [0.0] * len(payloads)
     errors: list[str] = []
-    with httpx.Client(base_url=api_url, timeout=120, headers=headers) as client:
+    limits = httpx.Limits(max_connections=parallelism, max_keepalive_connections=parallelism)
+    with httpx.Client(base_url=api_url, timeout=120, limits=limits, headers=headers) as client:
 
         def post(index: int) -> None:
             began = time.monotonic()
             try:
-                response = client.post("/v1/batches", json={"requests": chunks[index]})
+                response = client.post(path, json=payloads[index])
             except httpx.HTTPError as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 return
@@ -399,11 +391,11 @@ def submit_batches(
             if response.status_code != 202:
                 errors.append(f"{response.status_code}: {response.text[:200]}")
                 return
-            ids[index] = response.json()["task_ids"]
+            ids[index] = ids_of(response.json())
 
         started = time.time()
         with ThreadPoolExecutor(parallelism) as executor:
-            list(executor.map(post, range(len(chunks))))
+            list(executor.map(post, range(len(payloads))))
         finished = time.time()
     return Submitted([i for chunk in ids for i in chunk], started, finished, post_seconds, errors)
 
