@@ -14,7 +14,7 @@ Tasks: written by ``services/store.py`` only, every change with one compare-and-
                                    TTL: the lease (PX), renewed by its holder; deleted when not running
   {p}:active               set     ids of the tasks that are not final
   {p}:queued               zset    admitted queued task id -> when its message was sent (ms), or when a
-                                   worker holding it, waiting for an upstream slot, last said so
+                                   worker holding it, waiting for its turn or a slot, last said so
   {p}:outbox               list    RabbitMQ broker only (``services/broker.py``): ids of admitted tasks
                                    whose message is not published yet, newest first; pushed by the
                                    create script and admission, removed once RabbitMQ confirmed the message

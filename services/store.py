@@ -457,16 +457,17 @@ class JobStore:
         """Queued tasks enqueued more than ``older_than`` s ago and not started; to enqueue again.
 
         Call only when the broker's queue is empty: then such a task's message was lost, unless a worker
-        holds it waiting for an upstream slot, which it says every lease interval (``hold_messages``).
+        holds it waiting for its turn or an upstream slot, which it says at every renewal pass
+        (``hold_messages``).
         """
         now = self._now_ms()
         queued = self.keys.queued
         return self._claim_members(queued, queued, now - clock.ms(older_than), now, limit)
 
     def hold_messages(self, task_ids: Sequence[str]) -> list[bool]:
-        """A worker holds these tasks' messages (waiting for an upstream slot): the queued ones among them
-        count as enqueued now, not lost (the lease keeper's, every interval). Always True: a task that is no
-        longer queued has started or ended, which is no loss to its waiting message."""
+        """A worker holds these tasks' messages (waiting for its turn or an upstream slot): the queued ones
+        among them count as enqueued now, not lost (the lease keeper's, every interval). Always True: a
+        task that is no longer queued has started or ended, which is no loss to its waiting message."""
         with mapped_redis_errors():
             self._touch_queued(queued=self.keys.queued, task_ids=list(task_ids))
         return [True] * len(task_ids)
