@@ -25,12 +25,13 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.common import add_common_arguments, finish, header, new_data, say
+from bench.common import add_common_arguments, finish, header, new_data, profile_dir, profiled, say
 from bench.harness import (
     ROOT,
     BenchStack,
@@ -40,6 +41,7 @@ from bench.harness import (
     markdown_table,
     median,
     percentile,
+    process_tree,
     seed_body,
     wait_for_quiet,
 )
@@ -180,8 +182,12 @@ def measure(stack: BenchStack, name: str, url: str, pid: int, args: argparse.Nam
     if args.warmup:
         generate(url, body_path, args, args.warmup)
     busy = wait_for_quiet(max_wait=args.quiet_wait) if args.quiet_wait > 0 else None
-    with cpu_usage({"server": pid, "redis": stack.children["redis"].pid}) as cpu:
-        result = generate(url, body_path, args, args.duration)
+    with ExitStack() as profiling:
+        if args.profile:  # the server's processes (gunicorn's workers), samples holding the GIL
+            processes = {f"{name}-{child}": child for child in process_tree(pid)[1:]}
+            profiling.enter_context(profiled(processes, profile_dir("p2", name)))
+        with cpu_usage({"server": pid, "redis": stack.children["redis"].pid}) as cpu:
+            result = generate(url, body_path, args, args.duration)
     result.update(server=name, busy_before=busy, cpu_s=cpu)
     result["server_cpu_ms_per_request"] = 1000 * cpu["server"] / max(1, result["requests"])
     return result

@@ -46,6 +46,7 @@ from bench.harness import (
     markdown_table,
     parse_time,
     percentile,
+    process_tree,
     seed_body,
     submit_jobs,
     wait_all_final,
@@ -159,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
             deadline = time.time() + 120 + 10 * args.jobs * latency_s / args.concurrency
             profiling = contextlib.ExitStack()
             if args.profile:
-                workers = {"gen": generation.pid, "hooks": hooks.pid}
+                api = {f"api-{pid}": pid for pid in process_tree(stack.children["api"].pid)[1:]}
+                workers = {"gen": generation.pid, "hooks": hooks.pid, **api}
                 profiling.enter_context(profiled(workers, profile_dir("p3", "workers")))
             submitted = submit_jobs(stack.api_url, bodies)
             probes = [Probe(stack.api_url, submitted.ids[n], deadline) for n in sorted(probes_at)]
