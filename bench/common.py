@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -218,6 +219,21 @@ def batch_line(r: Mapping[str, Any]) -> str:
         f"in_flight={r['sim']['max_in_flight']} failures={r['failures']} "
         f"foreign={fmt(r['machine']['foreign_s'], 1)}s" + (f" ERROR {r['error']}" if r.get("error") else "")
     )
+
+
+def bare_client_command(
+    stack: BenchStack, body: Any, *, jobs: int, concurrency: int, options: Sequence[str] = ()
+) -> list[str]:
+    """``python -m bench.bare_client`` against ``stack``'s simulator and S3 server, sending ``body``
+    (written to a file in the stack's directory) ``jobs`` times with ``concurrency`` in flight; ``options``
+    are its other flags. Run it from ``ROOT``."""
+    body_path = stack.root / "bare-body.json"
+    body_path.write_text(json.dumps(body))
+    return [
+        sys.executable, "-m", "bench.bare_client", "--upstream", stack.simulator_url,
+        "--s3", stack.env["S3_ENDPOINT_URL"], "--bucket", stack.env["S3_BUCKET"], "--body", str(body_path),
+        "--jobs", str(jobs), "--concurrency", str(concurrency), *options,
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import types
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     add_common_arguments,
+    bare_client_command,
     batch_line,
     finish,
     header,
@@ -107,17 +107,11 @@ def queue_round(stack: BenchStack, args: argparse.Namespace, name: str, scenario
 
 def bare_round(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]:
     """The bare client as its own process, against this stack's simulator and S3 server."""
-    body_path = stack.root / "body.json"
-    body_path.write_text(json.dumps(seed_body()))
+    cmd = bare_client_command(stack, seed_body(), jobs=args.jobs, concurrency=args.concurrency)
     stack.sim_reset()
     from bench.harness import wait_for_quiet
 
     busy = wait_for_quiet(max_wait=args.quiet_wait) if args.quiet_wait > 0 else None
-    cmd = [
-        sys.executable, "-m", "bench.bare_client", "--upstream", stack.simulator_url,
-        "--s3", stack.env["S3_ENDPOINT_URL"], "--bucket", stack.env["S3_BUCKET"], "--body", str(body_path),
-        "--jobs", str(args.jobs), "--concurrency", str(args.concurrency),
-    ]  # fmt: skip
     done = subprocess.run(
         cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600, check=False
     )

@@ -29,14 +29,22 @@ import contextlib
 import copy
 import json
 import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
 import httpx
 
-from bench.common import add_common_arguments, finish, header, new_data, profile_dir, profiled, say
+from bench.common import (
+    add_common_arguments,
+    bare_client_command,
+    finish,
+    header,
+    new_data,
+    profile_dir,
+    profiled,
+    say,
+)
 from bench.harness import (
     ROOT,
     BenchStack,
@@ -109,15 +117,11 @@ class Probe(threading.Thread):
 def bare_tail(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]:
     """The bare client against this stack: the same jobs, the same concurrency, after a warm-up as the
     worker's; its per-job tail."""
-    body_path = stack.root / "bare-body.json"
-    body_path.write_text(json.dumps(seed_body()))
+    options = ["--client-per-slot", "--prefix", "p3", "--warmup", str(args.concurrency)]
+    cmd = bare_client_command(
+        stack, seed_body(), jobs=args.jobs, concurrency=args.concurrency, options=options
+    )
     stack.sim_reset()
-    cmd = [
-        sys.executable, "-m", "bench.bare_client", "--upstream", stack.simulator_url,
-        "--s3", stack.env["S3_ENDPOINT_URL"], "--bucket", stack.env["S3_BUCKET"], "--body", str(body_path),
-        "--jobs", str(args.jobs), "--concurrency", str(args.concurrency), "--client-per-slot",
-        "--prefix", "p3", "--warmup", str(args.concurrency),
-    ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     if not done.stdout.strip():
         raise RuntimeError(f"bare client failed:\n{done.stderr[-2000:]}")

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 from bench.common import (
     add_common_arguments,
+    bare_client_command,
     batch_line,
     finish,
     header,
@@ -158,15 +158,10 @@ def queue_round(stack: BenchStack, args: argparse.Namespace, name: str) -> dict[
 def bare_round(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]:
     """The bare client as its own process, holding C calls, sampled like the worker."""
     c, jobs = args.concurrency, args.waves * args.concurrency
-    body_path = stack.root / "body.json"
-    body_path.write_text(json.dumps(_body()))
+    options = ["--prefix", "p6-bare", "--client-per-slot"]
+    cmd = bare_client_command(stack, _body(), jobs=jobs, concurrency=c, options=options)
     stack.sim_reset()
     busy = wait_for_quiet(max_wait=args.quiet_wait) if args.quiet_wait > 0 else None
-    cmd = [
-        sys.executable, "-m", "bench.bare_client", "--upstream", stack.simulator_url,
-        "--s3", stack.env["S3_ENDPOINT_URL"], "--bucket", stack.env["S3_BUCKET"], "--body", str(body_path),
-        "--jobs", str(jobs), "--concurrency", str(c), "--prefix", "p6-bare", "--client-per-slot",
-    ]  # fmt: skip
     with Curves(stack) as curves:
         process = subprocess.Popen(
             cmd,
