@@ -19,6 +19,7 @@ each job a multi-megabyte Redis write to cover that.)
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import secrets
@@ -130,15 +131,18 @@ class JobRunner:
         self._usage = usage
         self._calls = calls
         self._gate = gate  # a permit while working, none while waiting (services/work_gate.py)
+        # one function for every job's held message, so that the lease keeper renews them together
+        self._hold_messages = functools.partial(store.hold_messages, lease_seconds=config.task_lease_seconds)
 
     def run(self, task_id: str) -> None:
         """Run the task's next attempt; then admit the next waiting tasks into the place it frees. Every
         line logged meanwhile carries the task's id, and its tenant once its record is read."""
         with task_scope(task_id), ExitStack() as message:
-            # Until its attempt starts, the task's message is held here, not lost, however long it waits
-            # for a turn or an upstream slot (the sweeper's claim_lost_messages).
+            # Until its attempt starts, the task's message is held here, neither lost nor sent again,
+            # however long it waits for a turn or an upstream slot (the sweeper's claim_lost_messages,
+            # and claim_expired_leases for a task it recovered).
             message.enter_context(
-                self._keeper.keep(f"message of task {task_id}", self._store.hold_messages, task_id)
+                self._keeper.keep(f"message of task {task_id}", self._hold_messages, task_id)
             )
             with self._gate.working():
                 try:

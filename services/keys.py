@@ -19,7 +19,8 @@ Tasks: written by ``services/store.py`` only, every change with one compare-and-
                                    whose message is not published yet, newest first; pushed by the
                                    create script and admission, removed once RabbitMQ confirmed the message
   {p}:delayed              zset    task id waiting for a retry -> when it is due (ms)
-  {p}:running              zset    running task id -> its lease's deadline (ms)
+  {p}:running              zset    running task id -> its lease's deadline (ms), or, once the sweeper sent it
+                                   again, a lease after a worker holding that message last said so
   {p}:deadlines            zset    task id -> its Cancel-After deadline (ms), until it is final
   {p}:events:{id}          list    the task's status changes, oldest first: entry i (from 1) is event i,
                                    its status (``GET /v1/tasks/{id}/events``); appended by the create

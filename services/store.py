@@ -301,7 +301,9 @@ class JobStore:
         self._save_answer = Script(
             client, scripts.SAVE_RESULT, keys=["task", "result"], args=["attempt", "answer", "ttl"]
         )
-        self._touch_queued = Script(client, scripts.TOUCH_QUEUED, keys=["queued"], more_args="task_ids")
+        self._hold_messages = Script(
+            client, scripts.HOLD_MESSAGES, keys=["queued", "running"], args=["held_ms"], more_args="task_ids"
+        )
         self._renew = Script(
             client, scripts.RENEW_LEASES, keys=["running"], more_keys="leases", more_args="holders"
         )
@@ -432,10 +434,12 @@ class JobStore:
     def claim_expired_leases(self, lease_seconds: float, limit: int = 500) -> list[str]:
         """Running tasks whose lease expired (their worker is gone); the caller must enqueue them.
 
-        Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile. One whose
-        lease key has not expired yet is left for when it has (``CLAIM_EXPIRED``). The candidates are
-        read first, so that the script is given every key it touches. Now is Redis's clock, as are the
-        deadlines (``renew_lease``, ``start_attempt``): no process's own clock decides when a lease ends.
+        Their deadline moves one lease ahead, so other sweepers leave them alone meanwhile, and a worker
+        holding the message sent for one keeps it ahead while it waits to start it (``hold_messages``).
+        One whose lease key has not expired yet is left for when it has (``CLAIM_EXPIRED``). The
+        candidates are read first, so that the script is given every key it touches. Now is Redis's clock,
+        as are the deadlines (``renew_lease``, ``start_attempt``): no process's own clock decides when a
+        lease ends.
         """
         with mapped_redis_errors():
             now = self._now_ms()
@@ -464,12 +468,19 @@ class JobStore:
         queued = self.keys.queued
         return self._claim_members(queued, queued, now - clock.ms(older_than), now, limit)
 
-    def hold_messages(self, task_ids: Sequence[str]) -> list[bool]:
-        """A worker holds these tasks' messages (waiting for its turn or an upstream slot): the queued ones
-        among them count as enqueued now, not lost (the lease keeper's, every interval). Always True: a
-        task that is no longer queued has started or ended, which is no loss to its waiting message."""
+    def hold_messages(self, task_ids: Sequence[str], *, lease_seconds: float) -> list[bool]:
+        """A worker holds these tasks' messages, waiting for its turn or an upstream slot (the lease
+        keeper's, every interval; ``lease_seconds`` is how long this says so). The queued ones among them
+        count as enqueued now, not lost; those the sweeper sent again after their lease expired keep
+        their deadline a lease ahead, so that it does not send them a third time while this one waits.
+        Always True: a task that has started or ended since is no loss to its waiting message."""
         with mapped_redis_errors():
-            self._touch_queued(queued=self.keys.queued, task_ids=list(task_ids))
+            self._hold_messages(
+                queued=self.keys.queued,
+                running=self.keys.running,
+                held_ms=clock.ms(lease_seconds),
+                task_ids=list(task_ids),
+            )
         return [True] * len(task_ids)
 
     def _now_ms(self) -> int:

@@ -227,15 +227,24 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
-# KEYS: queued. ARGV: task ids. A worker that holds these tasks' messages (waiting for its turn or an
-# upstream slot) says so: each still queued is scored now (Redis's clock), so that the sweeper does not
-# take its message for lost (``claim_lost_messages``) while it waits. Returns 1.
-TOUCH_QUEUED = (
+# KEYS: queued, running. ARGV: how long a hold lasts (ms), then task ids. A worker that holds these tasks'
+# messages (waiting for its turn or an upstream slot) says so, so that the sweeper neither takes a message
+# for lost nor sends another while it waits: each task still queued is scored now (Redis's clock;
+# ``claim_lost_messages``), and each one in the running set (a task whose lease expired and which the
+# sweeper sent again: this is that message) keeps its deadline at least a hold ahead
+# (``claim_expired_leases``). Returns 1.
+HOLD_MESSAGES = (
     REDIS_NOW_MS
     + """
 local now = redis_now_ms()
-for _, task_id in ipairs(ARGV) do
+local held_until = now + tonumber(ARGV[1])
+for index = 2, #ARGV do
+  local task_id = ARGV[index]
   redis.call('ZADD', KEYS[1], 'XX', now, task_id)
+  local deadline = redis.call('ZSCORE', KEYS[2], task_id)
+  if deadline and tonumber(deadline) < held_until then
+    redis.call('ZADD', KEYS[2], held_until, task_id)
+  end
 end
 return 1
 """

@@ -191,11 +191,37 @@ def test_a_message_a_worker_holds_waiting_for_a_slot_is_not_taken_for_lost(store
     queued = store.keys.queued
     old = int(store._redis.zscore(queued, held)) - 60_000
     store._redis.zadd(queued, {held: old, other: old})  # both enqueued a minute ago
-    assert store.hold_messages([held, "not-a-queued-task"]) == [True, True]
+    assert store.hold_messages([held, "not-a-queued-task"], lease_seconds=LEASE) == [True, True]
     assert store.claim_lost_messages(older_than=30) == [other]
     assert not store._redis.zscore(queued, "not-a-queued-task"), "only queued tasks are touched"
     store._redis.zadd(queued, {held: old})  # then its worker went quiet
     assert store.claim_lost_messages(older_than=30) == [held]
+
+
+def test_a_recovered_task_whose_message_a_worker_holds_is_not_sent_again(store: JobStore) -> None:
+    """The sweeper sent a task again after its worker died (its lease expired). The worker that got that
+    message waits for a slot before it can start the attempt; while it says it holds the message, the
+    task's deadline stays ahead and the sweeper does not send a third message. Once it stops saying so,
+    the task is recovered again a lease later."""
+    task_id = new_task(store)
+    begin(store, task_id, lease=0.1)
+    assert wait_until(lambda: store.claim_expired_leases(0.2) == [task_id], timeout=5, what="lease expiry")
+    store.hold_messages([task_id], lease_seconds=60)  # the new message's worker waits for a slot
+    deadline = store._redis.zscore(store.keys.running, task_id)
+    assert deadline > store._now_ms() + 50_000, "held a lease (60 s) ahead"
+    store._redis.zadd(store.keys.running, {task_id: store._now_ms() - 1})  # as if that time had passed
+    store.hold_messages([task_id], lease_seconds=60)  # the worker's next renewal pass
+    assert store.claim_expired_leases(LEASE) == [], "not sent again while held"
+    store._redis.zadd(store.keys.running, {task_id: store._now_ms() - 1})  # its worker went quiet
+    assert store.claim_expired_leases(LEASE) == [task_id]
+
+
+def test_holding_a_message_leaves_a_later_deadline_alone(store: JobStore) -> None:
+    task_id = new_task(store)
+    begin(store, task_id, lease=120)
+    deadline = store._redis.zscore(store.keys.running, task_id)
+    store.hold_messages([task_id], lease_seconds=1)
+    assert store._redis.zscore(store.keys.running, task_id) == deadline
 
 
 def test_rate_limited_attempts_are_free(store: JobStore) -> None:
