@@ -29,6 +29,8 @@ $(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml client/pyproject.toml
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
 	@command -v faketime >/dev/null || { echo "installing faketime (test_partition: a worker host's clock off)"; \
 		(apt-get update -qq && apt-get install -y -qq faketime) >/dev/null; }
+	@ldconfig -p | grep -q libjemalloc.so.2 || { echo "installing libjemalloc2 (the workers' allocator)"; \
+		(apt-get update -qq && apt-get install -y -qq libjemalloc2) >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r $(DEV_LOCK)

@@ -52,6 +52,7 @@ from devstack.processes import (
     start_s3,
     start_simulator,
     wait_until,
+    worker_env,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,18 +174,19 @@ class BenchStack:
         concurrency: int,
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 60,
+        queues: str = "generation",
     ) -> Child:
-        """Start a Celery worker and wait until it logs ``ready.``.
+        """Start a Celery worker consuming ``queues`` and wait until it logs ``ready.``.
 
         ``WORKER_POOL``/``WORKER_CONCURRENCY`` are set to match; ``pool=None`` leaves ``--pool`` off the
         command line (see ``worker_command``) and takes the pool from ``env["WORKER_POOL"]``.
         """
-        worker_env = {**os.environ, **self.env, "WORKER_CONCURRENCY": str(concurrency), **(env or {})}
+        environment = worker_env({**self.env, "WORKER_CONCURRENCY": str(concurrency), **(env or {})})
         if pool is not None:
-            worker_env["WORKER_POOL"] = pool
+            environment["WORKER_POOL"] = pool
         log_path = self.log_dir / f"{name}.log"
-        args = worker_command(name, pool=pool, concurrency=concurrency)
-        child = Child(name, args, worker_env, log_path).start()
+        args = worker_command(name, pool=pool, concurrency=concurrency, queues=queues)
+        child = Child(name, args, environment, log_path).start()
         self.children[name] = child
 
         def ready() -> bool:

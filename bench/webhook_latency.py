@@ -41,7 +41,6 @@ from bench.harness import (
     submit_jobs,
     wait_all_final,
     wait_for_quiet,
-    worker_command,
     write_results,
 )
 from devstack.processes import HOST, wait_until
@@ -136,18 +135,7 @@ class Receiver:
 
 
 def start_webhook_worker(stack: BenchStack, name: str, concurrency: int) -> Child:
-    env = {**os.environ, **stack.env, "WORKER_CONCURRENCY": str(concurrency), "WORKER_POOL": "threads"}
-    log_path = stack.log_dir / f"{name}.log"
-    args = worker_command(name, pool="threads", concurrency=concurrency, queues="webhooks")
-    child = Child(name, args, env, log_path).start()
-    stack.children[name] = child
-    wait_until(
-        lambda: child.alive() and " ready." in log_path.read_text(errors="replace"),
-        timeout=60,
-        what=f"worker {name} to be ready",
-        interval=0.1,
-    )
-    return child
+    return stack.start_worker(name, pool="threads", concurrency=concurrency, queues="webhooks")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ the API.
 
 from __future__ import annotations
 
+import ctypes.util
+import functools
 import os
 import signal
 import socket
@@ -227,6 +229,31 @@ def start_simulator(port: int, *, log_dir: Path, args: Sequence[str] = (), host:
     return child
 
 
+# jemalloc gives freed pages back after 10 s by default; a worker reuses its answers' buffers every few
+# seconds, and faulted them in again: 60 s keeps its CPU per job at glibc's (bench/README.md, P4).
+JEMALLOC_CONF = "dirty_decay_ms:60000,muzzy_decay_ms:60000"
+
+
+@functools.cache
+def _jemalloc() -> str | None:
+    return ctypes.util.find_library("jemalloc")  # its soname, libjemalloc.so.2, which LD_PRELOAD finds
+
+
+def worker_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A worker process's environment: ours, ``env`` over it, and jemalloc preloaded where it is installed
+    (``libjemalloc2``; ``make setup`` and the Docker image install it), with ``JEMALLOC_CONF``.
+
+    Under glibc's malloc a worker's RSS grows with the jobs it has run, in its threads' arenas; under
+    jemalloc it stays flat (bench/README.md, P4). An ``LD_PRELOAD`` or ``MALLOC_CONF`` already set, even
+    empty, is left as it is: ``LD_PRELOAD=`` keeps glibc's malloc.
+    """
+    merged = {**os.environ, **env}
+    if "LD_PRELOAD" not in merged and (library := _jemalloc()):
+        merged["LD_PRELOAD"] = library
+        merged.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return merged
+
+
 def start_worker(
     env: Mapping[str, str],
     *,
@@ -246,7 +273,7 @@ def start_worker(
     if concurrency is not None:
         args += ["--concurrency", str(concurrency)]
     log_path = log_dir / f"{name}.log" if log_dir else None
-    return Child(name, args, {**os.environ, **env}, log_path).start()
+    return Child(name, args, worker_env(env), log_path).start()
 
 
 def start_api(

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.processes import JEMALLOC_CONF
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 SERVICES: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)["services"]
@@ -168,6 +170,17 @@ def test_dockerfile_installs_the_runtime_lock_as_non_root() -> None:
     for name in ("base", "simulator"):
         users = re.findall(r"^USER\s+(\S+)", stages[name], re.M)
         assert users and users[-1].split(":")[0] not in ("root", "0"), name
+
+
+def test_the_workers_run_on_jemalloc_from_the_image() -> None:
+    """The image installs it; the workers preload it, and an LD_PRELOAD set empty keeps glibc's malloc."""
+    install = r"apt-get install -y --no-install-recommends libjemalloc2\b"
+    assert re.search(install, dockerfile_stages()["base"])
+    for service in ("worker", "webhook-worker"):
+        environment = SERVICES[service]["environment"]
+        assert environment["LD_PRELOAD"] == "${LD_PRELOAD-libjemalloc.so.2}", service
+        assert environment["MALLOC_CONF"] == f"${{MALLOC_CONF-{JEMALLOC_CONF}}}", service
+    assert not {"LD_PRELOAD", "MALLOC_CONF"} & set(SERVICES["api"]["environment"])
 
 
 def test_the_app_image_refuses_an_open_api() -> None:

@@ -26,6 +26,7 @@ import kubernetes_validate  # type: ignore[import-untyped]  # no type informatio
 import pytest
 import yaml  # type: ignore[import-untyped]  # types-PyYAML is not a dependency
 
+from devstack.processes import JEMALLOC_CONF
 from services.config import VARIABLES, Config, load_config
 from services.errors import ConfigError
 from services.metrics import QUEUES
@@ -42,6 +43,8 @@ KUBERNETES_VERSIONS = ("1.31", kubernetes_validate.latest_version())
 NAMESPACE = "imagegen"
 # Read by gunicorn.conf.py, not by services/config.py (checked below against the file's text).
 GUNICORN_VARIABLES = frozenset({"PROMETHEUS_MULTIPROC_DIR"})
+# read by the dynamic loader and jemalloc, not by our code: the workers run on jemalloc (README.md, Memory)
+ALLOCATOR_VARIABLES = frozenset({"LD_PRELOAD", "MALLOC_CONF"})
 # Seconds a worker needs after its own deadline (or its last job) to stop: ack, withdraw its presence,
 # close its connections. The grace period must leave at least this much after WORKER_SHUTDOWN_TIMEOUT.
 EXIT_MARGIN = 15
@@ -236,7 +239,7 @@ def test_kustomize_renders_what_the_tests_check() -> None:
 
 def test_every_variable_set_is_one_the_code_reads() -> None:
     assert all(name in (ROOT / "gunicorn.conf.py").read_text() for name in GUNICORN_VARIABLES)
-    known = set(VARIABLES) | GUNICORN_VARIABLES
+    known = set(VARIABLES) | GUNICORN_VARIABLES | ALLOCATOR_VARIABLES
     assert set(_configmap_data()) <= set(VARIABLES), set(_configmap_data()) - set(VARIABLES)
     assert set(_secret_data()) <= set(VARIABLES), set(_secret_data()) - set(VARIABLES)
     for deployment, container in _containers():
@@ -246,6 +249,11 @@ def test_every_variable_set_is_one_the_code_reads() -> None:
         # the workers serve their metrics from their own registry (README.md, "Metrics")
         if _worker_queue(container):
             assert "PROMETHEUS_MULTIPROC_DIR" not in names
+            env = _plain_env(container)
+            assert env.get("LD_PRELOAD") == "libjemalloc.so.2", "workers run on jemalloc"
+            assert env.get("MALLOC_CONF") == JEMALLOC_CONF
+        else:
+            assert not ALLOCATOR_VARIABLES & set(names)
 
 
 def test_every_secret_and_configmap_reference_resolves() -> None:

@@ -2,8 +2,8 @@
 
 - ``RuntimeStep`` builds the process's clients (``services.runtime.Runtime``), sized for the pool that
   really runs (``--concurrency`` wins over ``WORKER_CONCURRENCY``), keeps them on the Celery app,
-  tunes glibc for big buffers (``worker/memory.py``) and raises the open-files limit to what the pool
-  needs (``worker/open_files.py``);
+  logs its memory allocator (tuning glibc's for big buffers: ``worker/memory.py``) and raises the
+  open-files limit to what the pool needs (``worker/open_files.py``);
 - ``ShutdownDeadlineStep`` makes a stopping worker exit within ``WORKER_SHUTDOWN_TIMEOUT``
   (``worker/shutdown.py``);
 - ``SweeperStep`` runs the sweeper (``services/sweeper.py``) in every worker;
@@ -31,7 +31,7 @@ from services.queue import DELIVER_WEBHOOK_TASK, GENERATION_QUEUE, WEBHOOK_QUEUE
 from services.runtime import Runtime
 from services.sweeper import Sweeper
 from services.webhooks.dispatcher import WebhookDispatcher
-from worker.memory import keep_big_buffers_out_of_the_heap
+from worker.memory import allocator, keep_big_buffers_out_of_the_heap
 from worker.open_files import raise_open_files_limit
 from worker.shutdown import ShutdownDeadline
 
@@ -47,7 +47,11 @@ def runtime_of(app: Celery) -> Runtime:
 class RuntimeStep(bootsteps.Step):  # type: ignore[misc]  # celery is untyped: its base classes are Any
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        keep_big_buffers_out_of_the_heap()
+        if allocator() == "jemalloc":
+            log.info("memory allocator: jemalloc")
+        else:
+            keep_big_buffers_out_of_the_heap()
+            log.info("memory allocator: glibc's malloc (preload jemalloc for a flat RSS: README.md, Memory)")
         config = worker.app.conf.iq_config
         config = dataclasses.replace(config, worker_concurrency=worker.concurrency)
         raise_open_files_limit(config.worker_concurrency)
