@@ -29,7 +29,9 @@ $(STAMP): $(DEV_LOCK) $(RUNTIME_LOCK) pyproject.toml client/pyproject.toml
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
 	@command -v faketime >/dev/null || { echo "installing faketime (test_partition: a worker host's clock off)"; \
 		(apt-get update -qq && apt-get install -y -qq faketime) >/dev/null; }
-	@ldconfig -p | grep -q libjemalloc.so.2 || { echo "installing libjemalloc2 (the workers' allocator)"; \
+# found as devstack's worker_env finds it (ctypes.util.find_library), which needs no ldconfig on PATH
+	@$(PYTHON) -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('jemalloc'))" || { \
+		echo "installing libjemalloc2 (the workers' allocator)"; \
 		(apt-get update -qq && apt-get install -y -qq libjemalloc2) >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
