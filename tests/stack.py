@@ -145,14 +145,27 @@ def directive_key(body: dict[str, Any]) -> str:
     return body["contents"][0]["parts"][0]["text"].split("key=")[1].split()[0].rstrip("]")
 
 
-class ApiServer:
-    """The Flask app behind a real threaded HTTP server in this process."""
+def listening_socket(host: str = HOST) -> socket.socket:
+    """A socket listening on a port the system picks. Held from the moment the port is chosen, the port
+    cannot be taken by another socket before the server uses it, as a ``free_port()`` can: one given to
+    the API at a stack's start was taken by an outgoing connection while the workers started."""
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(128)
+    return listener
 
-    def __init__(self, config: Config, port: int | None = None, host: str = HOST) -> None:
+
+class ApiServer:
+    """The Flask app behind a real threaded HTTP server in this process, on ``listener`` (default: a new
+    ``listening_socket``)."""
+
+    def __init__(self, config: Config, listener: socket.socket | None = None, host: str = HOST) -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.app = create_app(config)
-        self.port = port or free_port()
-        self._server = make_server(host, self.port, self.app, threaded=True)
+        listener = listener or listening_socket(host)
+        self.port = listener.getsockname()[1]
+        with listener:  # the server serves a duplicate of it
+            self._server = make_server(host, self.port, self.app, threaded=True, fd=listener.fileno())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         self.url = f"http://{host}:{self.port}"
@@ -222,7 +235,9 @@ class Stack:
             redis_env = {"REDIS_URL": f"redis://{self.host}:{self.redis_port}/0"}
         if self.broker == "rabbitmq":
             self.vhost, redis_env["BROKER_URL"] = new_vhost()
-        s3_port, sim_port, api_port = free_port(), free_port(), free_port()
+        s3_port, sim_port = free_port(), free_port()
+        api_listener = listening_socket(self.host)
+        api_port = api_listener.getsockname()[1]
         self.children["s3"] = start_s3(s3_port, log_dir=self.log_dir, host=self.host)
         self.children["simulator"] = start_simulator(sim_port, log_dir=self.log_dir, host=self.host)
         self.env.update(
@@ -239,7 +254,7 @@ class Stack:
             self.start_worker(f"worker{number}")
         if webhook_worker:
             self.start_worker("webhook-worker", queues="webhooks")
-        self.api = ApiServer(self.config, api_port, self.host)
+        self.api = ApiServer(self.config, api_listener, self.host)
         self.wait_ready([name for name in self.children if "worker" in name])
         return self
 
