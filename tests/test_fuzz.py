@@ -31,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from api.openapi import openapi_document
-from devstack.processes import HOST, free_port
-from tests.stack import ApiServer, Stack, running_stack
+from devstack.processes import HOST
+from tests.stack import ApiServer, Stack, listening_socket, running_stack
 
 KEY, STATEFUL_KEY = "fuzz-key-one", "fuzz-key-two"
 WRONG_KEY = "fuzz-key-wrong"
@@ -82,14 +82,14 @@ def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def keyed_api(fuzz_stack: Stack) -> Iterator[ApiServer]:
-    port = free_port()
+    listener = listening_socket()
     config = dataclasses.replace(
         fuzz_stack.config,
         api_keys=((TENANT, KEY), (TENANT, STATEFUL_KEY)),
         admin_api_key=ADMIN_KEY,
-        public_base_url=f"http://{HOST}:{port}",
+        public_base_url=f"http://{HOST}:{listener.getsockname()[1]}",
     )
-    api = ApiServer(config, port)
+    api = ApiServer(config, listener)
     yield api
     api.stop()
 
