@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes.util
 import functools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,10 +29,48 @@ HOST = "127.0.0.1"
 GUNICORN_CONFIG = str(Path(__file__).resolve().parents[1] / "gunicorn.conf.py")  # metrics hooks, log format
 
 
+# The lowest port free_port picks; below it, where the system leaves room (Linux: 32768 and up is
+# ephemeral), up to the lowest ephemeral port.
+LOWEST_PORT = 10000
+_given: set[int] = set()
+_given_lock = threading.Lock()
+
+
 def free_port() -> int:
+    """A port nothing listens on, for a server about to start on it; never the same twice in a process.
+
+    Picked below the range the system takes outgoing connections' ports from
+    (``/proc/sys/net/ipv4/ip_local_port_range``), not with ``bind(0)``, which picks in that range: there,
+    any connection made between this call and the server's bind could take the port (a fresh-clone run
+    failed so: ``EADDRINUSE``), and a Redis restarted on its port by a fault test could find it taken.
+    Below it, only a bind that names the port takes it. Where the system leaves no room below its range,
+    ``bind(0)`` as before."""
+    ceiling = _ephemeral_floor()
+    with _given_lock:
+        for _ in range(100):
+            port = _bound_port(random.randrange(LOWEST_PORT, ceiling) if ceiling > LOWEST_PORT + 1000 else 0)
+            if port and port not in _given:
+                _given.add(port)
+                return port
+    return _bound_port(0)
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _bound_port(port: int) -> int:
+    """``port`` (0: one the system picks) if a socket can bind it on ``HOST`` now, else 0."""
     with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return 0
+        bound: int = sock.getsockname()[1]
+        return bound
 
 
 def wait_until(
