@@ -27,6 +27,7 @@ SCENARIOS: dict[str, str] = {
     "list_latency": "bench.list_latency",
     "replication": "bench.replication",
     "redis_cost": "bench.redis_cost",
+    "redis_client": "bench.redis_client",
 }
 # what `python -m bench all` runs: the performance targets of bench/README.md, at their default sizes
 PERFORMANCE = ("p1a", "p1b", "p2", "p3", "p4", "p5", "p6")

@@ -90,7 +90,8 @@ def finish(data: dict[str, Any], render: Callable[[dict[str, Any]], str], args: 
         say(data["scenario"], f"wrote {path} and {path.with_suffix('.md')}")
 
 
-def header(data: Mapping[str, Any], title: str) -> list[str]:
+def header(data: Mapping[str, Any], title: str, *, ran: str | None = None) -> list[str]:
+    """The results' first lines; ``ran``: what code ran, where not a stack's (a snapshot, or --live)."""
     m, c = data["machine"], data["code"]
     changed = f", {len(c['uncommitted'])} uncommitted file(s) in the code dirs" if c["uncommitted"] else ""
     return [
@@ -98,7 +99,7 @@ def header(data: Mapping[str, Any], title: str) -> list[str]:
         "",
         f"- run: {data['started']}, `{data['command'].strip()}`, {data.get('elapsed_s', 0):.0f} s in all",
         f"- code: commit {c['commit']}{changed}; fingerprint {c['fingerprint']}; "
-        + ("working tree (--live)" if data["params"].get("live") else "the stack ran a snapshot")
+        + (ran or ("working tree (--live)" if data["params"].get("live") else "the stack ran a snapshot"))
         + (" — the working tree CHANGED during the run" if c.get("changed_during_run") else ""),
         f"- machine: {m['cpus_usable']} CPUs, {m['mem_gb']} GB, Python {m['python']}, load before "
         f"{m['loadavg_at_start']}; every component shares these CPUs",
