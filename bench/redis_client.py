@@ -36,10 +36,11 @@ DESCRIPTION = "the client's CPU per Redis call (PING, a submission's create, 500
 VARIANTS = ("hiredis", "python")
 CALLS = ("ping", "create", "renew_500")
 
-# run by each child: python -c CHILD <redis url> <variant> <calls> <repeats>
+# run by each child: python -c CHILD <redis url> <variant> <calls> <renewals> <repeats>
 CHILD = r"""
 import json, sys, time, timeit
-url, variant, calls, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+url, variant = sys.argv[1], sys.argv[2]
+calls, renewals, repeats = (int(arg) for arg in sys.argv[3:6])
 if variant == "python":
     sys.modules["hiredis"] = None
 from redis.utils import HIREDIS_AVAILABLE
@@ -61,7 +62,7 @@ def renew():
     store.renew_leases(leases)
 
 out = {"hiredis": HIREDIS_AVAILABLE}
-measured = [("ping", client.ping, calls), ("create", create, calls), ("renew_500", renew, calls // 50 or 1)]
+measured = [("ping", client.ping, calls), ("create", create, calls), ("renew_500", renew, renewals)]
 for name, call, n in measured:
     for _ in range(max(10, n // 10)):
         call()
@@ -79,8 +80,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-write", action="store_true", help="do not write into bench/results/")
 
 
+def renewals(calls: int) -> int:
+    """Calls of ``renew_500`` per measurement: 500 leases each, so fewer."""
+    return max(1, calls // 50)
+
+
 def child(url: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", CHILD, url, variant, str(args.calls), str(args.repeats)]
+    cmd = [
+        sys.executable,
+        "-c",
+        CHILD,
+        url,
+        variant,
+        str(args.calls),
+        str(renewals(args.calls)),
+        str(args.repeats),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if result["hiredis"] != (variant == "hiredis"):
@@ -118,7 +133,7 @@ def render(data: dict[str, Any]) -> str:
     out = header(data, title, ran="the working tree")
     out += [
         f"CPU time per call, µs: the best of {p['repeats']} measurements of {p['calls']} calls (renewals: "
-        f"{max(1, p['calls'] // 50)}) in each child, the median over {p['rounds']} rounds.",
+        f"{renewals(p['calls'])}) in each child, the median over {p['rounds']} rounds.",
         "",
         markdown_table(
             ["call", "hiredis µs", "redis-py's parser µs", "hiredis / redis-py"],
