@@ -322,10 +322,14 @@ def test_stats_calls_and_reset(client: httpx.Client) -> None:
 
 
 def test_holds_200_concurrent_slow_requests() -> None:
+    """Each call is held far longer than 200 take to arrive, then all are released at once (what the
+    server's shutdown does to held calls): a hold of 1 s let the first calls end before the last arrived
+    on a slow machine, so 200 were never in flight together."""
     limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
-    with running(SimConfig(), limits=limits) as (_, client), ThreadPoolExecutor(200) as pool:
-        futures = [pool.submit(generate, client, f"slow {i} [sim delay_ms=1000]") for i in range(200)]
-        wait_until(lambda: client.get("/_sim/stats").json()["in_flight"] == 200)
+    with running(SimConfig(), limits=limits) as (server, client), ThreadPoolExecutor(200) as pool:
+        futures = [pool.submit(generate, client, f"slow {i} [sim delay_ms=60000]") for i in range(200)]
+        wait_until(lambda: client.get("/_sim/stats").json()["in_flight"] == 200, timeout=30)
+        server.stopping.set()
         assert [future.result().status_code for future in futures] == [200] * 200
         stats = settled_stats(client)
     # all 200 held at once (no wall-clock bound: a timed assertion flakes on a busy machine)
