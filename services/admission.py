@@ -5,8 +5,9 @@ A new task goes straight to the broker when nothing of its tenant is waiting and
 submission order), and ``Admission.admit`` hands waiting tasks to the broker as room appears:
 
 - the window: at most as many tasks admitted at once (``{p}:admitted``: sent to the broker or running)
-  as the workers consuming now can run (``{p}:capacity``: each worker process announces its
-  concurrency, ``services/presence.py``), and at most ``UPSTREAM_MAX_CONCURRENCY`` when that is set. So
+  as the workers consuming now can take (``{p}:capacity``: each worker process announces its
+  concurrency times its prefetch multiplier, ``services/presence.py``), and at most
+  ``UPSTREAM_MAX_CONCURRENCY`` when that is set. So
   the broker never holds a backlog of its own: every task that cannot start now waits here, where
   priority, fair share and ``queue_position`` apply, and a burst from one tenant cannot bury the others'
   tasks behind it;

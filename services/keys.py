@@ -42,8 +42,9 @@ Tenants and admission (``services/tenants.py``, ``services/admission.py``); ``{t
   {p}:ready_tenants        set     tenants whose ready set is not empty (maybe: admission cleans it)
   {p}:admitted             zset    every admitted task -> since (ms); at most the window
   {p}:capacity             zset    ``host:pid=N`` of each worker process consuming generation jobs, N its
-                                   concurrency -> until when it counts (ms): the window's bound. Renewed
-                                   with its presence; removed when it stops (``services/presence.py``)
+                                   concurrency × prefetch multiplier (the messages it reserves) -> until
+                                   when it counts (ms): the window's bound. Renewed with its presence;
+                                   removed when it stops (``services/presence.py``)
 
 Batches (``services/batches.py``): written by the create that writes their tasks, counted by each change
   {p}:batch:{id}           hash    ``doc`` (JSON: id, tenant, created_at, metadata, webhook, task_ids),

@@ -1,8 +1,10 @@
 """Which worker processes are consuming now: each one announces itself while it consumes.
 
 A worker's consumer, once its queues are being consumed, writes ``{p}:worker:{host}:{pid}`` (its node
-name, queues and slots, JSON) with a short TTL and renews it, and its slots in ``{p}:capacity``; it
-deletes both when it stops. A process that dies
+name, queues, slots and prefetch multiplier, JSON) with a short TTL and renews it, and in
+``{p}:capacity`` the messages it takes at once: its slots times its prefetch multiplier (each slot's
+running job, and with ``WORKER_PREFETCH_MULTIPLIER=2`` a successor reserved behind it); it deletes both
+when it stops. A process that dies
 disappears when the TTL runs out. Operators (and the fault tests, which must not submit before every
 worker consumes) read ``consuming()``; the ``host:pid`` is the prefix of the ``worker`` recorded on every
 attempt it runs.
@@ -35,15 +37,31 @@ def process_name() -> str:
 class Presence:
     """One worker process's announcement, renewed every ``HEARTBEAT_SECONDS`` until withdrawn; with
     ``slots`` (the jobs it runs at once, if it consumes generation jobs), its part of the workers'
-    capacity, which bounds admission's window (``services/admission.py``)."""
+    capacity, which bounds admission's window (``services/admission.py``): ``slots × prefetch``, the
+    messages its consumer reserves. Announcing the slots alone would keep a prefetch above 1 from ever
+    holding a successor: admission would never hand the broker more than the running jobs."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, node: str, queues: list[str], slots: int = 0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        node: str,
+        queues: list[str],
+        slots: int = 0,
+        prefetch: int = 1,
+    ) -> None:
         self._redis = client
         self._key = keys.worker(process_name())
         self._capacity = keys.capacity
-        self._slots = f"{process_name()}={slots}" if slots > 0 else None
+        self._slots = f"{process_name()}={slots * prefetch}" if slots > 0 else None
         self._info = dumps(
-            {"node": node, "queues": sorted(queues), "process": process_name(), "slots": slots}
+            {
+                "node": node,
+                "queues": sorted(queues),
+                "process": process_name(),
+                "slots": slots,
+                "prefetch": prefetch,
+            }
         )
         self._periodic = Periodic("presence", HEARTBEAT_SECONDS, self._announce)
 

@@ -17,8 +17,10 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.processes import HOST, wait_until
+from services import presence
 from services.admission import LOW_PRIORITY_AGING, ready_order
 from services.clock import epoch_ms
+from services.queue import GENERATION_QUEUE
 from tests.fault_kit import settle_succeeded, slow_bodies
 from tests.receiver import Receiver
 from tests.stack import ApiServer, Stack, directive_key, seed_body, with_directive
@@ -457,3 +459,33 @@ def test_without_a_cap_tasks_the_workers_cannot_start_wait_in_priority_order(fau
     started = {name: epoch_ms(tasks[task_id]["attempts"][0]["started_at"]) for name, task_id in ids.items()}
     assert min(started, key=started.__getitem__) == "high", started
     assert stack.sim_stats()["max_in_flight"] <= 2
+
+
+@pytest.mark.stack(workers=1, WORKER_CONCURRENCY="2", WORKER_PREFETCH_MULTIPLIER="2")
+def test_a_prefetch_of_two_hands_each_slot_a_successor(fault_stack: Stack) -> None:
+    """With WORKER_PREFETCH_MULTIPLIER=2 the worker announces twice its slots, so admission hands out a
+    successor for each running job, which the worker reserves and starts as soon as a slot frees; the
+    tasks behind them still wait in the store, in order. (Announcing the slots alone kept the successors
+    in the ready set: a prefetch of 2 refilled nothing sooner.)"""
+    stack = fault_stack
+    client, keys = stack.runtime.redis, stack.runtime.keys
+    pid = stack.children["worker0"].pid
+    [capacity] = [member.decode() for member in client.zrange(keys.capacity, 0, -1)]
+    assert capacity == f"{socket.gethostname()}:{pid}=4"
+    [worker] = [w for w in presence.consuming(client, keys) if w["process"].endswith(f":{pid}")]
+    assert (worker["slots"], worker["prefetch"]) == (2, 2)
+    blocker_ids = submit_many_as(stack, "fault-a", slow_bodies(2, 3000))
+    wait_until(lambda: len(stack.sim_call_log()) == 2, timeout=20, what="both slots busy")
+    follower_ids = submit_many_as(stack, "fault-a", slow_bodies(3, 50))
+    positions = [stack.task(task_id)["queue_position"] for task_id in follower_ids]
+    assert positions == [0, 0, 1], "two successors admitted, the third waits in the store"
+    wait_until(
+        lambda: stack.runtime.broker.backlog(GENERATION_QUEUE) == 0,
+        timeout=20,
+        what="the worker reserved both successors",
+    )
+    tasks = settle_succeeded(stack, [*blocker_ids, *follower_ids], timeout=60)
+    assert stack.sim_stats()["max_in_flight"] <= 2
+    blockers_done = min(epoch_ms(tasks[task_id]["finished_at"]) for task_id in blocker_ids)
+    first_started = [epoch_ms(tasks[task_id]["attempts"][0]["started_at"]) for task_id in follower_ids[:2]]
+    assert min(first_started) >= blockers_done - 5, "a successor starts only when a slot frees"

@@ -11,9 +11,11 @@ task whose first worker may still be alive.
 Each worker process reserves ``WORKER_PREFETCH_MULTIPLIER`` messages per slot; the default 1 is what the
 no-loss configuration asks: with the threads pool every reserved message is running, so a killed worker
 strands no waiting message. 2 keeps a successor waiting for each slot, so a wave of jobs finishing
-together is refilled at once (bench/README.md, P1–P5: fix 3 and "Prefetch, re-measured"); the price is
-that a killed worker strands its waiting messages until the visibility timeout, or until the sweeper
-finds their tasks still queued once the broker's queue is empty (none is lost, they are late).
+together is refilled at once: the worker announces twice its slots to admission, which then hands
+the successors out (``services/presence.py``; bench/README.md, P1–P5: fix 3 and "Prefetch,
+re-measured"). The price is that a killed worker strands its waiting messages until the visibility
+timeout, or until the sweeper finds their tasks still queued once the broker's queue is empty (none is
+lost, they are late).
 
 The API never builds this app: it pushes the generation message itself (``services/queue.py``).
 """

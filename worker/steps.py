@@ -197,7 +197,8 @@ class PresenceStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is 
         rt = runtime_of(consumer.app)
         queues = list(consumer.app.amqp.queues.consume_from)
         slots = consumer.controller.concurrency if GENERATION_QUEUE in queues else 0
-        self.presence = Presence(rt.redis, rt.keys, consumer.hostname, queues, slots)
+        prefetch = consumer.prefetch_multiplier  # what its QoS reserves per slot (--prefetch-multiplier wins)
+        self.presence = Presence(rt.redis, rt.keys, consumer.hostname, queues, slots, prefetch)
         self.presence.start()
 
     def stop(self, consumer: Any) -> None:
