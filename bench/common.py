@@ -1,6 +1,7 @@
 """What the performance scenarios (P1–P5: ``bench/p1.py`` … ``bench/p5.py``) share on top of ``harness``.
 
-- ``add_common_arguments``: ``--keep --live --no-write --quiet-wait --submit-parallelism --profile``.
+- ``add_common_arguments``: ``--keep --live --no-write --quiet-wait --submit --submit-parallelism
+  --profile``; ``submitter``: how ``--submit`` sends a batch's jobs.
 - ``new_data`` / ``finish``: the JSON document every scenario writes (command, machine, code version,
   parameters) and how it is written with its Markdown (``harness.write_results``).
 - ``run_batch``: submit N jobs over HTTP while the given workers run, wait until every one is final, and
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -40,6 +42,7 @@ from bench.harness import (
     machine_info,
     machine_usage,
     parse_time,
+    submit_batches,
     submit_jobs,
     task_timings,
     wait_all_final,
@@ -55,6 +58,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, quiet_wait: float =
         default=quiet_wait,
         help=f"wait up to this many seconds for the machine to be quiet before measuring ({quiet_wait:g})",
     )
+    parser.add_argument(
+        "--submit",
+        choices=("posts", "batches"),
+        default="posts",
+        help="how the measured jobs are sent: one POST each (posts, the default), or POST /v1/batches of "
+        "1,000 (batches: the client's and the API's CPU out of the workers' way)",
+    )
     parser.add_argument("--submit-parallelism", type=int, default=16, help="client threads that POST (16)")
     parser.add_argument(
         "--profile",
@@ -65,6 +75,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, quiet_wait: float =
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with every component's logs")
     parser.add_argument("--live", action="store_true", help="run the working tree, not a snapshot of it")
     parser.add_argument("--no-write", action="store_true", help="do not write into bench/results/")
+
+
+def submitter(args: argparse.Namespace) -> Callable[[str, Sequence[Any]], Submitted]:
+    """How ``--submit`` sends the measured jobs, for ``run_batch``."""
+    if args.submit == "batches":
+        return submit_batches
+    return functools.partial(submit_jobs, parallelism=args.submit_parallelism)
 
 
 def new_data(scenario: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,7 +141,6 @@ def run_batch(
     latency_s: float,
     ideal_s: float | None,
     quiet_wait: float,
-    submit_parallelism: int = 16,
     profile_to: Path | None = None,
     timeout: float | None = None,
     submit: Callable[[str, Sequence[Any]], Submitted] | None = None,
@@ -132,7 +148,7 @@ def run_batch(
     """Submit ``bodies`` while ``workers`` (name → pid) run, wait until all are final; measure.
 
     ``submit(api_url, bodies)``: how the bodies are sent (default: one POST each, ``submit_jobs`` from
-    ``submit_parallelism`` threads).
+    16 threads; ``submitter`` gives the one ``--submit`` asks for).
 
     The simulator's counters are reset first (so ``sim.max_in_flight`` is this batch's), and the machine
     is given up to ``quiet_wait`` seconds to go quiet. ``makespan_s`` = last ``finished_at`` − first
@@ -150,10 +166,7 @@ def run_batch(
         other_cpu = cm.enter_context(cpu_usage(others))
         if profile_to is not None:
             cm.enter_context(profiled(workers, profile_to))
-        if submit is None:
-            submitted = submit_jobs(stack.api_url, bodies, parallelism=submit_parallelism)
-        else:
-            submitted = submit(stack.api_url, bodies)
+        submitted = (submit or submit_jobs)(stack.api_url, bodies)
         try:
             seen_final, final = wait_all_final(stack.api_url, submitted.ids, timeout=timeout)
         except TimeoutError as exc:

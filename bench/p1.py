@@ -33,6 +33,7 @@ from bench.common import (
     public,
     run_batch,
     say,
+    submitter,
 )
 from bench.harness import (
     BenchStack,
@@ -96,7 +97,7 @@ def queue_round(stack: BenchStack, args: argparse.Namespace, name: str, scenario
             latency_s=latency_s,
             ideal_s=args.jobs * latency_s / args.concurrency,
             quiet_wait=args.quiet_wait,
-            submit_parallelism=args.submit_parallelism,
+            submit=submitter(args),
             profile_to=profile_dir(scenario, name) if args.profile else None,
         )
     finally:

@@ -28,6 +28,7 @@ from bench.common import (
     public,
     run_batch,
     say,
+    submitter,
 )
 from bench.harness import (
     RESULTS_DIR,
@@ -79,7 +80,7 @@ def one_run(
             latency_s=latency_s,
             ideal_s=jobs * latency_s / slots,
             quiet_wait=args.quiet_wait,
-            submit_parallelism=args.submit_parallelism,
+            submit=submitter(args),
             profile_to=profile_dir("p5", label) if profile else None,
         )
     finally:
