@@ -12,8 +12,9 @@ import httpx
 import pytest
 import redis
 
+from devstack.processes import wait_until
 from services import task_list
-from services.clock import epoch_ms
+from services.clock import epoch_ms, now_ms
 from services.errors import InvalidRequest
 from services.store import JobStore, TaskStatus
 from services.task_list import Query, TaskList
@@ -161,7 +162,11 @@ def test_a_rare_filter_stops_at_the_scan_budget_with_a_cursor(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(task_list, "SCAN_BUDGET", 5)
-    rare = store.create(model="m", payload=b"{}", metadata={"k": "rare"}, tenant="t")["id"]
+    created = store.create(model="m", payload=b"{}", metadata={"k": "rare"}, tenant="t")
+    rare = created["id"]
+    # the others are newer by a millisecond at least: created in the same one, they would be ordered by
+    # id, and the rare task could be among the 5 newest
+    wait_until(lambda: now_ms() > epoch_ms(created["created_at"]), timeout=5, what="the next millisecond")
     for _ in range(7):
         store.create(model="m", payload=b"{}", metadata={"k": "common"}, tenant="t")
     tasks = TaskList(store._redis, store.keys)
