@@ -1,7 +1,9 @@
 """What the performance scenarios (P1–P5: ``bench/p1.py`` … ``bench/p5.py``) share on top of ``harness``.
 
-- ``add_common_arguments``: ``--keep --live --no-write --quiet-wait --submit --submit-parallelism
-  --profile``; ``submitter``: how ``--submit`` sends a batch's jobs.
+- ``add_common_arguments``: ``--keep --live --no-write --quiet-wait --submit-parallelism --profile``;
+  ``add_batch_arguments``: ``--submit --worker-env``, for the scenarios that measure batches through
+  ``run_batch`` (p1a, p1b, p5, p6), with ``submitter`` (how ``--submit`` sends a batch's jobs) and
+  ``worker_env`` (the ``--worker-env`` settings).
 - ``new_data`` / ``finish``: the JSON document every scenario writes (command, machine, code version,
   parameters) and how it is written with its Markdown (``harness.write_results``).
 - ``run_batch``: submit N jobs over HTTP while the given workers run, wait until every one is final, and
@@ -58,13 +60,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, quiet_wait: float =
         default=quiet_wait,
         help=f"wait up to this many seconds for the machine to be quiet before measuring ({quiet_wait:g})",
     )
-    parser.add_argument(
-        "--submit",
-        choices=("posts", "batches"),
-        default="posts",
-        help="how the measured jobs are sent: one POST each (posts, the default), or POST /v1/batches of "
-        "1,000 (batches: the client's and the API's CPU out of the workers' way)",
-    )
     parser.add_argument("--submit-parallelism", type=int, default=16, help="client threads that POST (16)")
     parser.add_argument(
         "--profile",
@@ -77,11 +72,33 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, quiet_wait: float =
     parser.add_argument("--no-write", action="store_true", help="do not write into bench/results/")
 
 
+def add_batch_arguments(parser: argparse.ArgumentParser, *, submit: str = "posts") -> None:
+    parser.add_argument(
+        "--submit",
+        choices=("posts", "batches"),
+        default=submit,
+        help=f"how the measured jobs are sent: one POST each (posts), or POST /v1/batches of 1,000 "
+        f"(batches: the client's and the API's CPU out of the workers' way) ({submit})",
+    )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the workers (repeatable), e.g. to compare a setting",
+    )
+
+
 def submitter(args: argparse.Namespace) -> Callable[[str, Sequence[Any]], Submitted]:
     """How ``--submit`` sends the measured jobs, for ``run_batch``."""
     if args.submit == "batches":
         return submit_batches
     return functools.partial(submit_jobs, parallelism=args.submit_parallelism)
+
+
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--worker-env NAME=VALUE`` settings."""
+    return dict(item.split("=", 1) for item in args.worker_env)
 
 
 def new_data(scenario: str, params: Mapping[str, Any]) -> dict[str, Any]:

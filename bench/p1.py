@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    add_batch_arguments,
     add_common_arguments,
     bare_client_command,
     batch_line,
@@ -34,6 +35,7 @@ from bench.common import (
     run_batch,
     say,
     submitter,
+    worker_env,
 )
 from bench.harness import (
     BenchStack,
@@ -58,14 +60,8 @@ def _add_arguments(parser: argparse.ArgumentParser, *, jobs: int, image_bytes: i
     )
     parser.add_argument("--rounds", type=int, default=rounds, help=f"measured rounds ({rounds})")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up waves of C jobs per worker (1)")
-    parser.add_argument(
-        "--worker-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra environment for the worker (repeatable), e.g. to compare a setting",
-    )
     add_common_arguments(parser)
+    add_batch_arguments(parser)
 
 
 def _sim_args(args: argparse.Namespace) -> list[str]:
@@ -83,8 +79,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 def queue_round(stack: BenchStack, args: argparse.Namespace, name: str, scenario: str) -> dict[str, Any]:
     """One fresh worker, a warm-up, one measured batch of ``args.jobs``."""
     latency_s = args.latency_ms / 1000
-    env = dict(item.split("=", 1) for item in args.worker_env)
-    worker = stack.start_worker(name, pool="threads", concurrency=args.concurrency, env=env)
+    worker = stack.start_worker(name, pool="threads", concurrency=args.concurrency, env=worker_env(args))
     body = seed_body()
     try:
         if args.warmup:

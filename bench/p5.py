@@ -19,6 +19,7 @@ import argparse
 from typing import Any
 
 from bench.common import (
+    add_batch_arguments,
     add_common_arguments,
     batch_line,
     finish,
@@ -29,6 +30,7 @@ from bench.common import (
     run_batch,
     say,
     submitter,
+    worker_env,
 )
 from bench.harness import (
     RESULTS_DIR,
@@ -57,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra run at the largest k with the cap at this fraction of k·c (0.75; 0 skips it)",
     )
     add_common_arguments(parser, quiet_wait=10)
+    add_batch_arguments(parser)
 
 
 def one_run(
@@ -65,7 +68,7 @@ def one_run(
     latency_s = args.latency_ms / 1000
     c = args.concurrency
     names = [f"{label}-w{i}" for i in range(k)]
-    env = {"UPSTREAM_MAX_CONCURRENCY": str(cap)}
+    env = worker_env(args) | {"UPSTREAM_MAX_CONCURRENCY": str(cap)}
     workers = {name: stack.start_worker(name, pool="threads", concurrency=c, env=env).pid for name in names}
     body = seed_body()
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    add_batch_arguments,
     add_common_arguments,
     bare_client_command,
     batch_line,
@@ -37,6 +38,8 @@ from bench.common import (
     public,
     run_batch,
     say,
+    submitter,
+    worker_env,
 )
 from bench.harness import (
     RESULTS_DIR,
@@ -71,10 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rounds", type=int, default=1, help="rounds, queue then bare client each (1)")
     parser.add_argument("--no-bare", action="store_true", help="leave the bare client out")
-    parser.add_argument(
-        "--worker-env", action="append", default=[], metavar="NAME=VALUE", help="extra worker environment"
-    )
     add_common_arguments(parser, quiet_wait=10)
+    add_batch_arguments(parser, submit="batches")
 
 
 class Curves:
@@ -130,8 +131,7 @@ def _body(delay_ms: int | None = None) -> dict[str, Any]:
 
 def queue_round(stack: BenchStack, args: argparse.Namespace, name: str) -> dict[str, Any]:
     c, latency_s = args.concurrency, args.latency_ms / 1000
-    env = dict(item.split("=", 1) for item in args.worker_env)
-    worker = stack.start_worker(name, pool="threads", concurrency=c, env=env, ready_timeout=120)
+    worker = stack.start_worker(name, pool="threads", concurrency=c, env=worker_env(args), ready_timeout=120)
     try:
         warm = submit_batches(stack.api_url, [_body(args.warmup_delay_ms)] * c)
         wait_all_final(stack.api_url, warm.ids, timeout=300)
@@ -144,7 +144,7 @@ def queue_round(stack: BenchStack, args: argparse.Namespace, name: str) -> dict[
                 latency_s=latency_s,
                 ideal_s=args.waves * latency_s,
                 quiet_wait=args.quiet_wait,
-                submit=submit_batches,
+                submit=submitter(args),
                 profile_to=profile_dir("p6", name) if args.profile else None,
                 timeout=600 + 4 * args.waves * latency_s,
             )
