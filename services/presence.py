@@ -39,7 +39,8 @@ class Presence:
     ``slots`` (the jobs it runs at once, if it consumes generation jobs), its part of the workers'
     capacity, which bounds admission's window (``services/admission.py``): ``slots × prefetch``, the
     messages its consumer reserves. Announcing the slots alone would keep a prefetch above 1 from ever
-    holding a successor: admission would never hand the broker more than the running jobs."""
+    holding a successor: admission would never hand the broker more than the running jobs. A prefetch of
+    0 (Celery's "no limit") announces the slots alone, not nothing."""
 
     def __init__(
         self,
@@ -53,7 +54,7 @@ class Presence:
         self._redis = client
         self._key = keys.worker(process_name())
         self._capacity = keys.capacity
-        self._slots = f"{process_name()}={slots * prefetch}" if slots > 0 else None
+        self._slots = f"{process_name()}={slots * max(prefetch, 1)}" if slots > 0 else None
         self._info = dumps(
             {
                 "node": node,
