@@ -37,9 +37,7 @@ def receiver(stack: Stack) -> Iterator[Receiver]:
 
 
 def post_batch(stack: Stack, body: Any, tenant: str | None = None, **headers: str) -> httpx.Response:
-    return stack.http.post(
-        f"{stack.api_url}/v1/batches", json=body, headers={**stack.headers(tenant), **headers}
-    )
+    return stack.submit_batch(body, tenant=tenant, headers=headers)
 
 
 def get_batch(stack: Stack, batch_id: str, tenant: str | None = None) -> httpx.Response:

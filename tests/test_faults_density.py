@@ -57,16 +57,9 @@ def submit_batches(stack: Stack, bodies: list[dict[str, Any]]) -> list[str]:
     tenants = sorted(stack.tenant_keys)
     for number, start in enumerate(range(0, len(bodies), BATCH)):
         tenant = tenants[number % len(tenants)]
-        response = stack.http.post(
-            f"{stack.api_url}/v1/batches",
-            json={"requests": bodies[start : start + BATCH]},
-            headers=stack.headers(tenant),
-            timeout=60,
-        )
+        response = stack.submit_batch({"requests": bodies[start : start + BATCH]}, tenant=tenant, timeout=60)
         assert response.status_code == 202, response.text[:500]
-        batch_ids = response.json()["task_ids"]
-        stack.owners.update(dict.fromkeys(batch_ids, tenant))
-        ids += batch_ids
+        ids += response.json()["task_ids"]
     return ids
 
 

@@ -409,11 +409,9 @@ def test_usage_counts_per_day_for_the_callers_tenant_only(tenants: Tenants) -> N
 def test_a_backlog_of_one_tenant_does_not_hold_back_another(fault_stack: Stack) -> None:
     stack = fault_stack
     # A's backlog as one batch, so that it is all stored at once, however slow the machine
-    backlog = {"requests": slow_bodies(40, 500)}
-    response = stack.http.post(f"{stack.api_url}/v1/batches", json=backlog, headers=stack.headers("fault-a"))
+    response = stack.submit_batch({"requests": slow_bodies(40, 500)}, tenant="fault-a")
     assert response.status_code == 202, response.text
     a_ids = response.json()["task_ids"]
-    stack.owners.update(dict.fromkeys(a_ids, "fault-a"))
     wait_until(lambda: len(stack.sim_call_log()) >= 4, timeout=30, what="A's first calls")
     b_bodies = slow_bodies(4, 500)
     b_ids = submit_many_as(stack, "fault-b", b_bodies)
