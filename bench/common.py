@@ -158,14 +158,14 @@ def run_batch(
     latency_s: float,
     ideal_s: float | None,
     quiet_wait: float,
+    submit: Callable[[str, Sequence[Any]], Submitted],
     profile_to: Path | None = None,
     timeout: float | None = None,
-    submit: Callable[[str, Sequence[Any]], Submitted] | None = None,
 ) -> dict[str, Any]:
     """Submit ``bodies`` while ``workers`` (name → pid) run, wait until all are final; measure.
 
-    ``submit(api_url, bodies)``: how the bodies are sent (default: one POST each, ``submit_jobs`` from
-    16 threads; ``submitter`` gives the one ``--submit`` asks for).
+    ``submit(api_url, bodies)``: how the bodies are sent (``submitter`` gives the one ``--submit`` asks
+    for).
 
     The simulator's counters are reset first (so ``sim.max_in_flight`` is this batch's), and the machine
     is given up to ``quiet_wait`` seconds to go quiet. ``makespan_s`` = last ``finished_at`` − first
@@ -183,7 +183,7 @@ def run_batch(
         other_cpu = cm.enter_context(cpu_usage(others))
         if profile_to is not None:
             cm.enter_context(profiled(workers, profile_to))
-        submitted = (submit or submit_jobs)(stack.api_url, bodies)
+        submitted = submit(stack.api_url, bodies)
         try:
             seen_final, final = wait_all_final(stack.api_url, submitted.ids, timeout=timeout)
         except TimeoutError as exc:
